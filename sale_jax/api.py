@@ -1,0 +1,106 @@
+"""The public functions: validate the inputs, pick the backend, and run under jit with `tau` traced."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sale_jax import checks
+from sale_jax.config import SaleConfig
+from sale_jax.layout import BlockGrid, BlockLayout
+from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
+
+_DEFAULT_CONFIG = SaleConfig()
+
+
+def _grid_for(q, k, config: SaleConfig) -> BlockGrid:
+    return BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+
+
+def _pallas_backend():
+    raise NotImplementedError("backend='pallas': the Pallas kernels are not available in this version; "
+                              "use backend='reference'")
+
+
+def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG) -> BlockLayout:
+    """Selection pass: the kept key blocks of every (batch, q head, q block).
+
+    Args:
+      q: `[B, T, Hq, D]` queries, the last `T` positions of the `S` keys.
+      k: `[B, S, Hkv, D]` keys.
+      tau: f32 `[Hq]` relative-score thresholds; 0 keeps every visible block of that head.
+      config: block sizes, regions, quantization and backend.
+    """
+    checks.check_qkv(q, k, k)
+    tau = checks.check_tau(tau, q.shape[2])
+    return _select_blocks(q, k, tau, config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _select_blocks(q, k, tau, config: SaleConfig) -> BlockLayout:
+    if config.resolved_backend() == "pallas":
+        _pallas_backend()
+    return select_blocks_reference(q, k, tau, config)
+
+
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout,
+                           config: SaleConfig = _DEFAULT_CONFIG, return_lse: bool = False):
+    """Computation pass: exact causal attention restricted to the kept blocks of `layout`.
+
+    Returns `[B, T, Hq, D]` in the input dtype, and with `return_lse` also the natural log-sum-exp f32 `[B, Hq, T]`.
+    """
+    checks.check_qkv(q, k, v)
+    checks.check_layout(layout, q.shape[0], q.shape[2], _grid_for(q, k, config))
+    return _block_sparse_attention(q, k, v, layout, config, return_lse)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "return_lse"))
+def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: bool):
+    if config.resolved_backend() == "pallas":
+        _pallas_backend()
+    out, lse = block_sparse_attention_reference(q, k, v, layout, config.softmax_scale(q.shape[-1]))
+    return (out, lse) if return_lse else out
+
+
+def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG,
+                   return_lse: bool = False, return_layout: bool = False):
+    """SALE attention: selection then block-sparse attention. Key sequences shorter than `config.dense_below`
+    run dense attention instead (their layout, when asked for, keeps every visible block).
+
+    Returns the output `[B, T, Hq, D]`, followed by the log-sum-exp `[B, Hq, T]` if `return_lse` and the
+    `BlockLayout` if `return_layout`.
+    """
+    checks.check_qkv(q, k, v)
+    tau = checks.check_tau(tau, q.shape[2])
+    return _sale_attention(q, k, v, tau, config, return_lse, return_layout)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "return_lse", "return_layout"))
+def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_layout: bool):
+    grid = _grid_for(q, k, config)
+    if k.shape[1] < config.dense_below:
+        layout = BlockLayout.all_visible(q.shape[0], q.shape[2], grid)
+        if return_lse:
+            out, lse = _block_sparse_attention(q, k, v, layout, config, True)
+        else:
+            out, lse = dense_attention(q, k, v, scale=config.scale), None
+    else:
+        layout = _select_blocks(q, k, tau, config)
+        out, lse = _block_sparse_attention(q, k, v, layout, config, True)
+    results = (out,) + ((lse,) if return_lse else ()) + ((layout,) if return_layout else ())
+    return results[0] if len(results) == 1 else results
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None,
+                    implementation: str | None = None) -> jax.Array:
+    """Causal attention with queries at the end of the keys, via `jax.nn.dot_product_attention` (cuDNN on GPU
+    when it applies, XLA elsewhere). GQA needs no repeat of K/V."""
+    checks.check_qkv(q, k, v)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    if q_len == kv_len:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
+    # Queries sit at the end of the keys: bottom-right-aligned causal mask.
+    mask = jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], scale=scale, implementation=implementation)

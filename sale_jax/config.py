@@ -1,0 +1,85 @@
+"""Static configuration of SALE attention: block sizes, regions, quantization and backend choice."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+QUANT_GRANULARITIES = ("per_token", "per_block")
+BACKENDS = ("auto", "reference", "pallas")
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SaleConfig:
+    """Everything about a SALE call that is fixed at compile time (hashable, so it can be a static jit argument).
+
+    Attributes:
+      block_q: query rows per block (power of two). The paper's default is 64.
+      block_k: keys per block (power of two). The paper's default is 32.
+      sink_tokens: key blocks intersecting `[0, sink_tokens)` are always kept and feed the reference statistics.
+      local_tokens: key blocks intersecting `[p_first - local_tokens + 1, p_last]` of a query block are always kept
+        and feed the reference statistics; at least 1, so the diagonal block is always local.
+      quant_granularity: `"per_token"` (one 4-bit scale per query row / key) or `"per_block"` (one per block).
+      backend: `"reference"` (pure jnp), `"pallas"` (GPU kernels) or `"auto"` (Pallas on GPU, reference elsewhere).
+      interpret: run Pallas kernels in interpret mode (for CPU testing).
+      scale: softmax scale; `None` means `head_dim ** -0.5`.
+      dense_below: key sequences shorter than this use dense attention (selection overhead would dominate).
+    """
+
+    block_q: int = 64
+    block_k: int = 32
+    sink_tokens: int = 32
+    local_tokens: int = 128
+    quant_granularity: str = "per_token"
+    backend: str = "auto"
+    interpret: bool = False
+    scale: float | None = None
+    dense_below: int = 0
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not _is_power_of_two(value):
+                raise ValueError(f"SaleConfig.{name} must be a positive power of two, got {value!r}")
+        for name, minimum in (("sink_tokens", 0), ("local_tokens", 1), ("dense_below", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"SaleConfig.{name} must be an int >= {minimum}, got {value!r}")
+        if self.quant_granularity not in QUANT_GRANULARITIES:
+            raise ValueError(
+                f"SaleConfig.quant_granularity must be one of {QUANT_GRANULARITIES}, got {self.quant_granularity!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SaleConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.interpret, bool):
+            raise ValueError(f"SaleConfig.interpret must be a bool, got {self.interpret!r}")
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not (
+                    math.isfinite(self.scale) and self.scale > 0):
+                raise ValueError(f"SaleConfig.scale must be None or a finite positive number, got {self.scale!r}")
+            object.__setattr__(self, "scale", float(self.scale))
+
+    def softmax_scale(self, head_dim: int) -> float:
+        return self.scale if self.scale is not None else head_dim ** -0.5
+
+    def resolved_backend(self) -> str:
+        """The backend a call runs: `auto` picks the Pallas kernels on GPU and the reference elsewhere."""
+        if self.backend != "auto":
+            return self.backend
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "SaleConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown SaleConfig fields {unknown}; accepted: {sorted(known)}")
+        return cls(**fields)

@@ -1,0 +1,69 @@
+"""Pass 2: exact sink-local statistics, low-bit score estimates and the per-block relative-score test
+(SALE_SPEC section 4). One query block's scores at a time, so it runs at 32K tokens on a CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sale_jax.config import SaleConfig
+from sale_jax.layout import BlockGrid, BlockLayout
+from sale_jax.reference.common import grouped_scores, pad_axis, q_block_visibility
+from sale_jax.reference.quantize import QuantizedQK, quantize_reference
+
+
+def select_blocks_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
+    """Kept key blocks per (batch, q head, q block): sink + local + middle blocks where some visible
+    `exp(shat - m) / l > tau`; every visible block for heads with `tau <= 0`."""
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    grid = BlockGrid(q_len, kv_len, config.block_q, config.block_k)
+    quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
+                               block_k=config.block_k)
+    kept = _kept_blocks(q, quant, tau, grid, config, config.softmax_scale(head_dim))
+    return BlockLayout.from_mask(kept, grid)
+
+
+def _kept_blocks(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig, scale: float) -> jax.Array:
+    bq, bk, nk = grid.block_q, grid.block_k, grid.num_k_blocks
+    group = q.shape[2] // quant.k_codes.shape[2]
+    q_rows = pad_axis(q, 1, bq)
+    q_codes = pad_axis(quant.q_codes, 1, bq).astype(jnp.float32)
+    q_scale = pad_axis(quant.q_scale, 1, bq)
+    k_smooth = pad_axis(quant.k_smooth, 1, bk)
+    k_codes = pad_axis(quant.k_codes, 1, bk).astype(jnp.float32)
+    k_scale = jnp.repeat(pad_axis(quant.k_scale, 1, bk), group, axis=2).transpose(0, 2, 1)  # [B, Hq, S_pad]
+    column_bias = pad_axis(quant.column_bias, 2, bk)
+
+    key_block = jnp.arange(nk * bk) // bk
+    num_sink_blocks = -(-config.sink_tokens // bk)
+    log_tau = jnp.where(tau > 0, jnp.log(jnp.where(tau > 0, tau, 1.0)), -jnp.inf)[:, None]  # -inf: dense head
+    visible_blocks = jnp.asarray(grid.visible_mask)
+
+    def kept_for_q_block(q_block):
+        visible, row_is_real = q_block_visibility(grid, q_block)
+        first_position = q_block * bq + grid.query_offset
+        local_first_block = jnp.maximum(first_position - config.local_tokens + 1, 0) // bk
+        in_reference_blocks = (key_block < num_sink_blocks) | (key_block >= local_first_block)
+        reference_pairs = visible & in_reference_blocks
+
+        def rows(x):
+            return jax.lax.dynamic_slice_in_dim(x, q_block * bq, bq, axis=1)
+
+        exact = scale * grouped_scores(rows(q_rows), k_smooth)  # [B, Hq, bq, S_pad]
+        row_max = jnp.max(jnp.where(reference_pairs, exact, -jnp.inf), axis=-1)
+        row_max = jnp.where(row_is_real, row_max, 0.0)  # padding rows see no key
+        row_sum = jnp.sum(jnp.where(reference_pairs, jnp.exp(exact - row_max[..., None]), 0.0), axis=-1)
+        threshold = row_max + log_tau + jnp.log(row_sum)
+
+        code_dot = grouped_scores(rows(q_codes), k_codes)  # integers, exact in f32
+        row_scale = rows(q_scale).transpose(0, 2, 1)[..., None]  # [B, Hq, bq, 1]
+        estimate = scale * (row_scale * k_scale[:, :, None, :] * code_dot + column_bias[:, :, None, :])
+
+        hits = visible & (estimate > threshold[..., None])
+        block_hit = hits.reshape(*hits.shape[:3], nk, bk).any(axis=(2, 4))  # [B, Hq, nK]
+        always_kept = (jnp.arange(nk) < num_sink_blocks) | (jnp.arange(nk) >= local_first_block)
+        return visible_blocks[q_block] & (always_kept | block_hit)
+
+    kept = jax.lax.map(kept_for_q_block, jnp.arange(grid.num_q_blocks))  # [nQ, B, Hq, nK]
+    return kept.transpose(1, 2, 0, 3)

@@ -1,0 +1,116 @@
+"""Per-layer, per-q-head selection thresholds: a frozen pytree that can be saved, loaded and passed into jit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sale_jax.config import SaleConfig
+
+DEFAULT_TAU = 0.008
+_FILE_FORMAT = "sale-jax-thresholds"
+_FILE_VERSION = 1
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """`tau: f32[num_layers, num_q_heads]`; `tau == 0` marks a dense head.
+
+    Only `tau` is a pytree leaf, so new values do not recompile a jitted function; the provenance (model name,
+    calibration bound `theta`, the `SaleConfig` it was calibrated with) is static metadata.
+    """
+
+    tau: jax.Array
+    model_name: str = ""
+    theta: float | None = None
+    config: SaleConfig | None = None
+
+    def tree_flatten(self):
+        return (self.tau,), (self.model_name, self.theta, self.config)
+
+    @classmethod
+    def tree_unflatten(cls, metadata, children):
+        return cls(children[0], *metadata)
+
+    @classmethod
+    def uniform(cls, num_layers: int, num_q_heads: int, value: float = DEFAULT_TAU, **metadata) -> "Thresholds":
+        if num_layers < 1 or num_q_heads < 1:
+            raise ValueError(f"need num_layers >= 1 and num_q_heads >= 1, got {num_layers}, {num_q_heads}")
+        _check_values(np.full((num_layers, num_q_heads), value, np.float64))
+        return cls(jnp.full((num_layers, num_q_heads), value, jnp.float32), **metadata)
+
+    @property
+    def num_layers(self) -> int:
+        return self.tau.shape[0]
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.tau.shape[1]
+
+    def layer(self, index: int) -> jax.Array:
+        """f32 `[num_q_heads]`, the thresholds of layer `index`."""
+        if not -self.num_layers <= index < self.num_layers:
+            raise IndexError(f"layer {index} out of range for {self.num_layers} layers")
+        return self.tau[index]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes a JSON file with the values and their provenance (readable, diffable, exact for f32)."""
+        contents = {
+            "format": _FILE_FORMAT,
+            "version": _FILE_VERSION,
+            "model_name": self.model_name,
+            "theta": self.theta,
+            "config": None if self.config is None else self.config.to_dict(),
+            "tau": np.asarray(self.tau, np.float32).astype(np.float64).tolist(),
+        }
+        with open(path, "w") as f:
+            json.dump(contents, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, num_layers: int | None = None,
+             num_q_heads: int | None = None) -> "Thresholds":
+        """Reads a file written by `save`, checking its format, shape (against the given counts) and values."""
+        with open(path) as f:
+            try:
+                contents = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a thresholds file ({e})") from None
+        if not isinstance(contents, dict) or contents.get("format") != _FILE_FORMAT:
+            raise ValueError(f"{path}: not a thresholds file (no 'format': '{_FILE_FORMAT}')")
+        if contents.get("version") != _FILE_VERSION:
+            raise ValueError(f"{path}: thresholds file version {contents.get('version')!r}, expected {_FILE_VERSION}")
+        try:
+            tau = np.asarray(contents["tau"], np.float64)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: 'tau' must be a [num_layers, num_q_heads] array of numbers ({e})") from None
+        if tau.ndim != 2 or 0 in tau.shape:
+            raise ValueError(f"{path}: 'tau' must be a non-empty [num_layers, num_q_heads] array, got shape {tau.shape}")
+        for name, expected, actual in (("num_layers", num_layers, tau.shape[0]),
+                                       ("num_q_heads", num_q_heads, tau.shape[1])):
+            if expected is not None and expected != actual:
+                raise ValueError(f"{path}: holds {actual} for {name}, expected {expected}")
+        _check_values(tau, where=str(path))
+        theta = contents.get("theta")
+        if theta is not None and not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            raise ValueError(f"{path}: 'theta' must be a positive number or null, got {theta!r}")
+        config = contents.get("config")
+        return cls(
+            jnp.asarray(tau, jnp.float32),
+            model_name=str(contents.get("model_name", "")),
+            theta=None if theta is None else float(theta),
+            config=None if config is None else SaleConfig.from_dict(config),
+        )
+
+
+def _check_values(tau: np.ndarray, where: str = "thresholds") -> None:
+    if not np.all(np.isfinite(tau)):
+        raise ValueError(f"{where}: tau must be finite (found NaN or inf)")
+    if np.any(tau < 0):
+        raise ValueError(f"{where}: tau must be >= 0 (0 means a dense head), found {tau.min()}")
