@@ -1,0 +1,88 @@
+"""Bad input raises a ValueError/TypeError that names the problem, before any computation."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sale_jax
+
+B, T, S, HQ, HKV, D = 1, 40, 48, 4, 2, 16
+CONFIG = sale_jax.SaleConfig(block_q=8, block_k=8, backend="reference")
+
+
+def arrays(q_shape=(B, T, HQ, D), kv_shape=(B, S, HKV, D), dtype=jnp.float32, v_shape=None, k_dtype=None):
+    q = jnp.ones(q_shape, dtype)
+    k = jnp.ones(kv_shape, k_dtype or dtype)
+    v = jnp.ones(v_shape or kv_shape, k_dtype or dtype)
+    return q, k, v
+
+
+TAU = jnp.full((HQ,), 0.01)
+
+QKV_CASES = [
+    ("rank 4", dict(q_shape=(T, HQ, D))),
+    ("rank 4", dict(kv_shape=(B, S, HKV, D, 1))),
+    ("batch sizes differ", dict(kv_shape=(B + 1, S, HKV, D))),
+    ("head_dim differs", dict(kv_shape=(B, S, HKV, D * 2))),
+    ("multiple of k/v heads", dict(q_shape=(B, T, 3, D))),
+    ("exceeds key length", dict(q_shape=(B, S + 1, HQ, D))),
+    ("same shape", dict(v_shape=(B, S + 1, HKV, D))),
+    ("dtype int32", dict(dtype=jnp.int32)),
+    ("share one dtype", dict(k_dtype=jnp.bfloat16)),
+]
+
+
+@pytest.mark.parametrize("message,kwargs", QKV_CASES, ids=[c[0] + str(i) for i, c in enumerate(QKV_CASES)])
+def test_bad_qkv(message, kwargs):
+    q, k, v = arrays(**kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        sale_jax.sale_attention(q, k, v, TAU, CONFIG)
+    with pytest.raises((ValueError, TypeError), match=message):
+        sale_jax.dense_attention(q, k, v)
+
+
+@pytest.mark.parametrize("tau,message", [
+    (jnp.full((HQ + 1,), 0.01), "shape"),
+    (jnp.full((1, HQ), 0.01), "shape"),
+    (jnp.array([0.01, np.nan, 0.01, 0.01]), "finite"),
+    (jnp.array([0.01, 0.01, np.inf, 0.01]), "finite"),
+    (jnp.array([0.01, -0.1, 0.01, 0.01]), ">= 0"),
+    (jnp.ones((HQ,), jnp.int32), "float"),
+])
+def test_bad_tau(tau, message):
+    q, k, v = arrays()
+    with pytest.raises((ValueError, TypeError), match=message):
+        sale_jax.sale_attention(q, k, v, tau, CONFIG)
+    with pytest.raises((ValueError, TypeError), match=message):
+        sale_jax.select_blocks(q, k, tau, CONFIG)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(block_q=48), "block_q must be a positive power of two"),
+    (dict(block_k=0), "block_k must be a positive power of two"),
+    (dict(block_k=True), "block_k must be a positive power of two"),
+    (dict(local_tokens=0), "local_tokens"),
+    (dict(sink_tokens=-1), "sink_tokens"),
+    (dict(quant_granularity="per_channel"), "quant_granularity"),
+    (dict(backend="cuda"), "backend"),
+    (dict(scale=-1.0), "scale"),
+    (dict(dense_below=-5), "dense_below"),
+])
+def test_bad_config(fields, message):
+    with pytest.raises(ValueError, match=message):
+        sale_jax.SaleConfig(**fields)
+
+
+def test_layout_that_does_not_match_the_inputs():
+    q, k, v = arrays()
+    layout = sale_jax.select_blocks(q, k, TAU, CONFIG)
+    other_config = sale_jax.SaleConfig(block_q=16, block_k=8, backend="reference")
+    with pytest.raises(ValueError, match="layout was made for"):
+        sale_jax.block_sparse_attention(q, k, v, layout, other_config)
+    with pytest.raises(ValueError, match="layout was made for"):
+        sale_jax.block_sparse_attention(q[:, 8:], k, v, layout, CONFIG)
+    q2, k2, v2 = arrays(q_shape=(2, T, HQ, D), kv_shape=(2, S, HKV, D))
+    with pytest.raises(ValueError, match="layout arrays have shapes"):
+        sale_jax.block_sparse_attention(q2, k2, v2, layout, CONFIG)
+    with pytest.raises(TypeError, match="BlockLayout"):
+        sale_jax.block_sparse_attention(q, k, v, layout.to_mask(), CONFIG)

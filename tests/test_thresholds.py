@@ -1,0 +1,80 @@
+"""Thresholds: construction, per-layer access, and a file format that round-trips and rejects bad contents."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sale_jax
+
+
+def test_uniform_and_layer():
+    thresholds = sale_jax.Thresholds.uniform(3, 8)
+    assert thresholds.tau.shape == (3, 8) and thresholds.tau.dtype == jnp.float32
+    np.testing.assert_array_equal(thresholds.layer(2), np.full(8, 0.008, np.float32))
+    with pytest.raises(IndexError):
+        thresholds.layer(3)
+    with pytest.raises(ValueError, match=">= 0"):
+        sale_jax.Thresholds.uniform(3, 8, value=-0.1)
+
+
+def test_is_a_pytree_with_tau_as_its_only_leaf(rng):
+    thresholds = sale_jax.Thresholds(jnp.asarray(rng.uniform(size=(2, 4)), jnp.float32), model_name="m", theta=0.4)
+    leaves, treedef = jax.tree_util.tree_flatten(thresholds)
+    assert len(leaves) == 1
+    doubled = jax.tree_util.tree_map(lambda t: 2 * t, thresholds)
+    assert doubled.model_name == "m" and doubled.theta == 0.4
+    np.testing.assert_allclose(doubled.tau, 2 * thresholds.tau)
+
+
+def test_save_load_round_trip(rng, tmp_path):
+    tau = rng.uniform(0, 0.01, size=(4, 6)).astype(np.float32)
+    tau[1, 2] = 0.0
+    config = sale_jax.SaleConfig(block_q=128, local_tokens=256, backend="reference")
+    original = sale_jax.Thresholds(jnp.asarray(tau), model_name="llama-test", theta=0.4, config=config)
+    path = tmp_path / "thresholds.json"
+    original.save(path)
+    loaded = sale_jax.Thresholds.load(path, num_layers=4, num_q_heads=6)
+    np.testing.assert_array_equal(loaded.tau, tau)  # bit-exact
+    assert (loaded.model_name, loaded.theta, loaded.config) == ("llama-test", 0.4, config)
+
+
+def _write(path, **overrides):
+    contents = {"format": "sale-jax-thresholds", "version": 1, "model_name": "m", "theta": 0.4, "config": None,
+                "tau": [[0.008, 0.004], [0.0, 0.002]]}
+    contents.update(overrides)
+    path.write_text(json.dumps(contents))
+    return path
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(format="something-else"), "not a thresholds file"),
+    (dict(version=99), "version"),
+    (dict(tau=[0.1, 0.2]), "shape"),
+    (dict(tau=[[0.1, "x"]]), "array of numbers"),
+    (dict(tau=[[0.1, -0.2]]), ">= 0"),
+    (dict(tau=[[0.1, float("nan")]]), "finite"),
+    (dict(theta=-1), "theta"),
+    (dict(config={"block_q": 48}), "power of two"),
+    (dict(config={"bogus": 1}), "unknown SaleConfig fields"),
+])
+def test_load_rejects_bad_contents(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        sale_jax.Thresholds.load(_write(tmp_path / "t.json", **overrides))
+
+
+def test_load_rejects_mismatched_model_shape(tmp_path):
+    path = _write(tmp_path / "t.json")
+    with pytest.raises(ValueError, match="num_layers"):
+        sale_jax.Thresholds.load(path, num_layers=3)
+    with pytest.raises(ValueError, match="num_q_heads"):
+        sale_jax.Thresholds.load(path, num_q_heads=8)
+
+
+def test_load_rejects_non_json(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text("not json")
+    with pytest.raises(ValueError, match="not a thresholds file"):
+        sale_jax.Thresholds.load(path)
