@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from sale_jax import checks
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
+from sale_jax.pallas_backend import block_sparse_attention_pallas, check_supported, select_blocks_pallas
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
 
 _DEFAULT_CONFIG = SaleConfig()
@@ -19,9 +20,9 @@ def _grid_for(q, k, config: SaleConfig) -> BlockGrid:
     return BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
 
 
-def _pallas_backend():
-    raise NotImplementedError("backend='pallas': the Pallas kernels are not available in this version; "
-                              "use backend='reference'")
+def _check_backend(q, config: SaleConfig) -> None:
+    if config.resolved_backend() == "pallas":
+        check_supported(q, config)
 
 
 def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG) -> BlockLayout:
@@ -35,13 +36,14 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
     """
     checks.check_qkv(q, k, k)
     tau = checks.check_tau(tau, q.shape[2])
+    _check_backend(q, config)
     return _select_blocks(q, k, tau, config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _select_blocks(q, k, tau, config: SaleConfig) -> BlockLayout:
     if config.resolved_backend() == "pallas":
-        _pallas_backend()
+        return select_blocks_pallas(q, k, tau, config)
     return select_blocks_reference(q, k, tau, config)
 
 
@@ -53,14 +55,16 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Blo
     """
     checks.check_qkv(q, k, v)
     checks.check_layout(layout, q.shape[0], q.shape[2], _grid_for(q, k, config))
+    _check_backend(q, config)
     return _block_sparse_attention(q, k, v, layout, config, return_lse)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_lse"))
 def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: bool):
     if config.resolved_backend() == "pallas":
-        _pallas_backend()
-    out, lse = block_sparse_attention_reference(q, k, v, layout, config.softmax_scale(q.shape[-1]))
+        out, lse = block_sparse_attention_pallas(q, k, v, layout, config)
+    else:
+        out, lse = block_sparse_attention_reference(q, k, v, layout, config.softmax_scale(q.shape[-1]))
     return (out, lse) if return_lse else out
 
 
@@ -74,6 +78,7 @@ def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, con
     """
     checks.check_qkv(q, k, v)
     tau = checks.check_tau(tau, q.shape[2])
+    _check_backend(q, config)
     return _sale_attention(q, k, v, tau, config, return_lse, return_layout)
 
 

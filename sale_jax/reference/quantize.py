@@ -44,25 +44,33 @@ def _codes(smoothed: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(smoothed / scale[..., None]), -CODE_MAX, CODE_MAX).astype(jnp.int8)
 
 
+def smoothing_means(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """f32 means over the sequence: `[B, 1, Hq, D]` of Q and `[B, 1, Hkv, D]` of K."""
+    return jnp.mean(q.astype(jnp.float32), axis=1, keepdims=True), jnp.mean(k.astype(jnp.float32), axis=1,
+                                                                              keepdims=True)
+
+
+def column_bias(q_mean: jax.Array, k_smooth: jax.Array) -> jax.Array:
+    """f32 `[B, Hq, S]`: `c_j = qbar . Ks_j` per q head, from `q_mean [B, 1, Hq, D]` and f32 `k_smooth`."""
+    batch, _, q_heads, head_dim = q_mean.shape
+    kv_heads = k_smooth.shape[2]
+    grouped = q_mean.reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
+    bias = jnp.einsum("bkgd,bskd->bkgs", grouped, k_smooth, precision=jax.lax.Precision.HIGHEST)
+    return bias.reshape(batch, q_heads, -1)
+
+
 def quantize_reference(q: jax.Array, k: jax.Array, *, granularity: str, block_q: int, block_k: int) -> QuantizedQK:
     """Smooths Q and K by their means over the sequence and quantizes them to 4-bit codes, all in f32."""
-    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    q_mean = jnp.mean(q32, axis=1, keepdims=True)  # [B, 1, Hq, D]
-    k_mean = jnp.mean(k32, axis=1, keepdims=True)  # [B, 1, Hkv, D]
-    q_smooth, k_smooth = q32 - q_mean, k32 - k_mean
+    q_mean, k_mean = smoothing_means(q, k)
+    q_smooth, k_smooth = q.astype(jnp.float32) - q_mean, k.astype(jnp.float32) - k_mean
     per_block = granularity == "per_block"
     q_scale = _scales(q_smooth, block_q if per_block else None)
     k_scale = _scales(k_smooth, block_k if per_block else None)
-
-    batch, _, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q_mean_grouped = q_mean.reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
-    column_bias = jnp.einsum("bkgd,bskd->bkgs", q_mean_grouped, k_smooth, precision=jax.lax.Precision.HIGHEST)
     return QuantizedQK(
         q_codes=_codes(q_smooth, q_scale),
         q_scale=q_scale,
         k_codes=_codes(k_smooth, k_scale),
         k_scale=k_scale,
         k_smooth=k_smooth.astype(k.dtype),
-        column_bias=column_bias.reshape(batch, q_heads, -1),
+        column_bias=column_bias(q_mean, k_smooth),
     )
