@@ -10,8 +10,6 @@ against dense attention, and wall-clock times (median of --repeats after a compi
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ import numpy as np
 from absl import app, flags
 
 import sale_jax
+from experiments.timing import median_seconds
 from sale_jax import workloads
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens (queries = keys, causal).")
@@ -33,16 +32,6 @@ _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "reference", "pallas"],
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after warm-up (median reported).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Optional JSON file for the results.")
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv):
@@ -64,8 +53,8 @@ def main(argv):
     needles_kept = mask[np.arange(_BATCH.value)[:, None, None], np.arange(_Q_HEADS.value)[None, :, None],
                         np.asarray(work.needle_rows) // config.block_q, np.asarray(work.needle_keys) // config.block_k]
 
-    sale_seconds = _median_seconds(lambda: sale_jax.sale_attention(q, k, v, tau, config), _REPEATS.value)
-    dense_seconds = _median_seconds(lambda: sale_jax.dense_attention(q, k, v), _REPEATS.value)
+    sale_seconds = median_seconds(lambda: sale_jax.sale_attention(q, k, v, tau, config), _REPEATS.value, warmup=1)
+    dense_seconds = median_seconds(lambda: sale_jax.dense_attention(q, k, v), _REPEATS.value, warmup=1)
     results = {
         "device": jax.devices()[0].device_kind,
         "backend": config.resolved_backend(),

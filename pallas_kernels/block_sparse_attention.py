@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.launch import pallas_call_with_initial_outputs
+
 _LOG2_E = math.log2(math.e)
 # Finite stand-in for -inf in masked scores: keeps exp2(m_prev - m_next) defined when a row has seen no key yet.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -68,13 +70,13 @@ def _attention_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, row_offsets_
                                              "num_stages", "interpret"))
 def block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int, kv_len: int, block_q: int,
                            block_k: int, scale: float, num_warps: int = 4, num_stages: int = 2,
-                           interpret: bool = False):
+                           interpret: bool = False, initial_outputs=None):
     """Block-sparse causal attention over a packed layout; returns out `[B, T_pad, Hq, D]` (input dtype) and the
     natural log-sum-exp f32 `[B, Hq, T_pad]`.
 
     Shapes: q `[B, T_pad, Hq, D]` (T_pad a multiple of block_q), k, v `[B, S_pad, Hkv, D]` (S_pad a multiple of
     block_k), indices `[B, Hq, slots]`, counts int32 `[B, Hq, nQ]`, row_offsets int32 `[nQ + 1]`. Query row `i`
-    sits at key position `i + kv_len - q_len`.
+    sits at key position `i + kv_len - q_len`. `initial_outputs` (tests only) are buffers the outputs start from.
     """
     batch, padded_q_len, q_heads, head_dim = q.shape
     padded_kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -89,8 +91,10 @@ def block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int,
 
     q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, h, b: (b, q_block_of(i), h, 0))
     kv_spec = pl.BlockSpec((None, padded_kv_len, None, head_dim), lambda i, h, b: (b, 0, h // group, 0))
-    return pl.pallas_call(
+    return pallas_call_with_initial_outputs(
         kernel,
+        inputs=(q, k, v, indices, counts, row_offsets),
+        initial_outputs=initial_outputs,
         grid=(num_q_blocks, q_heads, batch),
         in_specs=[
             q_spec,
@@ -108,4 +112,4 @@ def block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sale_block_sparse_attention",
-    )(q, k, v, indices, counts, row_offsets)
+    )

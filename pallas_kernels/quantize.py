@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.launch import pallas_call_with_initial_outputs
+
 CODE_MAX = 7
 
 
@@ -43,10 +45,10 @@ def _quantize_kernel(x_ref, mean_ref, codes_ref, scale_ref, *smooth_ref, length:
 
 @functools.partial(jax.jit, static_argnames=("length", "tile", "per_tile_scale", "return_smooth", "interpret"))
 def quantize_rows(x: jax.Array, mean: jax.Array, *, length: int, tile: int, per_tile_scale: bool,
-                  return_smooth: bool, interpret: bool = False):
+                  return_smooth: bool, interpret: bool = False, initial_outputs=None):
     """Quantizes `x: [B, L_pad, H, D]` (rows past `length` are padding) around `mean: f32[B, H, D]`.
 
-    Returns int8 codes `[B, L_pad, H, D]`, f32 scales `[B, H, L_pad]` (padding rows get scale 1), and with
+    Returns int8 codes `[B, L_pad, H, D]` (0 on padding rows), f32 scales `[B, H, L_pad]`, and with
     `return_smooth` the smoothed rows `x - mean` in x's dtype `[B, L_pad, H, D]` (padding rows 0). With `per_tile_scale`, all `tile`
     rows of a tile share one scale (the per-block granularity, with `tile` equal to the block size).
     """
@@ -56,8 +58,10 @@ def quantize_rows(x: jax.Array, mean: jax.Array, *, length: int, tile: int, per_
     grid = (padded_length // tile, heads, batch)
     row_spec = pl.BlockSpec((None, tile, None, head_dim), lambda i, h, b: (b, i, h, 0))
     kernel = functools.partial(_quantize_kernel, length=length, tile=tile, per_tile_scale=per_tile_scale)
-    return pl.pallas_call(
+    return pallas_call_with_initial_outputs(
         kernel,
+        inputs=(x, mean),
+        initial_outputs=initial_outputs,
         grid=grid,
         in_specs=[row_spec, pl.BlockSpec((None, None, head_dim), lambda i, h, b: (b, h, 0))],
         out_specs=[row_spec, pl.BlockSpec((None, None, tile), lambda i, h, b: (b, h, i))]
@@ -69,4 +73,4 @@ def quantize_rows(x: jax.Array, mean: jax.Array, *, length: int, tile: int, per_
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="sale_quantize",
-    )(x, mean)
+    )

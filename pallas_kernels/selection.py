@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.launch import pallas_call_with_initial_outputs
+
 _PAD_CHUNK = 256  # slots written per store when filling the tail of a row's index list
 
 
@@ -120,13 +122,14 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
 def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, tau, row_offsets, *, num_slots: int,
                   q_len: int, kv_len: int, block_q: int, block_k: int, sink_tokens: int, local_tokens: int, scale: float,
                   estimate_tile: int = 128, num_warps: int = 4, num_stages: int = 3, index_dtype=jnp.int16,
-                  interpret: bool = False):
+                  interpret: bool = False, initial_outputs=None):
     """Runs the selection pass; returns the packed kept-block `indices [B, Hq, slots]` and `counts [B, Hq, nQ]`.
 
     Shapes (lengths padded: `T_pad` to a multiple of `block_q`, `S_pad` to a multiple of `block_k` and of
     `estimate_tile`): q, q_codes `[B, T_pad, Hq, D]`; q_scale f32 `[B, Hq, T_pad]`; k_smooth, k_codes
     `[B, S_pad, Hkv, D]`; k_scale f32 `[B, Hkv, S_pad]`; column_bias f32 `[B, Hq, S_pad]`; tau f32 `[Hq]`;
     row_offsets int32 `[nQ + 1]` (start of each q block's list; the last entry is `num_slots`).
+    `initial_outputs` (tests only) are buffers the outputs start from.
     """
     batch, padded_q_len, q_heads, head_dim = q.shape
     padded_kv_len, kv_heads = k_codes.shape[1], k_codes.shape[2]
@@ -144,8 +147,10 @@ def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, 
 
     q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, h, b: (b, q_block_of(i), h, 0))
     kv_spec = pl.BlockSpec((None, padded_kv_len, None, head_dim), lambda i, h, b: (b, 0, h // group, 0))
-    return pl.pallas_call(
+    return pallas_call_with_initial_outputs(
         kernel,
+        inputs=(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, tau, row_offsets),
+        initial_outputs=initial_outputs,
         grid=(num_q_blocks, q_heads, batch),
         in_specs=[
             q_spec,
@@ -169,5 +174,5 @@ def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, 
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sale_select_blocks",
-    )(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, tau, row_offsets)
+    )
 

@@ -15,16 +15,24 @@ from sale_jax.reference.quantize import QuantizedQK, quantize_reference
 def select_blocks_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
     """Kept key blocks per (batch, q head, q block): sink + local + middle blocks where some visible
     `exp(shat - m) / l > tau`; every visible block for heads with `tau <= 0`."""
-    batch, q_len, q_heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    grid = BlockGrid(q_len, kv_len, config.block_q, config.block_k)
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    always_kept, margins = selection_margins_reference(q, k, tau, config)
+    return BlockLayout.from_mask(always_kept | (margins > 0), grid)
+
+
+def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array,
+                                config: SaleConfig) -> tuple[jax.Array, jax.Array]:
+    """The selection before its decision: bool `[B, Hq, nQ, nK]` of visible sink and local blocks, and f32
+    `[B, Hq, nQ, nK]` of each block's best `shat_ij - (m_i + log(tau * l_i))` over its visible pairs (-inf where
+    nothing is visible, +inf for dense heads). A middle block is kept iff its margin is > 0; kernels that round
+    differently may only disagree where the margin is near 0."""
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
                                block_k=config.block_k)
-    kept = _kept_blocks(q, quant, tau, grid, config, config.softmax_scale(head_dim))
-    return BlockLayout.from_mask(kept, grid)
+    return _block_margins(q, quant, tau, grid, config, config.softmax_scale(q.shape[-1]))
 
 
-def _kept_blocks(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig, scale: float) -> jax.Array:
+def _block_margins(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig, scale: float):
     bq, bk, nk = grid.block_q, grid.block_k, grid.num_k_blocks
     group = q.shape[2] // quant.k_codes.shape[2]
     q_rows = pad_axis(q, 1, bq)
@@ -40,7 +48,7 @@ def _kept_blocks(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig
     log_tau = jnp.where(tau > 0, jnp.log(jnp.where(tau > 0, tau, 1.0)), -jnp.inf)[:, None]  # -inf: dense head
     visible_blocks = jnp.asarray(grid.visible_mask)
 
-    def kept_for_q_block(q_block):
+    def margins_for_q_block(q_block):
         visible, row_is_real = q_block_visibility(grid, q_block)
         first_position = q_block * bq + grid.query_offset
         local_first_block = jnp.maximum(first_position - config.local_tokens + 1, 0) // bk
@@ -60,10 +68,12 @@ def _kept_blocks(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig
         row_scale = rows(q_scale).transpose(0, 2, 1)[..., None]  # [B, Hq, bq, 1]
         estimate = scale * (row_scale * k_scale[:, :, None, :] * code_dot + column_bias[:, :, None, :])
 
-        hits = visible & (estimate > threshold[..., None])
-        block_hit = hits.reshape(*hits.shape[:3], nk, bk).any(axis=(2, 4))  # [B, Hq, nK]
+        # estimate > threshold  <=>  estimate - threshold > 0 for finite IEEE floats.
+        margin = jnp.where(visible, estimate - threshold[..., None], -jnp.inf)
+        block_margin = margin.reshape(*margin.shape[:3], nk, bk).max(axis=(2, 4))  # [B, Hq, nK]
         always_kept = (jnp.arange(nk) < num_sink_blocks) | (jnp.arange(nk) >= local_first_block)
-        return visible_blocks[q_block] & (always_kept | block_hit)
+        return visible_blocks[q_block] & always_kept, block_margin
 
-    kept = jax.lax.map(kept_for_q_block, jnp.arange(grid.num_q_blocks))  # [nQ, B, Hq, nK]
-    return kept.transpose(1, 2, 0, 3)
+    always_kept, margins = jax.lax.map(margins_for_q_block, jnp.arange(grid.num_q_blocks))  # [nQ, B, Hq, nK]
+    return jnp.broadcast_to(always_kept[:, None, None], margins.shape).transpose(1, 2, 0, 3), margins.transpose(
+        1, 2, 0, 3)

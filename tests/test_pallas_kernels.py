@@ -1,0 +1,165 @@
+"""The Pallas kernels held to the reference: in interpret mode on a CPU, natively when a GPU is present.
+
+Kernel outputs start from poisoned buffers (NaN, out-of-range codes, -1 indices), so an element the kernel fails
+to write cannot pass by matching a zero-initialized buffer.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+import sale_jax
+from sale_jax.reference import block_sparse_attention_reference, quantize_reference
+from sale_jax.reference.common import pad_axis
+from sale_jax.reference.quantize import smoothing_means
+from tests import cases, oracle
+
+INTERPRET = jax.default_backend() != "gpu"
+OUT_TOLERANCES = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
+
+
+def draw_kernel_case(rng, **overrides):
+    """Shapes the kernels accept: power-of-two head_dim and blocks >= 16."""
+    fields = dict(block_q=int(rng.choice([16, 32, 64])), block_k=int(rng.choice([16, 32])),
+                  sink_tokens=int(rng.choice([0, 16, 40])), local_tokens=int(rng.choice([1, 32, 70])),
+                  quant_granularity=str(rng.choice(["per_token", "per_block"])), backend="pallas",
+                  interpret=INTERPRET)
+    fields.update(overrides)
+    case = cases.draw_case(rng, **fields)
+    kv_len = int(rng.integers(100, 420))
+    q_len = kv_len if rng.integers(2) else int(rng.integers(1, kv_len))
+    return cases.Case(batch=case.batch, q_len=q_len, kv_len=kv_len, q_heads=case.q_heads, kv_heads=case.kv_heads,
+                      head_dim=int(rng.choice([16, 32, 64])), config=case.config)
+
+
+def poisoned(shape, dtype):
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.full(shape, jnp.nan, dtype)
+    return jnp.full(shape, -1 if dtype != jnp.int8 else 99, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("granularity", ["per_token", "per_block"])
+def test_quantize_kernel_equals_reference(rng, dtype, granularity):
+    case = draw_kernel_case(rng, quant_granularity=granularity)
+    q, k, _ = cases.draw_qkv(rng, case, dtype)
+    cfg = case.config
+    want = quantize_reference(q, k, granularity=granularity, block_q=cfg.block_q, block_k=cfg.block_k)
+    q_mean, k_mean = smoothing_means(q, k)
+    for x, mean, tile, codes, scale, smooth in (
+            (q, q_mean, cfg.block_q, want.q_codes, want.q_scale, None),
+            (k, k_mean, cfg.block_k, want.k_codes, want.k_scale, want.k_smooth)):
+        rows = pad_axis(x, 1, tile)
+        batch, padded, heads, _ = rows.shape
+        initial = [poisoned(rows.shape, jnp.int8), poisoned((batch, heads, padded), jnp.float32)]
+        if smooth is not None:
+            initial.append(poisoned(rows.shape, dtype))
+        got = pallas_kernels.quantize_rows(
+            rows, mean[:, 0], length=x.shape[1], tile=tile, per_tile_scale=granularity == "per_block",
+            return_smooth=smooth is not None, interpret=INTERPRET, initial_outputs=initial)
+        length = x.shape[1]
+        np.testing.assert_array_equal(got[0][:, :length], codes)
+        np.testing.assert_array_equal(got[1][..., :length], scale.transpose(0, 2, 1))
+        assert np.all(np.asarray(got[0][:, length:]) == 0) and np.all(np.isfinite(np.asarray(got[1])))
+        if smooth is not None:
+            np.testing.assert_array_equal(got[2][:, :length], smooth)
+
+
+def _kernel_layout(q, k, tau, config):
+    """The selection kernel's layout, from poisoned buffers, through the same glue the API uses."""
+    from sale_jax import pallas_backend
+    grid = sale_jax.BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    initial = [poisoned((q.shape[0], q.shape[2], grid.num_slots), grid.index_dtype()),
+               poisoned((q.shape[0], q.shape[2], grid.num_q_blocks), jnp.int32)]
+    original = pallas_kernels.select_blocks
+
+    def with_poison(*args, **kwargs):
+        return original(*args, **kwargs, initial_outputs=initial)
+
+    pallas_backend.pallas_kernels.select_blocks = with_poison
+    try:
+        return pallas_backend.select_blocks_pallas(q, k, jnp.asarray(tau, jnp.float32), config)
+    finally:
+        pallas_backend.pallas_kernels.select_blocks = original
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_selection_kernel_matches_reference_and_oracle(rng, trial):
+    case = draw_kernel_case(rng)
+    dtype = [jnp.float32, jnp.bfloat16, jnp.float16][trial]
+    q, k, _ = cases.draw_structured_qkv(rng, case, dtype)
+    tau = cases.draw_tau(rng, case.q_heads)
+    layout = _kernel_layout(q, k, tau, case.config)
+    grid = layout.grid
+    indices, counts = np.asarray(layout.indices).astype(np.int64), np.asarray(layout.counts)
+    mask = np.asarray(layout.to_mask())
+    # Packed format: every slot written, ascending kept ids, the tail repeating the last one.
+    np.testing.assert_array_equal(counts, mask.sum(-1))
+    for b, h, row in np.ndindex(*counts.shape):
+        slots = indices[b, h, grid.row_offsets[row]:grid.row_offsets[row + 1]]
+        kept = np.flatnonzero(mask[b, h, row])
+        np.testing.assert_array_equal(slots[:len(kept)], kept)
+        assert np.all(slots[len(kept):] == grid.visible_counts[row] - 1)
+    cfg = case.config
+    reference_config = sale_jax.SaleConfig(**{**cfg.to_dict(), "backend": "reference", "interpret": False})
+    want = np.asarray(sale_jax.select_blocks(q, k, tau, reference_config).to_mask())
+    margin = {jnp.float32: 1e-3, jnp.float16: 2e-2, jnp.bfloat16: 5e-2}[dtype]
+    surely, maybe = oracle.selection(
+        q, k, np.asarray(tau), bq=cfg.block_q, bk=cfg.block_k, sink=cfg.sink_tokens, local=cfg.local_tokens,
+        granularity=cfg.quant_granularity, scale=case.scale, dtype_name=jnp.dtype(dtype).name, margin=margin)
+    assert not (surely & ~mask).any() and not (mask & ~maybe).any()
+    # Where kernel and reference disagree, the block's best estimate is within the rounding margin of the
+    # threshold (the oracle cannot decide it either).
+    undecided = maybe & ~surely
+    assert np.all(undecided[mask != want]), f"{(mask != want).sum()} blocks differ from the reference"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_attention_kernel_matches_oracle(rng, dtype):
+    case = draw_kernel_case(rng)
+    q, k, v = cases.draw_qkv(rng, case, dtype)
+    grid = sale_jax.BlockGrid(case.q_len, case.kv_len, case.config.block_q, case.config.block_k)
+    mask = rng.uniform(size=(case.batch, case.q_heads, grid.num_q_blocks, grid.num_k_blocks)) < rng.uniform(0.2, 1)
+    layout = sale_jax.BlockLayout.from_mask(jnp.asarray(mask), grid)
+    bq, bk = case.config.block_q, case.config.block_k
+    q_rows = pad_axis(q, 1, bq)
+    initial = [poisoned(q_rows.shape, dtype), poisoned((case.batch, case.q_heads, q_rows.shape[1]), jnp.float32)]
+    out, lse = pallas_kernels.block_sparse_attention(
+        q_rows, pad_axis(k, 1, bk), pad_axis(v, 1, bk), layout.indices, layout.counts,
+        jnp.asarray(grid.row_offsets), q_len=case.q_len, kv_len=case.kv_len, block_q=bq, block_k=bk,
+        scale=case.scale, interpret=INTERPRET, initial_outputs=initial)
+    out, lse = out[:, :case.q_len], lse[..., :case.q_len]
+    want_out, want_lse = oracle.attention(q, k, v, mask & grid.visible_mask, bq=bq, bk=bk, scale=case.scale)
+    tolerance = OUT_TOLERANCES[dtype]
+    np.testing.assert_allclose(oracle.as_f64(out), want_out, atol=tolerance, rtol=tolerance)
+    finite = np.isfinite(want_lse)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+    np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=1e-4 if dtype == jnp.float32 else 2e-3,
+                               rtol=1e-5)
+    ref_out, _ = block_sparse_attention_reference(q, k, v, layout, case.scale)
+    np.testing.assert_allclose(oracle.as_f64(out), oracle.as_f64(ref_out), atol=tolerance, rtol=tolerance)
+
+
+def test_sale_attention_pallas_backend_matches_reference(rng):
+    case = draw_kernel_case(rng)
+    q, k, v = cases.draw_structured_qkv(rng, case, jnp.bfloat16)
+    tau = cases.draw_tau(rng, case.q_heads)
+    out, lse, layout = sale_jax.sale_attention(q, k, v, tau, case.config, return_lse=True, return_layout=True)
+    want_out, want_lse = oracle.attention(q, k, v, np.asarray(layout.to_mask()), bq=case.config.block_q,
+                                          bk=case.config.block_k, scale=case.scale)
+    np.testing.assert_allclose(oracle.as_f64(out), want_out, atol=3e-2, rtol=3e-2)
+    np.testing.assert_allclose(lse, want_lse, atol=2e-2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,head_dim,message", [
+    (dict(block_q=8), 32, "block_q >= 16"),
+    (dict(block_k=8), 32, "block_k >= 16"),
+    (dict(), 24, "head_dim to be a power of two"),
+])
+def test_pallas_backend_rejects_unsupported_shapes(overrides, head_dim, message):
+    config = sale_jax.SaleConfig(backend="pallas", interpret=INTERPRET, **overrides)
+    q = jnp.ones((1, 64, 2, head_dim), jnp.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        sale_jax.sale_attention(q, q, q, jnp.zeros(2), config)
