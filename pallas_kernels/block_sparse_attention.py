@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.launch import pallas_call_with_initial_outputs
 
 _LOG2_E = math.log2(math.e)
+_EXACT = jax.lax.Precision.HIGHEST  # IEEE f32 dots for f32 inputs (the default is TF32); no effect on bf16/fp16
 # Finite stand-in for -inf in masked scores: keeps exp2(m_prev - m_next) defined when a row has seen no key yet.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -39,7 +40,8 @@ def _attention_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, row_offsets_
         key_start = block * block_k
         k = k_ref[pl.ds(key_start, block_k), :]
         v = v_ref[pl.ds(key_start, block_k), :]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_EXACT,
+                                preferred_element_type=jnp.float32)
         s = s * (scale * _LOG2_E)
 
         def causal_mask(s):
@@ -52,7 +54,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, row_offsets_
         p = jnp.exp2(s - new_max[:, None])
         row_sum = row_sum * correction + jnp.sum(p, axis=1)
         acc = acc * correction[:, None] + jax.lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32)
         return acc, new_max, row_sum, next_block
 
     head_dim = q.shape[-1]

@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.launch import pallas_call_with_initial_outputs
 
 _PAD_CHUNK = 256  # slots written per store when filling the tail of a row's index list
+_EXACT = jax.lax.Precision.HIGHEST  # IEEE f32 dots for f32 inputs (the default is TF32); no effect on bf16/fp16
 
 
 def _next_power_of_two(n: int) -> int:
@@ -47,7 +48,8 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
         row_max, row_sum = carry
         keys = block * block_k + jnp.arange(block_k)
         k = k_smooth_ref[pl.ds(block * block_k, block_k), :]
-        s = scale * jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = scale * jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_EXACT,
+                                        preferred_element_type=jnp.float32)
         visible = (keys[None, :] <= row_pos[:, None]) & (keys[None, :] < kv_len)
         s = jnp.where(visible, s, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
@@ -64,6 +66,12 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
     log_tau = jnp.log(jnp.where(tau > 0, tau, 1.0))
     threshold = jnp.where(tau > 0, row_max + log_tau + jnp.log(row_sum), -jnp.inf)
     threshold = jnp.where(row_is_real, threshold, jnp.inf)  # padding rows select nothing
+    # scale * (sq_i * sk_j * dot + c_j) > threshold_i  <=>  sk_j * dot + c_j / sq_i > threshold_i / (scale * sq_i)
+    # (sq_i > 0): two operations per score instead of four. Rounding differs from the reference's order only in
+    # the last bits, which can flip blocks whose best margin is within rounding of the threshold.
+    row_scale = q_scale_ref[...]
+    inverse_row_scale = 1.0 / row_scale
+    row_threshold = threshold * (inverse_row_scale / scale)
 
     slot_base = row_offsets_ref[q_block]
     index_dtype = indices_ref.dtype
@@ -77,7 +85,6 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
 
     # Middle keys: low-bit estimate, one flag per key block, compacted into the list as we go.
     q_codes = q_codes_ref[...]
-    row_scale = q_scale_ref[...]
     middle_start, middle_end = num_sink * block_k, local_start * block_k
     blocks_per_tile = estimate_tile // block_k
     tile_block_ids = jnp.arange(blocks_per_tile)
@@ -89,8 +96,8 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
         dots = jax.lax.dot_general(q_codes, k_codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         k_scale = k_scale_ref[pl.ds(start, estimate_tile)]
         bias = bias_ref[pl.ds(start, estimate_tile)]
-        estimate = scale * (row_scale[:, None] * k_scale[None, :] * dots.astype(jnp.float32) + bias[None, :])
-        hits = (estimate > threshold[:, None]) & (keys < middle_end)[None, :]
+        estimate = k_scale[None, :] * dots.astype(jnp.float32) + bias[None, :] * inverse_row_scale[:, None]
+        hits = (estimate > row_threshold[:, None]) & (keys < middle_end)[None, :]
         key_hit = jnp.max(hits.astype(jnp.int32), axis=0)  # [estimate_tile]
         block_hit = jnp.max(key_hit.reshape(blocks_per_tile, block_k), axis=1)
         position = count + jnp.cumsum(block_hit) - block_hit
