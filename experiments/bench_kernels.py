@@ -15,12 +15,12 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 import pallas_kernels
 import sale_jax
+from experiments.layouts import random_layout
 from experiments.timing import median_seconds
 from sale_jax import pallas_backend, workloads
 from sale_jax.reference.common import pad_axis
@@ -34,15 +34,6 @@ _DENSITIES = flags.DEFINE_list("densities", ["0.1", "0.25", "0.5"], "Kept-block 
 _TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Threshold for the selection timing.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (median reported).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
-
-
-def _random_layout(seed, batch, heads, grid, density):
-    """Each visible block kept with probability `density`, the diagonal block always (every row sees a key)."""
-    rng = np.random.default_rng(seed)
-    mask = rng.uniform(size=(batch, heads, grid.num_q_blocks, grid.num_k_blocks)) < density
-    diagonal = grid.visible_counts - 1
-    mask[:, :, np.arange(grid.num_q_blocks), diagonal] = True
-    return sale_jax.BlockLayout.from_mask(jnp.asarray(mask), grid)
 
 
 def _quantize_only(q, k, config):
@@ -82,7 +73,7 @@ def bench_length(length: int) -> dict:
     all_kept = sale_jax.BlockLayout.all_visible(batch, hq, grid)
     record("computation_all_kept", lambda: sale_jax.block_sparse_attention(q, k, v, all_kept, config))
     for density in map(float, _DENSITIES.value):
-        layout = _random_layout(int(density * 1000), batch, hq, grid, density)
+        layout = random_layout(int(density * 1000), batch, hq, grid, density)
         timings_name = f"computation_density_{density}"
         record(timings_name, lambda: sale_jax.block_sparse_attention(q, k, v, layout, config))
         timings[timings_name]["density"] = float(layout.density())

@@ -16,7 +16,7 @@ from absl import app, flags
 
 import pallas_kernels
 import sale_jax
-from experiments.bench_kernels import _random_layout
+from experiments.layouts import random_layout
 from experiments.timing import median_seconds
 from sale_jax import workloads
 from sale_jax.reference.common import pad_axis
@@ -70,7 +70,7 @@ def sweep(length: int) -> dict:
             local_tokens=128, scale=d ** -0.5, estimate_tile=tile, num_warps=warps, num_stages=stages))
 
     for density in (1.0, 0.1):
-        layout = _random_layout(7, batch, hq, grid, density)
+        layout = random_layout(7, batch, hq, grid, density)
         for variant in _ATTENTION.value:
             warps, stages = map(int, variant.split(":"))
             record(f"attend/density{density}_w{warps}_s{stages}", lambda: pallas_kernels.block_sparse_attention(

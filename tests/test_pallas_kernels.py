@@ -14,6 +14,7 @@ import sale_jax
 from sale_jax.reference import block_sparse_attention_reference, quantize_reference
 from sale_jax.reference.common import pad_axis
 from sale_jax.reference.quantize import smoothing_means
+from sale_jax.reference.selection import selection_margins_reference
 from tests import cases, oracle
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -109,7 +110,10 @@ def test_selection_kernel_matches_reference_and_oracle(rng, trial):
     surely, maybe = oracle.selection(
         q, k, np.asarray(tau), bq=cfg.block_q, bk=cfg.block_k, sink=cfg.sink_tokens, local=cfg.local_tokens,
         granularity=cfg.quant_granularity, scale=case.scale, dtype_name=jnp.dtype(dtype).name, margin=margin)
-    assert not (surely & ~mask).any() and not (mask & ~maybe).any()
+    _, margins = selection_margins_reference(q, k, tau, reference_config)
+    for name, wrong in (("dropped blocks the oracle surely keeps", surely & ~mask),
+                        ("kept blocks the oracle surely drops", mask & ~maybe)):
+        assert not wrong.any(), f"kernel {name}: {np.argwhere(wrong)[:5]}, reference margins {np.asarray(margins)[wrong][:5]}"
     # Where kernel and reference disagree, the block's best estimate is within the rounding margin of the
     # threshold (the oracle cannot decide it either).
     undecided = maybe & ~surely
