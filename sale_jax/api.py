@@ -100,10 +100,22 @@ def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_l
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None,
                     implementation: str | None = None) -> jax.Array:
-    """Causal attention with queries at the end of the keys, via `jax.nn.dot_product_attention` (cuDNN on GPU
-    when it applies, XLA elsewhere). GQA needs no repeat of K/V."""
+    """Causal attention with queries at the end of the keys. GQA needs no repeat of K/V.
+
+    By default: cuDNN flash attention on GPU for bf16/fp16 with `T == S`; our Pallas flash kernel over every
+    visible block on GPU for `T < S` (cuDNN has no bottom-right causal mask here, and XLA would materialize the
+    `[T, S]` scores); XLA elsewhere. `implementation` ("cudnn" or "xla") forces `jax.nn.dot_product_attention`'s.
+    """
     checks.check_qkv(q, k, v)
     q_len, kv_len = q.shape[1], k.shape[1]
+    on_gpu_half = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    if implementation is None and on_gpu_half:
+        if q_len == kv_len:
+            implementation = "cudnn"
+        else:
+            config = SaleConfig(backend="pallas", scale=scale)
+            layout = BlockLayout.all_visible(q.shape[0], q.shape[2], _grid_for(q, k, config))
+            return block_sparse_attention(q, k, v, layout, config)
     if q_len == kv_len:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
     # Queries sit at the end of the keys: bottom-right-aligned causal mask.
