@@ -116,8 +116,11 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | Non
             config = SaleConfig(backend="pallas", scale=scale)
             layout = BlockLayout.all_visible(q.shape[0], q.shape[2], _grid_for(q, k, config))
             return block_sparse_attention(q, k, v, layout, config)
-    if q_len == kv_len:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
-    # Queries sit at the end of the keys: bottom-right-aligned causal mask.
-    mask = jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + (kv_len - q_len)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], scale=scale, implementation=implementation)
+    # f32 inputs get f32 dots (XLA's GPU default would be TF32).
+    with jax.default_matmul_precision("highest" if q.dtype == jnp.float32 else "default"):
+        if q_len == kv_len:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
+        # Queries sit at the end of the keys: bottom-right-aligned causal mask.
+        mask = jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], scale=scale,
+                                            implementation=implementation)

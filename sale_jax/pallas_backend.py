@@ -15,13 +15,14 @@ from sale_jax.reference.quantize import column_bias, smoothing_means
 
 ESTIMATE_TILE = 128  # keys per low-bit estimate tile; int8 dots run the tensor cores far better at 128 than at 32
 MIN_TILE = 16  # Triton's smallest dot operand dimension
+MIN_HEAD_DIM = 32  # int8 tensor-core dots contract over at least 32 (Hopper's int8 MMA k); 16 gave wrong estimates
 
 
 def check_supported(q: jax.Array, config: SaleConfig) -> None:
     """The kernels' shape limits, as errors that say what is accepted."""
     head_dim = q.shape[-1]
-    if head_dim < MIN_TILE or head_dim & (head_dim - 1):
-        raise ValueError(f"backend='pallas' needs head_dim to be a power of two >= {MIN_TILE}, got {head_dim}")
+    if head_dim < MIN_HEAD_DIM or head_dim & (head_dim - 1):
+        raise ValueError(f"backend='pallas' needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}")
     for name in ("block_q", "block_k"):
         if getattr(config, name) < MIN_TILE:
             raise ValueError(f"backend='pallas' needs {name} >= {MIN_TILE}, got {getattr(config, name)}")
