@@ -56,6 +56,11 @@ def llm_like_qkv(seed: int, batch: int, kv_len: int, q_heads: int, kv_heads: int
                  sink_tokens: int = 4) -> Workload:
     """Draws one workload; the queries are the last `q_len` (default all) of the `kv_len` positions."""
     q_len = kv_len if q_len is None else q_len
+    if num_needles and kv_len < 4 * (sink_tokens + 1):
+        raise ValueError(f"kv_len={kv_len} is too short for needles (need >= {4 * (sink_tokens + 1)}); "
+                         "pass num_needles=0")
+    if num_needles and kv_len - min(1024, kv_len // 4) <= sink_tokens:
+        raise ValueError(f"no query position of kv_len={kv_len} has a far key for a needle; pass num_needles=0")
     return _llm_like_qkv(jax.random.key(seed), batch, kv_len, q_heads, kv_heads, head_dim, q_len, jnp.dtype(dtype),
                          num_needles, num_stripes, sink_tokens)
 
@@ -102,11 +107,15 @@ def _llm_like_qkv(key, batch, kv_len, q_heads, kv_heads, head_dim, q_len, dtype,
     # A key rotated to position p - offset carries the slash content: it lines up with the query at p.
     k = rotate(k_pre, k_pos) + rotate(jnp.broadcast_to(slash, k_pre.shape), k_pos[None, :, None] + offsets[..., 0])
 
-    # Needles: a query row and a far key (outside the last 1K positions of that row) raised so that it takes about
-    # half of the row's dense attention mass: information that matters and that sink-local statistics cannot see.
-    needle_rows = jax.random.randint(next(keys), (batch, q_heads, num_needles), 0, q_len)
-    far_limit = jnp.maximum(q_pos[needle_rows] - 1024, 1)
-    needle_keys = (jax.random.uniform(next(keys), needle_rows.shape) * far_limit).astype(jnp.int32)
+    # Needles: a query row and a far key (past the sinks, at least `far_gap` positions back) raised so that it takes
+    # about half of the row's dense attention mass: information that matters and that sink-local statistics cannot
+    # see. Needles never touch the sinks, which would change every row's attention.
+    far_gap = min(1024, kv_len // 4)
+    first_row = max(sink_tokens + far_gap - (kv_len - q_len), 0)
+    needle_rows = jax.random.randint(next(keys), (batch, q_heads, num_needles), first_row, q_len)
+    far_limit = q_pos[needle_rows] - far_gap
+    needle_keys = sink_tokens + (jax.random.uniform(next(keys), needle_rows.shape) * (far_limit - sink_tokens)
+                                 ).astype(jnp.int32)
     b_idx = jnp.arange(batch)[:, None, None]
     h_idx = jnp.broadcast_to(jnp.arange(q_heads)[None, :, None], needle_rows.shape)
     needle_q = q[b_idx, needle_rows, h_idx]  # [B, Hq, N, D]
@@ -116,8 +125,11 @@ def _llm_like_qkv(key, batch, kv_len, q_heads, kv_heads, head_dim, q_len, dtype,
     row_lse = jax.nn.logsumexp(jnp.where(visible, row_scores, -jnp.inf), axis=-1)
     current = jnp.take_along_axis(row_scores, needle_keys[..., None], axis=-1)[..., 0]
     raise_by = jnp.maximum(row_lse - current, 0.0)[..., None]
-    q_sq_norm = jnp.sum(needle_q * needle_q, axis=-1, keepdims=True)
-    k = k.at[b_idx, needle_keys, h_idx // group].add(raise_by / scale * needle_q / q_sq_norm)
+    # Raise along the row's own part of q (minus the head's mean query), so other rows of the head, which share
+    # the mean's sink/stripe/local directions, are barely affected.
+    own = needle_q - jnp.mean(q, axis=1)[:, :, None, :]
+    k = k.at[b_idx, needle_keys, h_idx // group].add(
+        raise_by / scale * own / jnp.sum(needle_q * own, axis=-1, keepdims=True))
 
     v = jax.random.normal(next(keys), (batch, kv_len, kv_heads, head_dim))
     return Workload(q.astype(dtype), k.astype(dtype), v.astype(dtype), needle_rows, needle_keys)
