@@ -90,8 +90,8 @@ def calibrate(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers
                                      f"expected num_q_heads={num_q_heads}")
                 tau = calibrate_layer(q, k, v, config, theta, tau0, tau_min)
                 smallest[layer] = np.minimum(smallest[layer], tau)
-                bar.update(1)
                 bar.set_postfix(sample=sample_index, layer=layer, dense_heads=int((tau == 0).sum()))
+                bar.update(1)
             if layer != num_layers - 1:
                 raise ValueError(f"sample {sample_index} has {layer + 1} layers, expected num_layers={num_layers}")
             num_samples += 1

@@ -20,19 +20,25 @@ def select_blocks_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: 
     return BlockLayout.from_mask(always_kept | (margins > 0), grid)
 
 
-def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array,
-                                config: SaleConfig) -> tuple[jax.Array, jax.Array]:
+def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
+                                estimator: str = "int4") -> tuple[jax.Array, jax.Array]:
     """The selection before its decision: bool `[B, Hq, nQ, nK]` of visible sink and local blocks, and f32
     `[B, Hq, nQ, nK]` of each block's best `shat_ij - (m_i + log(tau * l_i))` over its visible pairs (-inf where
     nothing is visible, +inf for dense heads). A middle block is kept iff its margin is > 0; kernels that round
-    differently may only disagree where the margin is near 0."""
+    differently may only disagree where the margin is near 0.
+
+    `estimator="exact"` replaces the 4-bit estimate by the exact scores (the paper's "without QK quant" ablation).
+    """
+    if estimator not in ("int4", "exact"):
+        raise ValueError(f"estimator must be 'int4' or 'exact', got {estimator!r}")
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
                                block_k=config.block_k)
-    return _block_margins(q, quant, tau, grid, config, config.softmax_scale(q.shape[-1]))
+    return _block_margins(q, quant, tau, grid, config, config.softmax_scale(q.shape[-1]), estimator == "exact")
 
 
-def _block_margins(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig, scale: float):
+def _block_margins(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig, scale: float,
+                   exact_estimate: bool):
     bq, bk, nk = grid.block_q, grid.block_k, grid.num_k_blocks
     group = q.shape[2] // quant.k_codes.shape[2]
     q_rows = pad_axis(q, 1, bq)
@@ -64,9 +70,12 @@ def _block_margins(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConf
         row_sum = jnp.sum(jnp.where(reference_pairs, jnp.exp(exact - row_max[..., None]), 0.0), axis=-1)
         threshold = row_max + log_tau + jnp.log(row_sum)
 
-        code_dot = grouped_scores(rows(q_codes), k_codes)  # integers, exact in f32
-        row_scale = rows(q_scale).transpose(0, 2, 1)[..., None]  # [B, Hq, bq, 1]
-        estimate = scale * (row_scale * k_scale[:, :, None, :] * code_dot + column_bias[:, :, None, :])
+        if exact_estimate:
+            estimate = exact
+        else:
+            code_dot = grouped_scores(rows(q_codes), k_codes)  # integers, exact in f32
+            row_scale = rows(q_scale).transpose(0, 2, 1)[..., None]  # [B, Hq, bq, 1]
+            estimate = scale * (row_scale * k_scale[:, :, None, :] * code_dot + column_bias[:, :, None, :])
 
         # estimate > threshold  <=>  estimate - threshold > 0 for finite IEEE floats.
         margin = jnp.where(visible, estimate - threshold[..., None], -jnp.inf)

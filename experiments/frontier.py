@@ -1,0 +1,172 @@
+"""The accuracy-density frontier: SALE against other block selections, at equal density, on LLM-like inputs.
+
+    python -m experiments.frontier --output_dir=experiments/results/frontier_cpu          # CPU-sized
+    python -m experiments.frontier --seq_len=32768 --q_heads=32 --kv_heads=8 --head_dim=128 \
+        --output_dir=experiments/results/frontier_h200                                     # on the H200
+
+Methods (all keep the same sink and local blocks; they differ in how they pick middle blocks):
+  sale           SALE's 4-bit estimate and relative score, one point per uniform tau;
+  sale_calibrated SALE with per-head thresholds calibrated (sale_jax.calibrate) on a different sample, per theta;
+  sale_exact     SALE's rule with exact bf16/f32 scores instead of the 4-bit estimate ("without QK quant");
+  sink_local     nothing else;
+  pooled_topk    top middle blocks by mean-pooled block scores, per fraction of each row's middle blocks;
+  xattention_s8 / xattention_s16   XAttention's antidiagonal estimate (stride 8 / 16), per cumulative threshold.
+Error is measured against attention over every visible block computed the same way, so it is the selection's
+error alone. Writes frontier.json (per head and overall: density, per-row L1, relative L2, needle recall, and the
+estimate's cost in multiply-adds) and frontier.png (per-row L1 error against density).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import sale_jax
+from sale_jax import workloads
+from sale_jax.reference import baselines
+from sale_jax.reference.selection import selection_margins_reference
+
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Tokens (queries = keys).")
+_Q_HEADS = flags.DEFINE_integer("q_heads", 8, "Query heads.")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "Key/value heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"], "auto: bf16 on GPU, f32 elsewhere.")
+_TAUS = flags.DEFINE_list("taus", ["0.1", "0.03", "0.008", "0.002", "0.0005", "0.0001"], "Uniform SALE thresholds.")
+_THETAS = flags.DEFINE_list("thetas", ["1.6", "0.8", "0.4", "0.2", "0.1"], "Calibration bounds.")
+_TOPK = flags.DEFINE_list("topk_fractions", ["0.02", "0.05", "0.1", "0.2", "0.4", "0.7"],
+                          "Fractions of each row's middle blocks kept by pooled top-k.")
+_XATTN = flags.DEFINE_list("xattention_thresholds", ["0.5", "0.7", "0.8", "0.9", "0.95", "0.99"],
+                           "XAttention cumulative-mass thresholds.")
+_STRIDES = flags.DEFINE_list("strides", ["8", "16"], "XAttention strides.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluated sample (calibration uses seed + 1).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for frontier.json and frontier.png.", required=True)
+
+
+def _metrics(out, dense, layout, needle_rows, needle_keys, config) -> dict:
+    diff = jnp.abs(out.astype(jnp.float32) - dense.astype(jnp.float32))
+    rows = out.shape[0] * out.shape[1]
+    l1 = diff.sum(axis=(0, 1, 3)) / rows
+    sq_err = jnp.square(diff).sum(axis=(0, 1, 3))
+    sq_ref = jnp.square(dense.astype(jnp.float32)).sum(axis=(0, 1, 3))
+    mask = np.asarray(layout.to_mask())
+    batch, heads = mask.shape[:2]
+    kept = mask[np.arange(batch)[:, None, None], np.arange(heads)[None, :, None],
+                np.asarray(needle_rows) // config.block_q, np.asarray(needle_keys) // config.block_k]
+    return {
+        "density": float(layout.density()),
+        "l1_per_row": float(l1.mean()),
+        "relative_l2": float(jnp.sqrt(sq_err.sum() / sq_ref.sum())),
+        "needle_recall": float(kept.mean()),
+        "per_head": {"density": np.round(np.asarray(layout.density_per_head()), 4).tolist(),
+                     "l1_per_row": np.round(np.asarray(l1), 5).tolist(),
+                     "relative_l2": np.round(np.asarray(jnp.sqrt(sq_err / sq_ref)), 5).tolist(),
+                     "needle_recall": kept.mean(axis=(0, 2)).tolist()},
+    }
+
+
+def _estimate_cost(method: str, grid: sale_jax.BlockGrid, head_dim: int, middle_pairs: int, reference_pairs: int,
+                   stride: int | None = None) -> dict:
+    """Multiply-adds per head of each method's estimate, and the operand type they run in."""
+    if method in ("sale", "sale_calibrated"):
+        return {"estimate_macs": middle_pairs * head_dim, "estimate_type": "int8 (4-bit codes)",
+                "statistics_macs": reference_pairs * head_dim}
+    if method == "sale_exact":
+        return {"estimate_macs": middle_pairs * head_dim, "estimate_type": "bf16",
+                "statistics_macs": reference_pairs * head_dim}
+    if method == "pooled_topk":
+        return {"estimate_macs": grid.num_q_blocks * grid.num_k_blocks * head_dim // 2, "estimate_type": "bf16"}
+    if method.startswith("xattention"):
+        return {"estimate_macs": grid.q_len * grid.kv_len * head_dim // (2 * stride), "estimate_type": "bf16"}
+    return {"estimate_macs": 0, "estimate_type": "none"}
+
+
+def main(argv):
+    del argv
+    dtype = _DTYPE.value if _DTYPE.value != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    dtype = jnp.dtype(dtype)
+    shape = (1, _SEQ_LEN.value, _Q_HEADS.value, _KV_HEADS.value, _HEAD_DIM.value)
+    work = workloads.llm_like_qkv(_SEED.value, *shape, dtype=dtype)
+    calibration_work = workloads.llm_like_qkv(_SEED.value + 1, *shape, dtype=dtype)
+    q, k, v = work.q, work.k, work.v
+    config = sale_jax.SaleConfig()
+    reference_config = sale_jax.SaleConfig(backend="reference")
+    grid = sale_jax.BlockGrid(_SEQ_LEN.value, _SEQ_LEN.value, config.block_q, config.block_k)
+    batch, heads = 1, _Q_HEADS.value
+    dense = sale_jax.block_sparse_attention(q, k, v, sale_jax.BlockLayout.all_visible(batch, heads, grid), config)
+
+    always = baselines.always_kept_blocks(grid, config)
+    rows_per_q_block = np.minimum(grid.q_len - np.arange(grid.num_q_blocks) * grid.block_q, grid.block_q)
+    middle_pairs = int(((grid.visible_mask & ~always).sum(-1) * rows_per_q_block).sum() * grid.block_k)
+    reference_pairs = int((always.sum(-1) * rows_per_q_block).sum() * grid.block_k)
+
+    points = []
+
+    def evaluate(method, knob, mask, stride=None):
+        layout = sale_jax.BlockLayout.from_mask(mask, grid)
+        out = sale_jax.block_sparse_attention(q, k, v, layout, config)
+        point = {"method": method, "knob": knob}
+        point.update(_metrics(out, dense, layout, work.needle_rows, work.needle_keys, config))
+        point.update(_estimate_cost(method, grid, _HEAD_DIM.value, middle_pairs, reference_pairs, stride))
+        points.append(point)
+        print(f"{method:<16} {knob:<22} density {point['density']:.3f}  L1/row {point['l1_per_row']:.4f}  "
+              f"rel L2 {point['relative_l2']:.4f}  needles {point['needle_recall']:.2f}", flush=True)
+
+    def sale_mask(tau, estimator="int4"):
+        always_kept, margins = selection_margins_reference(q, k, tau, reference_config, estimator)
+        return always_kept | (margins > 0)
+
+    for tau in map(float, _TAUS.value):
+        uniform = jnp.full((heads,), tau, jnp.float32)
+        evaluate("sale", f"tau={tau}", sale_jax.select_blocks(q, k, uniform, config).to_mask())
+        evaluate("sale_exact", f"tau={tau}", sale_mask(uniform, "exact"))
+    for theta in map(float, _THETAS.value):
+        calibrated = sale_jax.calibrate(
+            [[(calibration_work.q, calibration_work.k, calibration_work.v)]], 1, heads, config, theta=theta,
+            progress=False)
+        evaluate("sale_calibrated", f"theta={theta}",
+                 sale_jax.select_blocks(q, k, calibrated.layer(0), config).to_mask())
+        points[-1]["tau_per_head"] = np.asarray(calibrated.layer(0)).tolist()
+    evaluate("sink_local", "-", baselines.sink_local_mask(batch, heads, grid, config))
+    for fraction in map(float, _TOPK.value):
+        evaluate("pooled_topk", f"fraction={fraction}", baselines.pooled_topk_mask(q, k, grid, config, fraction))
+    for stride in map(int, _STRIDES.value):
+        for threshold in map(float, _XATTN.value):
+            evaluate(f"xattention_s{stride}", f"threshold={threshold}",
+                     baselines.xattention_mask(q, k, grid, config, stride, threshold), stride)
+
+    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+    with open(os.path.join(_OUTPUT_DIR.value, "frontier.json"), "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "backend": config.resolved_backend(),
+                   "shape": {"batch": batch, "seq_len": _SEQ_LEN.value, "q_heads": heads,
+                             "kv_heads": _KV_HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": dtype.name},
+                   "seed": _SEED.value, "dense_macs_per_head": grid.q_len * grid.kv_len * _HEAD_DIM.value,
+                   "points": points}, f, indent=1)
+    _plot(points, os.path.join(_OUTPUT_DIR.value, "frontier.png"))
+
+
+def _plot(points, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(p["method"] for p in points):
+        pts = sorted((p["density"], max(p["l1_per_row"], 1e-6)) for p in points if p["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xlabel("density of kept blocks")
+    ax.set_ylabel("per-row L1 error vs dense")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"accuracy-density frontier ({jax.devices()[0].device_kind})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    app.run(main)
