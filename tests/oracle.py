@@ -56,11 +56,12 @@ def region_blocks(q_len, kv_len, bq, bk, sink, local):
     return visible, always
 
 
-def selection(q, k, tau, *, bq, bk, sink, local, granularity, scale, dtype_name, margin):
+def selection(q, k, tau, *, bq, bk, sink, local, granularity, scale, dtype_name, margin, exact_estimate=False):
     """Returns (surely_kept, maybe_kept), bool [B, Hq, nQ, nK].
 
     A middle block is surely kept when some visible pair beats the threshold by more than `margin` even if every
     near-tie code were off by one, and maybe kept unless every pair falls short by more than `margin`.
+    With `exact_estimate`, the estimate is the exact score itself (SALE without QK quantization).
     """
     q, k = as_f64(q), as_f64(k)
     batch, q_len, q_heads, _ = q.shape
@@ -87,9 +88,12 @@ def selection(q, k, tau, *, bq, bk, sink, local, granularity, scale, dtype_name,
             masked = np.where(reference_pairs, exact, -np.inf)
             m = masked.max(1)
             l = np.exp(masked - m[:, None]).sum(1)
-            estimate = scale * (sq[:, None] * sk[None, :] * (qc @ kc.T) + column[None, :])
-            flips = q_tie @ (np.abs(kc) + k_tie).T + np.abs(qc) @ k_tie.T
-            uncertainty = scale * sq[:, None] * sk[None, :] * flips
+            if exact_estimate:
+                estimate, uncertainty = exact, 0.0
+            else:
+                estimate = scale * (sq[:, None] * sk[None, :] * (qc @ kc.T) + column[None, :])
+                flips = q_tie @ (np.abs(kc) + k_tie).T + np.abs(qc) @ k_tie.T
+                uncertainty = scale * sq[:, None] * sk[None, :] * flips
             if tau[h] > 0:
                 threshold = (m + np.log(tau[h] * l))[:, None]
                 sure_pairs = visible & (estimate - uncertainty > threshold + margin)
