@@ -1,0 +1,196 @@
+"""Llama 3.x in Flax NNX, with the prefill attention chosen by `LlamaConfig.attention` ("dense" or "sale").
+
+Einsum letters: B batch, T query positions, S key positions, D model dim, N q heads, K kv heads, G q heads per kv
+head, H head dim, V vocabulary. Prefill runs the whole prompt through dense or SALE attention and returns the KV
+cache; decoding continues one token at a time with dense attention over the cache. Batches of prompts of different
+lengths are right-padded: causal attention keeps real tokens from ever seeing the padding, and each sequence's
+cache is read and extended at its own length.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import sale_jax
+from models.config import LlamaConfig
+from models.rope import apply_rope, inverse_frequencies
+
+
+class KVCache(NamedTuple):
+    keys: jax.Array  # [L, B, S_max, K, H]
+    values: jax.Array  # [L, B, S_max, K, H]
+    lengths: jax.Array  # int32 [B]: tokens held per sequence (the next token's position)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+def _linear(in_features: int, out_features: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        self.config = config
+        self.q_proj = _linear(config.hidden_size, config.num_heads * config.head_dim, dtype, rngs)
+        self.k_proj = _linear(config.hidden_size, config.num_kv_heads * config.head_dim, dtype, rngs)
+        self.v_proj = _linear(config.hidden_size, config.num_kv_heads * config.head_dim, dtype, rngs)
+        self.o_proj = _linear(config.num_heads * config.head_dim, config.hidden_size, dtype, rngs)
+
+    def _qkv(self, x: jax.Array, positions: jax.Array):
+        batch, length, _ = x.shape
+        c = self.config
+        q = self.q_proj(x).reshape(batch, length, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def prefill(self, x: jax.Array, positions: jax.Array, tau: jax.Array | None):
+        """Attention over the prompt; returns the output and this layer's (k, v) for the cache."""
+        q, k, v = self._qkv(x, positions)
+        if self.config.attention == "sale":
+            out = sale_jax.sale_attention(q, k, v, tau, self.config.sale)
+        else:
+            out = sale_jax.dense_attention(q, k, v)
+        return self.o_proj(out.reshape(*x.shape[:2], -1)), (k, v)
+
+    def decode(self, x: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array):
+        """One new token per sequence (`x: [B, 1, D]`) at position `lengths`; dense attention over the cache."""
+        c = self.config
+        q, k, v = self._qkv(x, lengths[:, None])
+        batch_index = jnp.arange(x.shape[0])
+        keys = keys.at[batch_index, lengths].set(k[:, 0])
+        values = values.at[batch_index, lengths].set(v[:, 0])
+        group = c.num_heads // c.num_kv_heads
+        grouped = q[:, 0].reshape(x.shape[0], c.num_kv_heads, group, c.head_dim)
+        scores = jnp.einsum("BKGH,BSKH->BKGS", grouped, keys, preferred_element_type=jnp.float32)
+        scores = scores * c.head_dim ** -0.5
+        visible = jnp.arange(keys.shape[1])[None, :] <= lengths[:, None]  # [B, S]
+        weights = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, -jnp.inf), axis=-1)
+        out = jnp.einsum("BKGS,BSKH->BKGH", weights.astype(values.dtype), values)
+        return self.o_proj(out.reshape(x.shape[0], 1, -1)), keys, values
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, rngs)
+
+    def prefill(self, x, positions, tau):
+        attended, kv = self.self_attn.prefill(self.input_layernorm(x), positions, tau)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+    def decode(self, x, keys, values, lengths):
+        attended, keys, values = self.self_attn.decode(self.input_layernorm(x), keys, values, lengths)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), keys, values
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        self.config = config
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size, dtype,
+                                                                        rngs)
+
+    def _logits(self, hidden: jax.Array) -> jax.Array:
+        hidden = self.norm(hidden)
+        logits = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+    def _layer_tau(self, thresholds: sale_jax.Thresholds | None, layer: int):
+        if self.config.attention != "sale":
+            return None
+        if thresholds is None:
+            raise ValueError("attention='sale' needs thresholds (sale_jax.Thresholds [num_layers, num_heads])")
+        return thresholds.layer(layer)
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None,
+                cache_size: int | None = None) -> tuple[jax.Array, KVCache]:
+        """Runs right-padded prompts `tokens: int [B, T]` of `lengths: int [B]`; returns f32 logits `[B, T, V]`
+        and a cache with room for `cache_size` (default T) positions per sequence."""
+        batch, length = tokens.shape
+        cache_size = length if cache_size is None else cache_size
+        if cache_size < length:
+            raise ValueError(f"cache_size {cache_size} is smaller than the prompt length {length}")
+        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        hidden = self.embed_tokens(tokens)
+        keys, values = [], []
+        for index, layer in enumerate(self.layers):
+            hidden, (k, v) = layer.prefill(hidden, positions, self._layer_tau(thresholds, index))
+            pad = ((0, 0), (0, cache_size - length), (0, 0), (0, 0))
+            keys.append(jnp.pad(k, pad))
+            values.append(jnp.pad(v, pad))
+        cache = KVCache(jnp.stack(keys), jnp.stack(values), lengths.astype(jnp.int32))
+        return self._logits(hidden), cache
+
+    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One token per sequence (`tokens: int [B]`) at each sequence's own position; returns logits `[B, V]`."""
+        hidden = self.embed_tokens(tokens[:, None])
+        keys, values = [], []
+        for index, layer in enumerate(self.layers):
+            hidden, k, v = layer.decode(hidden, cache.keys[index], cache.values[index], cache.lengths)
+            keys.append(k)
+            values.append(v)
+        return self._logits(hidden)[:, 0], KVCache(jnp.stack(keys), jnp.stack(values), cache.lengths + 1)
+
+
+@nnx.jit
+def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None):
+    """Jitted `Llama.prefill` without spare cache room; thresholds are traced (new values do not recompile)."""
+    return model.prefill(tokens, lengths, thresholds)
+
+
+@nnx.jit(static_argnames=("max_new_tokens",))
+def generate(model: Llama, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None,
+             max_new_tokens: int = 16) -> jax.Array:
+    """Greedy continuation of right-padded prompts: int32 `[B, max_new_tokens]`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    batch, length = tokens.shape
+    logits, cache = model.prefill(tokens, lengths, thresholds, cache_size=length + max_new_tokens)
+    first = jnp.argmax(logits[jnp.arange(batch), lengths - 1], axis=-1).astype(jnp.int32)
+
+    def step(carry, _):
+        token, cache = carry
+        logits, cache = model.decode(token, cache)
+        next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return (next_token, cache), next_token
+
+    _, rest = jax.lax.scan(step, (first, cache), None, length=max_new_tokens - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
