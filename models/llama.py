@@ -73,13 +73,15 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def prefill(self, x: jax.Array, positions: jax.Array, tau: jax.Array | None):
-        """Attention over the prompt; returns the output and this layer's (k, v) for the cache."""
+        """Attention over the prompt: SALE with thresholds `tau [N]`, dense when `tau` is None. Returns the output,
+        this layer's post-RoPE (q, k, v), and the density of kept blocks (1 for dense)."""
         q, k, v = self._qkv(x, positions)
-        if self.config.attention == "sale":
-            out = sale_jax.sale_attention(q, k, v, tau, self.config.sale)
+        if tau is None:
+            out, density = sale_jax.dense_attention(q, k, v), jnp.float32(1.0)
         else:
-            out = sale_jax.dense_attention(q, k, v)
-        return self.o_proj(out.reshape(*x.shape[:2], -1)), (k, v)
+            out, layout = sale_jax.sale_attention(q, k, v, tau, self.config.sale, return_layout=True)
+            density = layout.density()
+        return self.o_proj(out.reshape(*x.shape[:2], -1)), (q, k, v), density
 
     def decode(self, x: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array):
         """One new token per sequence (`x: [B, 1, D]`) at position `lengths`; dense attention over the cache."""
@@ -107,9 +109,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs)
 
     def prefill(self, x, positions, tau):
-        attended, kv = self.self_attn.prefill(self.input_layernorm(x), positions, tau)
+        attended, qkv, density = self.self_attn.prefill(self.input_layernorm(x), positions, tau)
         x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), qkv, density
 
     def decode(self, x, keys, values, lengths):
         attended, keys, values = self.self_attn.decode(self.input_layernorm(x), keys, values, lengths)
@@ -141,23 +143,37 @@ class Llama(nnx.Module):
         return thresholds.layer(layer)
 
     def prefill(self, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None,
-                cache_size: int | None = None) -> tuple[jax.Array, KVCache]:
+                cache_size: int | None = None, return_density: bool = False):
         """Runs right-padded prompts `tokens: int [B, T]` of `lengths: int [B]`; returns f32 logits `[B, T, V]`
-        and a cache with room for `cache_size` (default T) positions per sequence."""
+        and a cache with room for `cache_size` (default T) positions per sequence, and with `return_density`
+        the density of kept blocks per layer (f32 `[L]`, all 1 for dense attention)."""
         batch, length = tokens.shape
         cache_size = length if cache_size is None else cache_size
         if cache_size < length:
             raise ValueError(f"cache_size {cache_size} is smaller than the prompt length {length}")
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         hidden = self.embed_tokens(tokens)
-        keys, values = [], []
+        keys, values, densities = [], [], []
         for index, layer in enumerate(self.layers):
-            hidden, (k, v) = layer.prefill(hidden, positions, self._layer_tau(thresholds, index))
+            hidden, (_, k, v), density = layer.prefill(hidden, positions, self._layer_tau(thresholds, index))
             pad = ((0, 0), (0, cache_size - length), (0, 0), (0, 0))
             keys.append(jnp.pad(k, pad))
             values.append(jnp.pad(v, pad))
+            densities.append(density)
         cache = KVCache(jnp.stack(keys), jnp.stack(values), lengths.astype(jnp.int32))
+        if return_density:
+            return self._logits(hidden), cache, jnp.stack(densities)
         return self._logits(hidden), cache
+
+    def attention_inputs(self, tokens: jax.Array):
+        """Runs a dense forward pass one layer at a time, yielding each layer's post-RoPE `(q, k, v)`: the inputs a
+        calibration sees, with every layer fed exact (dense) activations. Only one layer's inputs are alive at a
+        time when the caller consumes them as they come."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden = _embed(self, tokens)
+        for layer in self.layers:
+            hidden, qkv = _dense_layer(layer, hidden, positions)
+            yield qkv
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One token per sequence (`tokens: int [B]`) at each sequence's own position; returns logits `[B, V]`."""
@@ -171,9 +187,22 @@ class Llama(nnx.Module):
 
 
 @nnx.jit
-def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None):
+def _embed(model: Llama, tokens: jax.Array) -> jax.Array:
+    return model.embed_tokens(tokens)
+
+
+@nnx.jit
+def _dense_layer(layer: DecoderLayer, hidden: jax.Array, positions: jax.Array):
+    """One decoder layer with dense attention (every layer has the same structure: compiled once)."""
+    hidden, qkv, _ = layer.prefill(hidden, positions, None)
+    return hidden, qkv
+
+
+@nnx.jit(static_argnames=("return_density",))
+def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None,
+            return_density: bool = False):
     """Jitted `Llama.prefill` without spare cache room; thresholds are traced (new values do not recompile)."""
-    return model.prefill(tokens, lengths, thresholds)
+    return model.prefill(tokens, lengths, thresholds, return_density=return_density)
 
 
 @nnx.jit(static_argnames=("max_new_tokens",))
