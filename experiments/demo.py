@@ -1,10 +1,12 @@
-"""The main job: SALE attention on a synthetic long sequence with LLM-like attention, against dense attention.
+"""The main job: a Llama prefilling a long prompt with dense attention and with SALE, side by side.
 
-    python -m experiments.demo                       # 8K tokens on whatever JAX sees (reference backend on CPU)
-    python -m experiments.demo --seq_len=32768 --backend=reference --output=/tmp/demo.json
+    python -m experiments.demo                                   # tiny random Llama, 4K-token prompt, CPU-sized
+    python -m experiments.demo --checkpoint=DIR --seq_len=65536  # any Hugging Face Llama checkpoint (GPU: Pallas)
+    python -m experiments.demo --thresholds=t.json               # calibrated thresholds instead of a uniform tau
 
-Prints the sequence length, the density of kept blocks (per head and overall), the error of SALE's output
-against dense attention, and wall-clock times (median of --repeats after a compile-and-warm-up call).
+The prompt is the paper's calibration task as bytes (a long JSON object of UUID pairs and a question), folded into
+the model's vocabulary. Prints per-layer density of kept blocks, the logits' difference from the dense model,
+greedy-token agreement over --new_tokens, and median prefill times.
 """
 
 from __future__ import annotations
@@ -15,71 +17,76 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 import sale_jax
 from experiments.timing import median_seconds
-from sale_jax import workloads
+from models import checkpoint, llama
+from models.config import LlamaConfig
+from sale_jax.kv_prompts import json_kv_prompt
 
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens (queries = keys, causal).")
-_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
-_Q_HEADS = flags.DEFINE_integer("q_heads", 8, "Query heads.")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "Key/value heads (GQA).")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
-_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"],
-                           "Input dtype; auto = bfloat16 on GPU, float32 elsewhere (CPUs have no fast bf16 dots).")
-_TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Threshold for every head (0 = dense).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Llama folder; default: a tiny random Llama.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Prompt tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 16, "Greedy tokens generated after the prompt.")
+_TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform threshold when no --thresholds file is given.")
+_THRESHOLDS = flags.DEFINE_string("thresholds", None, "Calibrated thresholds file (sale_jax.Thresholds.save).")
 _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "reference", "pallas"], "SALE backend.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after warm-up (median reported).")
-_SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed prefills (median reported).")
 _OUTPUT = flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 
 
 def main(argv):
     del argv
-    config = sale_jax.SaleConfig(backend=_BACKEND.value)
-    dtype = _DTYPE.value
-    if dtype == "auto":
-        dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-    work = workloads.llm_like_qkv(_SEED.value, _BATCH.value, _SEQ_LEN.value, _Q_HEADS.value, _KV_HEADS.value,
-                                  _HEAD_DIM.value, dtype=jnp.dtype(dtype))
-    q, k, v = work.q, work.k, work.v
-    tau = jnp.full((_Q_HEADS.value,), _TAU.value, jnp.float32)
+    on_gpu = jax.default_backend() == "gpu"
+    sale = sale_jax.SaleConfig(backend=_BACKEND.value)
+    if _CHECKPOINT.value:
+        dense_model = checkpoint.load_llama(_CHECKPOINT.value, dtype="bfloat16" if on_gpu else "float32")
+    else:
+        config = LlamaConfig.tiny(num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256,
+                                  intermediate_size=512, max_position_embeddings=131_072,
+                                  dtype="bfloat16" if on_gpu else "float32")
+        dense_model = llama.Llama(config, nnx.Rngs(0))
+    config = dense_model.config
+    sale_model = llama.with_attention(dense_model, "sale", sale)
 
-    out, layout = sale_jax.sale_attention(q, k, v, tau, config, return_layout=True)
-    dense = sale_jax.dense_attention(q, k, v)
-    diff = out.astype(jnp.float32) - dense.astype(jnp.float32)
-    rows = _BATCH.value * _SEQ_LEN.value * _Q_HEADS.value
-    mask = np.asarray(layout.to_mask())
-    needles_kept = mask[np.arange(_BATCH.value)[:, None, None], np.arange(_Q_HEADS.value)[None, :, None],
-                        np.asarray(work.needle_rows) // config.block_q, np.asarray(work.needle_keys) // config.block_k]
+    if _THRESHOLDS.value:
+        thresholds = sale_jax.Thresholds.load(_THRESHOLDS.value, config.num_layers, config.num_heads)
+    else:
+        thresholds = sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _TAU.value)
+    prompt = json_kv_prompt(0, _SEQ_LEN.value)
+    tokens = jnp.asarray(prompt.tokens % config.vocab_size, jnp.int32)[None]
+    lengths = jnp.asarray([tokens.shape[1]])
 
-    sale_seconds = median_seconds(lambda: sale_jax.sale_attention(q, k, v, tau, config), _REPEATS.value, warmup=1)
-    dense_seconds = median_seconds(lambda: sale_jax.dense_attention(q, k, v), _REPEATS.value, warmup=1)
+    dense_logits, _ = llama.prefill(dense_model, tokens, lengths)
+    sale_logits, _, density = llama.prefill(sale_model, tokens, lengths, thresholds, return_density=True)
+    dense_tokens = llama.generate(dense_model, tokens, lengths, max_new_tokens=_NEW_TOKENS.value)
+    sale_tokens = llama.generate(sale_model, tokens, lengths, thresholds, max_new_tokens=_NEW_TOKENS.value)
+    dense_seconds = median_seconds(lambda: llama.prefill(dense_model, tokens, lengths), _REPEATS.value, warmup=1)
+    sale_seconds = median_seconds(lambda: llama.prefill(sale_model, tokens, lengths, thresholds), _REPEATS.value,
+                                  warmup=1)
     results = {
         "device": jax.devices()[0].device_kind,
-        "backend": config.resolved_backend(),
-        "shape": {"batch": _BATCH.value, "seq_len": _SEQ_LEN.value, "q_heads": _Q_HEADS.value,
-                  "kv_heads": _KV_HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": dtype},
-        "tau": _TAU.value,
-        "density": float(layout.density()),
-        "density_per_head": [round(float(d), 4) for d in layout.density_per_head()],
-        "needle_recall": float(needles_kept.mean()),
-        "max_abs_error": float(jnp.abs(diff).max()),
-        "l1_error_per_row": float(jnp.abs(diff).sum() / rows),
-        "relative_l2_error": float(jnp.linalg.norm(diff) / jnp.linalg.norm(dense.astype(jnp.float32))),
-        "sale_seconds_median": sale_seconds,
-        "dense_seconds_median": dense_seconds,
-        "repeats": _REPEATS.value,
+        "model": _CHECKPOINT.value or "tiny random Llama",
+        "layers": config.num_layers, "q_heads": config.num_heads, "kv_heads": config.num_kv_heads,
+        "dtype": config.dtype, "backend": sale.resolved_backend(),
+        "prompt_tokens": int(tokens.shape[1]),
+        "thresholds": _THRESHOLDS.value or f"uniform {_TAU.value}",
+        "density_per_layer": np.round(np.asarray(density), 4).tolist(),
+        "max_abs_logit_diff": float(jnp.abs(sale_logits - dense_logits).max()),
+        "last_position_max_abs_logit_diff": float(jnp.abs(sale_logits[0, -1] - dense_logits[0, -1]).max()),
+        "greedy_token_agreement": float(jnp.mean(sale_tokens == dense_tokens)),
+        "dense_prefill_seconds": dense_seconds,
+        "sale_prefill_seconds": sale_seconds,
     }
-    print(f"device {results['device']} | backend {results['backend']} | {dtype} | B={_BATCH.value} "
-          f"Hq={_Q_HEADS.value} Hkv={_KV_HEADS.value} D={_HEAD_DIM.value}")
-    print(f"sequence length       {_SEQ_LEN.value}")
-    print(f"tau                   {_TAU.value}")
-    print(f"kept-block density    {results['density']:.3f}  (per head {results['density_per_head']})")
-    print(f"needle recall         {results['needle_recall']:.3f}")
-    print(f"error vs dense        max |d| {results['max_abs_error']:.4f}, L1/row {results['l1_error_per_row']:.4f}, "
-          f"relative L2 {results['relative_l2_error']:.4f}")
-    print(f"time (median of {_REPEATS.value})   SALE {sale_seconds * 1e3:.1f} ms, dense {dense_seconds * 1e3:.1f} ms")
+    print(f"model {results['model']} ({config.num_layers} layers, {config.num_heads} q / {config.num_kv_heads} kv "
+          f"heads, {config.dtype}) on {results['device']}, SALE backend {results['backend']}")
+    print(f"prompt tokens              {results['prompt_tokens']}")
+    print(f"thresholds                 {results['thresholds']}")
+    print(f"kept-block density / layer {results['density_per_layer']}")
+    print(f"logits vs dense            max |d| {results['max_abs_logit_diff']:.4f} "
+          f"(last position {results['last_position_max_abs_logit_diff']:.4f})")
+    print(f"greedy tokens agreeing     {results['greedy_token_agreement']:.2%} of {_NEW_TOKENS.value}")
+    print(f"prefill (median of {_REPEATS.value})      dense {dense_seconds * 1e3:.1f} ms, SALE {sale_seconds * 1e3:.1f} ms")
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(results, f, indent=1)

@@ -186,6 +186,13 @@ class Llama(nnx.Module):
         return self._logits(hidden)[:, 0], KVCache(jnp.stack(keys), jnp.stack(values), cache.lengths + 1)
 
 
+def with_attention(model: Llama, attention: str, sale: sale_jax.SaleConfig | None = None) -> Llama:
+    """The same weights (shared, not copied) behind another attention choice, e.g. a dense model's SALE twin."""
+    config = model.config.replace(attention=attention, sale=sale or model.config.sale)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
 @nnx.jit
 def _embed(model: Llama, tokens: jax.Array) -> jax.Array:
     return model.embed_tokens(tokens)

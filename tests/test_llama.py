@@ -35,7 +35,8 @@ def test_logits_match_hugging_face(folder):
 def test_sale_with_tau_zero_matches_the_dense_model():
     sale = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
     dense_model = checkpoint.load_llama(FIXTURE, dtype="float32")
-    sale_model = checkpoint.load_llama(FIXTURE, dtype="float32", attention="sale", sale=sale)
+    sale_model = llama.with_attention(dense_model, "sale", sale)
+    assert sale_model.config.attention == "sale" and dense_model.config.attention == "dense"
     tokens, _ = _fixture_inputs()
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1])
     dense, _ = llama.prefill(dense_model, tokens, lengths)
