@@ -1,28 +1,39 @@
 """Calibrates per-layer, per-head SALE thresholds and writes them to a thresholds file.
 
-    python -m experiments.calibrate --output=/tmp/thresholds.json              # synthetic LLM-like layers
-    python -m experiments.calibrate --output=t.json --seq_len=65536 --num_layers=32 --q_heads=32 --kv_heads=8
+    python -m experiments.calibrate --checkpoint=DIR --output=t.json --seq_len=65536 --num_samples=5
+    python -m experiments.calibrate --output=/tmp/thresholds.json        # no checkpoint: synthetic LLM-like layers
 
-Until the Llama model can feed its own captured (q, k, v), each layer of each sample is an independent draw of
-`sale_jax.workloads.llm_like_qkv`; one layer at a time is in memory, so long sequences stay within bounds.
+With a Hugging Face Llama checkpoint, the samples are the paper's JSON key-value retrieval prompts as bytes
+(meaningful for byte-level models; pass --tokens=prompts.npy, int [N, T], for a model with its own tokenizer), and
+each layer's (q, k, v) is captured from the model's dense forward pass one layer at a time. Without one, each
+layer of each sample is an independent draw of `sale_jax.workloads.llm_like_qkv`. Either way one layer's inputs
+are in memory at a time, so long sequences stay within bounds.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 import sale_jax
+from models import checkpoint
+from models.calibration import calibrate_model
 from sale_jax import calibration, workloads
+from sale_jax.kv_prompts import json_kv_prompt
 
 _OUTPUT = flags.DEFINE_string("output", None, "Thresholds file to write (JSON).", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Llama folder to calibrate.")
+_TOKENS = flags.DEFINE_string("tokens", None, "With --checkpoint: prompts as an .npy of int [N, T].")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Calibration samples.")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Layers.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Layers (synthetic only).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Tokens per sample.")
-_Q_HEADS = flags.DEFINE_integer("q_heads", 8, "Query heads.")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "Key/value heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
+_Q_HEADS = flags.DEFINE_integer("q_heads", 8, "Query heads (synthetic only).")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "Key/value heads (synthetic only).")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension (synthetic only).")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"],
                            "Input dtype; auto = bfloat16 on GPU, float32 elsewhere.")
 _THETA = flags.DEFINE_float("theta", calibration.DEFAULT_THETA, "Per-row L1 error bound.")
@@ -43,15 +54,30 @@ def synthetic_layer_samples(dtype):
     return [layers(sample) for sample in range(_NUM_SAMPLES.value)]
 
 
+def _calibrate_checkpoint(config: sale_jax.SaleConfig, dtype: str) -> sale_jax.Thresholds:
+    model = checkpoint.load_llama(_CHECKPOINT.value, dtype=dtype, attention="sale", sale=config)
+    if _TOKENS.value:
+        prompts = list(np.load(_TOKENS.value))
+    else:
+        prompts = [json_kv_prompt(_SEED.value + i, _SEQ_LEN.value).tokens % model.config.vocab_size
+                   for i in range(_NUM_SAMPLES.value)]
+    return calibrate_model(model, prompts, theta=_THETA.value, model_name=os.path.basename(
+        os.path.normpath(_CHECKPOINT.value)), tau0=_TAU0.value, tau_min=_TAU_MIN.value)
+
+
 def main(argv):
     del argv
     dtype = _DTYPE.value
     if dtype == "auto":
         dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     config = sale_jax.SaleConfig(backend=_BACKEND.value)
-    thresholds = sale_jax.calibrate(
-        synthetic_layer_samples(jnp.dtype(dtype)), _NUM_LAYERS.value, _Q_HEADS.value, config, theta=_THETA.value,
-        tau0=_TAU0.value, tau_min=_TAU_MIN.value, model_name=f"synthetic-llm-like-{_SEQ_LEN.value}")
+    if _CHECKPOINT.value:
+        thresholds = _calibrate_checkpoint(config, dtype)
+    else:
+        thresholds = sale_jax.calibrate(
+            synthetic_layer_samples(jnp.dtype(dtype)), _NUM_LAYERS.value, _Q_HEADS.value, config,
+            theta=_THETA.value, tau0=_TAU0.value, tau_min=_TAU_MIN.value,
+            model_name=f"synthetic-llm-like-{_SEQ_LEN.value}")
     thresholds.save(_OUTPUT.value)
     print(f"wrote {_OUTPUT.value}: tau [{thresholds.num_layers}, {thresholds.num_q_heads}], "
           f"{int((thresholds.tau == 0).sum())} dense heads")

@@ -143,10 +143,11 @@ class Llama(nnx.Module):
         return thresholds.layer(layer)
 
     def prefill(self, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None,
-                cache_size: int | None = None, return_density: bool = False):
+                cache_size: int | None = None, return_density: bool = False, all_logits: bool = True):
         """Runs right-padded prompts `tokens: int [B, T]` of `lengths: int [B]`; returns f32 logits `[B, T, V]`
-        and a cache with room for `cache_size` (default T) positions per sequence, and with `return_density`
-        the density of kept blocks per layer (f32 `[L]`, all 1 for dense attention)."""
+        (or only each sequence's last, `[B, V]`, without `all_logits`: at 64K tokens and a 128K vocabulary the
+        full logits alone would be 34 GB) and a cache with room for `cache_size` (default T) positions per
+        sequence, and with `return_density` the density of kept blocks per layer (f32 `[L]`, 1 for dense)."""
         batch, length = tokens.shape
         cache_size = length if cache_size is None else cache_size
         if cache_size < length:
@@ -161,9 +162,10 @@ class Llama(nnx.Module):
             values.append(jnp.pad(v, pad))
             densities.append(density)
         cache = KVCache(jnp.stack(keys), jnp.stack(values), lengths.astype(jnp.int32))
-        if return_density:
-            return self._logits(hidden), cache, jnp.stack(densities)
-        return self._logits(hidden), cache
+        if not all_logits:
+            hidden = hidden[jnp.arange(batch), lengths - 1][:, None]
+        logits = self._logits(hidden) if all_logits else self._logits(hidden)[:, 0]
+        return (logits, cache, jnp.stack(densities)) if return_density else (logits, cache)
 
     def attention_inputs(self, tokens: jax.Array):
         """Runs a dense forward pass one layer at a time, yielding each layer's post-RoPE `(q, k, v)`: the inputs a
@@ -205,11 +207,11 @@ def _dense_layer(layer: DecoderLayer, hidden: jax.Array, positions: jax.Array):
     return hidden, qkv
 
 
-@nnx.jit(static_argnames=("return_density",))
+@nnx.jit(static_argnames=("return_density", "all_logits"))
 def prefill(model: Llama, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None,
-            return_density: bool = False):
+            return_density: bool = False, all_logits: bool = True):
     """Jitted `Llama.prefill` without spare cache room; thresholds are traced (new values do not recompile)."""
-    return model.prefill(tokens, lengths, thresholds, return_density=return_density)
+    return model.prefill(tokens, lengths, thresholds, return_density=return_density, all_logits=all_logits)
 
 
 @nnx.jit(static_argnames=("max_new_tokens",))
@@ -218,9 +220,10 @@ def generate(model: Llama, tokens: jax.Array, lengths: jax.Array, thresholds: sa
     """Greedy continuation of right-padded prompts: int32 `[B, max_new_tokens]`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    batch, length = tokens.shape
-    logits, cache = model.prefill(tokens, lengths, thresholds, cache_size=length + max_new_tokens)
-    first = jnp.argmax(logits[jnp.arange(batch), lengths - 1], axis=-1).astype(jnp.int32)
+    length = tokens.shape[1]
+    last_logits, cache = model.prefill(tokens, lengths, thresholds, cache_size=length + max_new_tokens,
+                                       all_logits=False)
+    first = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
 
     def step(carry, _):
         token, cache = carry

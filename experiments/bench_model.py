@@ -1,0 +1,98 @@
+"""Prefill of a Llama-shaped model with random weights: dense (cuDNN) attention against SALE, per layer and whole.
+
+    python -m experiments.bench_model --output=experiments/results/bench_model_h200.json     # 8B shape, 64K tokens
+    python -m experiments.bench_model --preset=tiny --seq_len=1024                            # CPU smoke run
+
+Reports, on the same random prompt: each layer's attention time (dense vs SALE, on that layer's captured q/k/v,
+with the layer's kept-block density), the whole prefill's time (last-position logits only), and each compiled
+prefill's device memory (arguments + outputs + temporaries, from XLA's memory analysis). Medians of --repeats.
+Random weights give no learned attention pattern; the densities are what a uniform --tau keeps on them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+import sale_jax
+from experiments.timing import median_seconds
+from models import llama
+from models.config import LlamaConfig
+
+_PRESET = flags.DEFINE_enum("preset", "llama_3_1_8b", ["llama_3_1_8b", "llama_3_2_3b", "llama_3_2_1b", "tiny"],
+                            "Model shape.")
+_LAYERS = flags.DEFINE_integer("layers", None, "Override the number of layers.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 65536, "Prompt tokens.")
+_TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform SALE threshold.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
+
+
+def _memory_bytes(fn, *args) -> int | None:
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
+
+
+def main(argv):
+    del argv
+    on_gpu = jax.default_backend() == "gpu"
+    overrides = {"dtype": "bfloat16" if on_gpu else "float32"}
+    if _LAYERS.value:
+        overrides["num_layers"] = _LAYERS.value
+    config = getattr(LlamaConfig, _PRESET.value)(**overrides)
+    dense_model = llama.Llama(config, nnx.Rngs(0))
+    sale_model = llama.with_attention(dense_model, "sale", sale_jax.SaleConfig())
+    thresholds = sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _TAU.value)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, _SEQ_LEN.value)), jnp.int32)
+    lengths = jnp.asarray([_SEQ_LEN.value])
+
+    layers = []
+    for index, (q, k, v) in enumerate(dense_model.attention_inputs(tokens)):
+        tau = thresholds.layer(index)
+        _, layout = sale_jax.sale_attention(q, k, v, tau, sale_model.config.sale, return_layout=True)
+        layers.append({
+            "layer": index, "density": float(layout.density()),
+            "dense_ms": median_seconds(lambda: sale_jax.dense_attention(q, k, v), _REPEATS.value) * 1e3,
+            "sale_ms": median_seconds(lambda: sale_jax.sale_attention(q, k, v, tau, sale_model.config.sale),
+                                      _REPEATS.value) * 1e3,
+        })
+        print(json.dumps(layers[-1]), flush=True)
+        del q, k, v, layout
+
+    def run_prefill(model, use_thresholds):
+        graphdef, state = nnx.split(model)
+
+        def fn(state, tokens, lengths, tau):
+            merged = nnx.merge(graphdef, state)
+            thresholds_arg = sale_jax.Thresholds(tau) if use_thresholds else None
+            return merged.prefill(tokens, lengths, thresholds_arg, all_logits=False)[0]
+
+        compiled = jax.jit(fn)
+        seconds = median_seconds(lambda: compiled(state, tokens, lengths, thresholds.tau), _REPEATS.value)
+        return seconds, _memory_bytes(fn, state, tokens, lengths, thresholds.tau)
+
+    dense_seconds, dense_bytes = run_prefill(dense_model, False)
+    sale_seconds, sale_bytes = run_prefill(sale_model, True)
+    results = {
+        "device": jax.devices()[0].device_kind, "preset": _PRESET.value, "layers": config.num_layers,
+        "seq_len": _SEQ_LEN.value, "dtype": config.dtype, "tau": _TAU.value, "repeats": _REPEATS.value,
+        "per_layer": layers,
+        "attention_ms_total": {"dense": sum(r["dense_ms"] for r in layers), "sale": sum(r["sale_ms"] for r in layers)},
+        "prefill_ms": {"dense": dense_seconds * 1e3, "sale": sale_seconds * 1e3},
+        "prefill_memory_bytes": {"dense": dense_bytes, "sale": sale_bytes},
+    }
+    print(json.dumps({k: results[k] for k in ("attention_ms_total", "prefill_ms", "prefill_memory_bytes")}, indent=1))
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
