@@ -44,11 +44,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 
 
 def synthetic_layer_samples(dtype):
-    """Per sample, a generator over layers of fresh LLM-like (q, k, v)."""
+    """Per sample, a generator over layers of LLM-like (q, k, v): each layer keeps its heads across samples."""
     def layers(sample):
         for layer in range(_NUM_LAYERS.value):
             work = workloads.llm_like_qkv(_SEED.value * 1_000_003 + sample * 1009 + layer, 1, _SEQ_LEN.value,
-                                          _Q_HEADS.value, _KV_HEADS.value, _HEAD_DIM.value, dtype=dtype)
+                                          _Q_HEADS.value, _KV_HEADS.value, _HEAD_DIM.value, dtype=dtype,
+                                          head_seed=_SEED.value * 1009 + layer)
             yield work.q, work.k, work.v
 
     return [layers(sample) for sample in range(_NUM_SAMPLES.value)]

@@ -6,7 +6,8 @@
 
 Methods (all keep the same sink and local blocks; they differ in how they pick middle blocks):
   sale           SALE's 4-bit estimate and relative score, one point per uniform tau;
-  sale_calibrated SALE with per-head thresholds calibrated (sale_jax.calibrate) on a different sample, per theta;
+  sale_calibrated SALE with per-head thresholds calibrated (sale_jax.calibrate) on another sample of the same
+                 heads (same head_seed, different seed), per theta;
   sale_exact     SALE's rule with exact bf16/f32 scores instead of the 4-bit estimate ("without QK quant");
   sink_local     nothing else;
   pooled_topk    top middle blocks by mean-pooled block scores, per fraction of each row's middle blocks;
@@ -90,8 +91,9 @@ def main(argv):
     dtype = _DTYPE.value if _DTYPE.value != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     dtype = jnp.dtype(dtype)
     shape = (1, _SEQ_LEN.value, _Q_HEADS.value, _KV_HEADS.value, _HEAD_DIM.value)
-    work = workloads.llm_like_qkv(_SEED.value, *shape, dtype=dtype)
-    calibration_work = workloads.llm_like_qkv(_SEED.value + 1, *shape, dtype=dtype)
+    # One "model" (head_seed) and two prompts: calibrate on one, evaluate on the other.
+    work = workloads.llm_like_qkv(_SEED.value, *shape, dtype=dtype, head_seed=_SEED.value)
+    calibration_work = workloads.llm_like_qkv(_SEED.value + 1, *shape, dtype=dtype, head_seed=_SEED.value)
     q, k, v = work.q, work.k, work.v
     config = sale_jax.SaleConfig()
     reference_config = sale_jax.SaleConfig(backend="reference")

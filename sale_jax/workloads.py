@@ -53,45 +53,53 @@ def _low_frequency_unit(key, shape, head_dim):
 
 def llm_like_qkv(seed: int, batch: int, kv_len: int, q_heads: int, kv_heads: int, head_dim: int,
                  q_len: int | None = None, dtype=jnp.bfloat16, num_needles: int = 4, num_stripes: int = 8,
-                 sink_tokens: int = 4) -> Workload:
-    """Draws one workload; the queries are the last `q_len` (default all) of the `kv_len` positions."""
+                 sink_tokens: int = 4, head_seed: int | None = None) -> Workload:
+    """Draws one workload; the queries are the last `q_len` (default all) of the `kv_len` positions.
+
+    `head_seed` (default: `seed`) fixes what each head is, its mix of sink, local, stripe and slash strengths and
+    directions, as a model's weights would; `seed` draws the sample: the noise, stripe positions, needles and
+    values. Samples with one `head_seed` and different `seed`s are like different prompts to the same model,
+    which is what calibration needs to transfer from its samples to new inputs.
+    """
     q_len = kv_len if q_len is None else q_len
     if num_needles and kv_len < 4 * (sink_tokens + 1):
         raise ValueError(f"kv_len={kv_len} is too short for needles (need >= {4 * (sink_tokens + 1)}); "
                          "pass num_needles=0")
     if num_needles and kv_len - min(1024, kv_len // 4) <= sink_tokens:
         raise ValueError(f"no query position of kv_len={kv_len} has a far key for a needle; pass num_needles=0")
-    return _llm_like_qkv(jax.random.key(seed), batch, kv_len, q_heads, kv_heads, head_dim, q_len, jnp.dtype(dtype),
-                         num_needles, num_stripes, sink_tokens)
+    head_seed = seed if head_seed is None else head_seed
+    return _llm_like_qkv(jax.random.key(seed), jax.random.key(head_seed), batch, kv_len, q_heads, kv_heads,
+                         head_dim, q_len, jnp.dtype(dtype), num_needles, num_stripes, sink_tokens)
 
 
-@jax.jit(static_argnums=tuple(range(1, 11)))
-def _llm_like_qkv(key, batch, kv_len, q_heads, kv_heads, head_dim, q_len, dtype, num_needles, num_stripes,
+@jax.jit(static_argnums=tuple(range(2, 12)))
+def _llm_like_qkv(key, head_key, batch, kv_len, q_heads, kv_heads, head_dim, q_len, dtype, num_needles, num_stripes,
                   sink_tokens):
-    keys = iter(jax.random.split(key, 16))
+    keys = iter(jax.random.split(key, 8))
+    head_keys = iter(jax.random.split(head_key, 10))
     group = q_heads // kv_heads
     scale = head_dim ** -0.5
     q_pos = jnp.arange(q_len) + (kv_len - q_len)
     k_pos = jnp.arange(kv_len)
 
     def per_q_head(lo, hi):
-        return jax.random.uniform(next(keys), (batch, 1, q_heads, 1), minval=lo, maxval=hi)
+        return jax.random.uniform(next(head_keys), (batch, 1, q_heads, 1), minval=lo, maxval=hi)
 
     def shared_by_group(x):  # [B, 1, Hkv, D] -> [B, 1, Hq, D]
         return jnp.repeat(x, group, axis=2)
 
     # Local decay: q and k share a content vector, so after RoPE q_i . k_j peaks at i = j and decays with distance.
-    local = jax.random.normal(next(keys), (batch, 1, kv_heads, head_dim))
+    local = jax.random.normal(next(head_keys), (batch, 1, kv_heads, head_dim))
     local_q = per_q_head(0.5, 1.2) * shared_by_group(local)
     # Sinks: every query carries a slow direction that the first keys carry strongly.
-    sink_dir = _low_frequency_unit(next(keys), (batch, 1, kv_heads), head_dim)
+    sink_dir = _low_frequency_unit(next(head_keys), (batch, 1, kv_heads), head_dim)
     sink_q = per_q_head(0.5, 1.2) * shared_by_group(sink_dir) * jnp.sqrt(head_dim)
     # Vertical stripes: a few keys everywhere in the sequence that queries of a head are drawn to.
-    stripe_dir = _low_frequency_unit(next(keys), (batch, 1, kv_heads), head_dim)
+    stripe_dir = _low_frequency_unit(next(head_keys), (batch, 1, kv_heads), head_dim)
     stripe_q = per_q_head(0.0, 0.8) * shared_by_group(stripe_dir) * jnp.sqrt(head_dim)
     # Slash lines: a head-specific offset at which q_i . k_{i - offset} peaks.
-    offsets = jax.random.randint(next(keys), (batch, 1, kv_heads, 1), 64, 4096).astype(jnp.float32)
-    slash = jax.random.normal(next(keys), (batch, 1, kv_heads, head_dim))
+    offsets = jax.random.randint(next(head_keys), (batch, 1, kv_heads, 1), 64, 4096).astype(jnp.float32)
+    slash = jax.random.normal(next(head_keys), (batch, 1, kv_heads, head_dim))
     slash_q = per_q_head(0.0, 0.7) * shared_by_group(slash)
 
     noise_q = jax.random.normal(next(keys), (batch, q_len, q_heads, head_dim))

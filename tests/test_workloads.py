@@ -68,3 +68,13 @@ def test_json_kv_prompt_is_seeded_and_checks_its_arguments():
         kv_prompts.json_kv_prompt(0, 100)
     with pytest.raises(ValueError, match="depth"):
         kv_prompts.json_kv_prompt(0, 2000, depth=1.5)
+
+
+def test_head_seed_fixes_the_heads_and_seed_the_sample():
+    base = workloads.llm_like_qkv(1, 1, 600, 2, 1, 32, dtype=jnp.float32, num_needles=0, head_seed=7)
+    same_heads = workloads.llm_like_qkv(2, 1, 600, 2, 1, 32, dtype=jnp.float32, num_needles=0, head_seed=7)
+    other_heads = workloads.llm_like_qkv(1, 1, 600, 2, 1, 32, dtype=jnp.float32, num_needles=0, head_seed=8)
+    assert not np.array_equal(base.q, same_heads.q)  # a new sample
+    # The mean query (the head's fixed directions) is shared by samples of one head_seed, not across head seeds.
+    mean = lambda w: np.asarray(w.q).mean(axis=1)
+    assert np.abs(mean(base) - mean(same_heads)).max() < np.abs(mean(base) - mean(other_heads)).max() / 3
