@@ -133,3 +133,18 @@ def test_attention_inputs_are_the_dense_forward_and_calibration_meets_its_bound(
     loaded = sale_jax.Thresholds.load(tmp_path / "t.json", num_layers=2, num_q_heads=4)
     logits, _, density = llama.prefill(model, prompt, jnp.asarray([200]), loaded, return_density=True)
     assert density.shape == (2,) and np.all((0 < np.asarray(density)) & (np.asarray(density) <= 1))
+
+
+def test_new_thresholds_do_not_recompile_the_prefill(rng, caplog):
+    import logging
+    import jax
+    sale = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
+    model = llama.with_attention(checkpoint.load_llama(FIXTURE, dtype="float32"), "sale", sale)
+    tokens, _ = _fixture_inputs()
+    lengths = jnp.full((2,), 40)
+    llama.prefill(model, tokens, lengths, sale_jax.Thresholds.uniform(2, 4, 0.01))
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        caplog.clear()
+        for value in rng.uniform(0, 0.05, size=3):
+            jax.block_until_ready(llama.prefill(model, tokens, lengths, sale_jax.Thresholds.uniform(2, 4, value)))
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage()], caplog.text[:500]
