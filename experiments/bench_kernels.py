@@ -38,7 +38,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
 
 def _quantize_only(q, k, config):
     """The quantization half of select_blocks_pallas (means, kernels, column correction)."""
-    tile = pallas_backend._estimate_tile(config)
+    tile = pallas_backend.estimate_tile(config)
     q_mean, k_mean = smoothing_means(q, k)
     per_block = config.quant_granularity == "per_block"
     qc = pallas_kernels.quantize_rows(pad_axis(q, 1, config.block_q), q_mean[:, 0], length=q.shape[1],

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.launch import pallas_call_with_initial_outputs
+from pallas_kernels.launch import QBlockGrid, pallas_call_with_initial_outputs
 
 _LOG2_E = math.log2(math.e)
 _EXACT = jax.lax.Precision.HIGHEST  # IEEE f32 dots for f32 inputs (the default is TF32); no effect on bf16/fp16
@@ -26,7 +26,7 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 def _attention_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, row_offsets_ref, out_ref, lse_ref, *,
                       q_len, kv_len, block_q, block_k, scale, num_q_blocks):
-    q_block = num_q_blocks - 1 - pl.program_id(0)  # longest rows first
+    q_block = num_q_blocks - 1 - pl.program_id(0)  # QBlockGrid's order: longest rows first
     rows_pos = q_block * block_q + jnp.arange(block_q) + (kv_len - q_len)
     first_pos = q_block * block_q + (kv_len - q_len)
     slot_base = row_offsets_ref[q_block]
@@ -82,22 +82,18 @@ def block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int,
     """
     batch, padded_q_len, q_heads, head_dim = q.shape
     padded_kv_len, kv_heads = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
     num_q_blocks = padded_q_len // block_q
     num_slots = indices.shape[-1]
     kernel = functools.partial(_attention_kernel, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
                                scale=scale, num_q_blocks=num_q_blocks)
 
-    def q_block_of(i):
-        return num_q_blocks - 1 - i
-
-    q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, h, b: (b, q_block_of(i), h, 0))
-    kv_spec = pl.BlockSpec((None, padded_kv_len, None, head_dim), lambda i, h, b: (b, 0, h // group, 0))
+    grid = QBlockGrid(num_q_blocks, q_heads, kv_heads, batch)
+    q_spec, kv_spec = grid.q_rows_spec(block_q, head_dim), grid.kv_spec(padded_kv_len, head_dim)
     return pallas_call_with_initial_outputs(
         kernel,
         inputs=(q, k, v, indices, counts, row_offsets),
         initial_outputs=initial_outputs,
-        grid=(num_q_blocks, q_heads, batch),
+        grid=grid.shape,
         in_specs=[
             q_spec,
             kv_spec,
@@ -106,7 +102,7 @@ def block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int,
             pl.BlockSpec((None, None, num_q_blocks), lambda i, h, b: (b, h, 0)),
             pl.BlockSpec((num_q_blocks + 1,), lambda i, h, b: (0,)),
         ],
-        out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, h, b: (b, h, q_block_of(i)))],
+        out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, h, b: (b, h, grid.q_block(i)))],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, q_heads, padded_q_len), jnp.float32),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.launch import pallas_call_with_initial_outputs
+from pallas_kernels.launch import QBlockGrid, pallas_call_with_initial_outputs
 
 _PAD_CHUNK = 256  # slots written per store when filling the tail of a row's index list
 _THRESHOLD_FLOOR = -1e30  # below any finite score estimate
@@ -30,7 +30,7 @@ def _next_power_of_two(n: int) -> int:
 def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref, k_scale_ref, bias_ref, tau_ref,
                       row_offsets_ref, indices_ref, counts_ref, *, q_len, kv_len, block_q, block_k, sink_tokens,
                       local_tokens, scale, estimate_tile, num_q_blocks):
-    q_block = num_q_blocks - 1 - pl.program_id(0)  # longest rows first: better tail balance across the GPU
+    q_block = num_q_blocks - 1 - pl.program_id(0)  # QBlockGrid's order: longest rows first
     head = pl.program_id(1)
     offset = kv_len - q_len
     rows = q_block * block_q + jnp.arange(block_q)
@@ -144,7 +144,6 @@ def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, 
     """
     batch, padded_q_len, q_heads, head_dim = q.shape
     padded_kv_len, kv_heads = k_codes.shape[1], k_codes.shape[2]
-    group = q_heads // kv_heads
     num_q_blocks = padded_q_len // block_q
     if estimate_tile % block_k or padded_kv_len % estimate_tile:
         raise ValueError(f"estimate_tile {estimate_tile} must be a multiple of block_k {block_k} and divide the "
@@ -153,23 +152,20 @@ def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, 
         _selection_kernel, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, sink_tokens=sink_tokens,
         local_tokens=local_tokens, scale=scale, estimate_tile=estimate_tile, num_q_blocks=num_q_blocks)
 
-    def q_block_of(i):
-        return num_q_blocks - 1 - i
-
-    q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, h, b: (b, q_block_of(i), h, 0))
-    kv_spec = pl.BlockSpec((None, padded_kv_len, None, head_dim), lambda i, h, b: (b, 0, h // group, 0))
+    grid = QBlockGrid(num_q_blocks, q_heads, kv_heads, batch)
+    q_spec, kv_spec = grid.q_rows_spec(block_q, head_dim), grid.kv_spec(padded_kv_len, head_dim)
     return pallas_call_with_initial_outputs(
         kernel,
         inputs=(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, tau, row_offsets),
         initial_outputs=initial_outputs,
-        grid=(num_q_blocks, q_heads, batch),
+        grid=grid.shape,
         in_specs=[
             q_spec,
             q_spec,
-            pl.BlockSpec((None, None, block_q), lambda i, h, b: (b, h, q_block_of(i))),
+            pl.BlockSpec((None, None, block_q), lambda i, h, b: (b, h, grid.q_block(i))),
             kv_spec,
             kv_spec,
-            pl.BlockSpec((None, None, padded_kv_len), lambda i, h, b: (b, h // group, 0)),
+            pl.BlockSpec((None, None, padded_kv_len), lambda i, h, b: (b, h // grid.group, 0)),
             pl.BlockSpec((None, None, padded_kv_len), lambda i, h, b: (b, h, 0)),
             pl.BlockSpec((q_heads,), lambda i, h, b: (0,)),
             pl.BlockSpec((num_q_blocks + 1,), lambda i, h, b: (0,)),

@@ -28,7 +28,8 @@ def check_supported(q: jax.Array, config: SaleConfig) -> None:
             raise ValueError(f"backend='pallas' needs {name} >= {MIN_TILE}, got {getattr(config, name)}")
 
 
-def _estimate_tile(config: SaleConfig) -> int:
+def estimate_tile(config: SaleConfig) -> int:
+    """Keys per estimate tile: at least 128, and a multiple of block_k."""
     return max(ESTIMATE_TILE, config.block_k)
 
 
@@ -37,7 +38,7 @@ def select_blocks_pallas(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
     per_block = config.quant_granularity == "per_block"
     q_mean, k_mean = smoothing_means(q, k)
     q_rows = pad_axis(q, 1, config.block_q)
-    k_rows = pad_axis(k, 1, _estimate_tile(config))
+    k_rows = pad_axis(k, 1, estimate_tile(config))
     q_codes, q_scale = pallas_kernels.quantize_rows(
         q_rows, q_mean[:, 0], length=grid.q_len, tile=config.block_q, per_tile_scale=per_block,
         return_smooth=False, interpret=config.interpret)
@@ -45,12 +46,12 @@ def select_blocks_pallas(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
         k_rows, k_mean[:, 0], length=grid.kv_len, tile=config.block_k, per_tile_scale=per_block,
         return_smooth=True, interpret=config.interpret)
     bias = column_bias(q_mean, k.astype(jnp.float32) - k_mean)
-    bias = pad_axis(bias, 2, _estimate_tile(config))
+    bias = pad_axis(bias, 2, estimate_tile(config))
     indices, counts = pallas_kernels.select_blocks(
         q_rows, q_codes, q_scale, k_smooth, k_codes, k_scale, bias, tau, jnp.asarray(grid.row_offsets),
         num_slots=grid.num_slots, q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q,
         block_k=config.block_k, sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
-        scale=config.softmax_scale(q.shape[-1]), estimate_tile=_estimate_tile(config),
+        scale=config.softmax_scale(q.shape[-1]), estimate_tile=estimate_tile(config),
         index_dtype=grid.index_dtype(), interpret=config.interpret)
     return BlockLayout(indices=indices, counts=counts, grid=grid)
 
