@@ -3,8 +3,11 @@
 import os
 import secrets
 
-import numpy as np
-import pytest
+# Four host devices on a CPU for the sharding tests (set before JAX starts; GPU devices are unaffected).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -1,0 +1,62 @@
+"""SALE and the Llama prefill on a device mesh equal their single-device results (4 host devices on a CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import sale_jax
+from sale_jax import sharding
+from tests import cases
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (CPU runs force 4 host devices)")
+
+
+def _mesh(data, model):
+    return jax.make_mesh((data, model), ("data", "model"), devices=jax.devices()[:data * model])
+
+
+def _sharded_inputs(rng, mesh):
+    config = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=32, backend="reference")
+    case = cases.Case(batch=2 * mesh.shape["data"], q_len=150, kv_len=200, q_heads=2 * 2 * mesh.shape["model"],
+                      kv_heads=2 * mesh.shape["model"], head_dim=32, config=config)
+    q, k, v = cases.draw_structured_qkv(rng, case)
+    tau = cases.draw_tau(rng, case.q_heads)
+    rows = NamedSharding(mesh, P("data", None, "model", None))
+    placed = [jax.device_put(x, rows) for x in (q, k, v)]
+    return case, (q, k, v, tau), (*placed, jax.device_put(tau, NamedSharding(mesh, P("model"))))
+
+
+@pytest.mark.parametrize("data,model", [(2, 2), (1, 4), (4, 1)])
+def test_sharded_sale_equals_single_device(rng, data, model):
+    mesh = _mesh(data, model)
+    case, (q, k, v, tau), (qs, ks, vs, taus) = _sharded_inputs(rng, mesh)
+    want_out, want_lse, want_layout = sale_jax.sale_attention(q, k, v, tau, case.config, return_lse=True,
+                                                              return_layout=True)
+    out, lse, layout = sharding.sale_attention(qs, ks, vs, taus, case.config, mesh=mesh, return_lse=True,
+                                               return_layout=True)
+    assert out.sharding.spec == P("data", None, "model", None)  # stays sharded: nothing was gathered
+    np.testing.assert_array_equal(np.asarray(layout.indices), np.asarray(want_layout.indices))
+    np.testing.assert_allclose(out, want_out, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-6, rtol=1e-6)
+    selected = sharding.select_blocks(qs, ks, taus, case.config, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(selected.counts), np.asarray(want_layout.counts))
+    attended = sharding.block_sparse_attention(qs, ks, vs, selected, case.config, mesh=mesh)
+    np.testing.assert_allclose(attended, want_out, atol=1e-6, rtol=1e-6)
+    dense = sharding.dense_attention(qs, ks, vs, mesh=mesh)
+    np.testing.assert_allclose(dense, sale_jax.dense_attention(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+def test_unshardable_shapes_are_rejected(rng):
+    mesh = _mesh(2, 2)
+    config = sale_jax.SaleConfig(backend="reference")
+    q = jnp.ones((2, 64, 6, 32))
+    k = jnp.ones((2, 64, 3, 32))
+    with pytest.raises(ValueError, match="kv heads \\(3\\) are not divisible"):
+        sharding.sale_attention(q, k, k, jnp.zeros(6), config, mesh=mesh)
+    with pytest.raises(ValueError, match="batch 3 is not divisible"):
+        sharding.sale_attention(jnp.ones((3, 64, 4, 32)), jnp.ones((3, 64, 2, 32)), jnp.ones((3, 64, 2, 32)),
+                                jnp.zeros(4), config, mesh=mesh)
+    with pytest.raises(ValueError, match="not 'heads'"):
+        sharding.sale_attention(q, q, q, jnp.zeros(6), config, mesh=mesh, head_axis="heads")
