@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 
+from jax.sharding import Mesh
+
 import sale_jax
 
 ATTENTION_KINDS = ("dense", "sale")
@@ -38,6 +40,7 @@ class LlamaConfig:
     attention: str = "dense"  # "dense" (cuDNN/XLA) or "sale" (sale_jax.sale_attention in prefill)
     sale: sale_jax.SaleConfig = sale_jax.SaleConfig()
     dtype: str = "bfloat16"  # parameter and activation dtype
+    mesh: Mesh | None = None  # set by models.sharding.shard_llama: attention then runs per device on ("data", "model")
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:

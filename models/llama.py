@@ -9,6 +9,7 @@ cache is read and extended at its own length.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 
 import sale_jax
 from models.config import LlamaConfig
+from sale_jax import sharding
 from models.rope import apply_rope, inverse_frequencies
 
 
@@ -76,10 +78,13 @@ class Attention(nnx.Module):
         """Attention over the prompt: SALE with thresholds `tau [N]`, dense when `tau` is None. Returns the output,
         this layer's post-RoPE (q, k, v), and the density of kept blocks (1 for dense)."""
         q, k, v = self._qkv(x, positions)
+        mesh = self.config.mesh
         if tau is None:
-            out, density = sale_jax.dense_attention(q, k, v), jnp.float32(1.0)
+            dense = sale_jax.dense_attention(q, k, v) if mesh is None else sharding.dense_attention(q, k, v, mesh=mesh)
+            out, density = dense, jnp.float32(1.0)
         else:
-            out, layout = sale_jax.sale_attention(q, k, v, tau, self.config.sale, return_layout=True)
+            attend = sale_jax.sale_attention if mesh is None else functools.partial(sharding.sale_attention, mesh=mesh)
+            out, layout = attend(q, k, v, tau, self.config.sale, return_layout=True)
             density = layout.density()
         return self.o_proj(out.reshape(*x.shape[:2], -1)), (q, k, v), density
 
@@ -188,11 +193,16 @@ class Llama(nnx.Module):
         return self._logits(hidden)[:, 0], KVCache(jnp.stack(keys), jnp.stack(values), cache.lengths + 1)
 
 
-def with_attention(model: Llama, attention: str, sale: sale_jax.SaleConfig | None = None) -> Llama:
-    """The same weights (shared, not copied) behind another attention choice, e.g. a dense model's SALE twin."""
-    config = model.config.replace(attention=attention, sale=sale or model.config.sale)
+def with_config(model: Llama, **changes) -> Llama:
+    """The same weights (shared, not copied) behind a changed configuration of the same shapes."""
+    config = model.config.replace(**changes)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
     return nnx.merge(graphdef, nnx.state(model))
+
+
+def with_attention(model: Llama, attention: str, sale: sale_jax.SaleConfig | None = None) -> Llama:
+    """The same weights behind another attention choice, e.g. a dense model's SALE twin."""
+    return with_config(model, attention=attention, sale=sale or model.config.sale)
 
 
 @nnx.jit

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices 
 
 
 def _mesh(data, model):
-    return jax.make_mesh((data, model), ("data", "model"), devices=jax.devices()[:data * model])
+    from models.sharding import make_mesh
+    return make_mesh(data, model, devices=jax.devices()[:data * model])
 
 
 def _sharded_inputs(rng, mesh):
@@ -60,3 +61,29 @@ def test_unshardable_shapes_are_rejected(rng):
                                 jnp.zeros(4), config, mesh=mesh)
     with pytest.raises(ValueError, match="not 'heads'"):
         sharding.sale_attention(q, q, q, jnp.zeros(6), config, mesh=mesh, head_axis="heads")
+
+
+@pytest.mark.parametrize("attention", ["dense", "sale"])
+def test_tensor_and_data_parallel_llama_equals_single_device(rng, attention):
+    import os
+    from models import checkpoint, llama
+    from models.sharding import shard_batch, shard_llama
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_llama")
+    sale = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
+    model = llama.with_attention(checkpoint.load_llama(fixture, dtype="float32"), attention, sale)
+    thresholds = sale_jax.Thresholds.uniform(2, 4, 0.02) if attention == "sale" else None
+    tokens = jnp.asarray(rng.integers(0, 256, size=(2, 96)), jnp.int32)
+    lengths = jnp.asarray([96, 70])
+    want, _ = llama.prefill(model, tokens, lengths, thresholds)
+    want_tokens = llama.generate(model, tokens, lengths, thresholds, max_new_tokens=4)
+
+    mesh = _mesh(2, 2)
+    sharded = shard_llama(model, mesh)
+    q_kernel = sharded.layers[0].self_attn.q_proj.kernel[...]
+    assert q_kernel.sharding.spec == P(None, "model")  # column-parallel
+    assert sharded.layers[0].mlp.down_proj.kernel[...].sharding.spec == P("model", None)  # row-parallel
+    got, _ = llama.prefill(sharded, shard_batch(tokens, mesh), shard_batch(lengths, mesh), thresholds)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    got_tokens = llama.generate(sharded, shard_batch(tokens, mesh), shard_batch(lengths, mesh), thresholds,
+                                max_new_tokens=4)
+    np.testing.assert_array_equal(got_tokens, want_tokens)
