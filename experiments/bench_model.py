@@ -2,6 +2,7 @@
 
     python -m experiments.bench_model --output=experiments/results/bench_model_h200.json     # 8B shape, 64K tokens
     python -m experiments.bench_model --preset=tiny --seq_len=1024                            # CPU smoke run
+    python -m experiments.bench_model --seq_len=131072 --mesh=1,4 --output=...              # 4 GPUs, tensor-parallel
 
 Reports, on the same random prompt: each layer's attention time (dense vs SALE, on that layer's captured q/k/v,
 with the layer's kept-block density), the whole prefill's time (last-position logits only), and each compiled
@@ -11,6 +12,7 @@ Random weights give no learned attention pattern; the densities are what a unifo
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -23,6 +25,8 @@ import sale_jax
 from experiments.timing import median_seconds
 from models import llama
 from models.config import LlamaConfig
+from models.sharding import make_mesh, shard_batch, shard_llama
+from sale_jax import sharding
 
 _PRESET = flags.DEFINE_enum("preset", "llama_3_1_8b", ["llama_3_1_8b", "llama_3_2_3b", "llama_3_2_1b", "tiny"],
                             "Model shape.")
@@ -30,6 +34,8 @@ _LAYERS = flags.DEFINE_integer("layers", None, "Override the number of layers.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 65536, "Prompt tokens.")
 _TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform SALE threshold.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).")
+_MESH = flags.DEFINE_list("mesh", ["1", "1"], "Device mesh as data,model: batch on data, heads (tensor "
+                          "parallelism) on model. 1,1 = one device.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
 
 
@@ -48,20 +54,28 @@ def main(argv):
         overrides["num_layers"] = _LAYERS.value
     config = getattr(LlamaConfig, _PRESET.value)(**overrides)
     dense_model = llama.Llama(config, nnx.Rngs(0))
-    sale_model = llama.with_attention(dense_model, "sale", sale_jax.SaleConfig())
     thresholds = sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _TAU.value)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, _SEQ_LEN.value)), jnp.int32)
     lengths = jnp.asarray([_SEQ_LEN.value])
+    data, model_axis = map(int, _MESH.value)
+    mesh = None
+    attend, dense_attend = sale_jax.sale_attention, sale_jax.dense_attention
+    if data * model_axis > 1:
+        mesh = make_mesh(data, model_axis)
+        dense_model = shard_llama(dense_model, mesh)
+        tokens, lengths = shard_batch(tokens, mesh), shard_batch(lengths, mesh)
+        attend = functools.partial(sharding.sale_attention, mesh=mesh)
+        dense_attend = functools.partial(sharding.dense_attention, mesh=mesh)
+    sale_model = llama.with_attention(dense_model, "sale", sale_jax.SaleConfig())
 
     layers = []
     for index, (q, k, v) in enumerate(dense_model.attention_inputs(tokens)):
         tau = thresholds.layer(index)
-        _, layout = sale_jax.sale_attention(q, k, v, tau, sale_model.config.sale, return_layout=True)
+        _, layout = attend(q, k, v, tau, sale_model.config.sale, return_layout=True)
         layers.append({
             "layer": index, "density": float(layout.density()),
-            "dense_ms": median_seconds(lambda: sale_jax.dense_attention(q, k, v), _REPEATS.value) * 1e3,
-            "sale_ms": median_seconds(lambda: sale_jax.sale_attention(q, k, v, tau, sale_model.config.sale),
-                                      _REPEATS.value) * 1e3,
+            "dense_ms": median_seconds(lambda: dense_attend(q, k, v), _REPEATS.value) * 1e3,
+            "sale_ms": median_seconds(lambda: attend(q, k, v, tau, sale_model.config.sale), _REPEATS.value) * 1e3,
         })
         print(json.dumps(layers[-1]), flush=True)
         del q, k, v, layout
@@ -87,6 +101,8 @@ def main(argv):
         "attention_ms_total": {"dense": sum(r["dense_ms"] for r in layers), "sale": sum(r["sale_ms"] for r in layers)},
         "prefill_ms": {"dense": dense_seconds * 1e3, "sale": sale_seconds * 1e3},
         "prefill_memory_bytes": {"dense": dense_bytes, "sale": sale_bytes},
+        "mesh": {"data": data, "model": model_axis},
+        "peak_bytes_per_device": [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()],
     }
     print(json.dumps({k: results[k] for k in ("attention_ms_total", "prefill_ms", "prefill_memory_bytes")}, indent=1))
     if _OUTPUT.value:
