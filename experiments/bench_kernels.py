@@ -68,7 +68,6 @@ def bench_length(length: int) -> dict:
     group = hq // hkv
     k_rep, v_rep = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     record("pallas_triton_mha_dense", lambda: _pallas_mha(q, k_rep, v_rep, scale))
-    del k_rep, v_rep
 
     all_kept = sale_jax.BlockLayout.all_visible(batch, hq, grid)
     record("computation_all_kept", lambda: sale_jax.block_sparse_attention(q, k, v, all_kept, config))
@@ -77,7 +76,6 @@ def bench_length(length: int) -> dict:
         timings_name = f"computation_density_{density}"
         record(timings_name, lambda: sale_jax.block_sparse_attention(q, k, v, layout, config))
         timings[timings_name]["density"] = float(layout.density())
-        del layout
 
     tau = jnp.full((hq,), _TAU.value, jnp.float32)
     record("quantization", lambda: _quantize_only(q, k, config))

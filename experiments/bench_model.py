@@ -78,7 +78,6 @@ def main(argv):
             "sale_ms": median_seconds(lambda: attend(q, k, v, tau, sale_model.config.sale), _REPEATS.value) * 1e3,
         })
         print(json.dumps(layers[-1]), flush=True)
-        del q, k, v, layout
 
     def run_prefill(model, use_thresholds):
         graphdef, state = nnx.split(model)

@@ -86,7 +86,8 @@ def main(argv):
     print(f"logits vs dense            max |d| {results['max_abs_logit_diff']:.4f} "
           f"(last position {results['last_position_max_abs_logit_diff']:.4f})")
     print(f"greedy tokens agreeing     {results['greedy_token_agreement']:.2%} of {_NEW_TOKENS.value}")
-    print(f"prefill (median of {_REPEATS.value})      dense {dense_seconds * 1e3:.1f} ms, SALE {sale_seconds * 1e3:.1f} ms")
+    print(f"prefill (median of {_REPEATS.value})      dense {dense_seconds * 1e3:.1f} ms, "
+          f"SALE {sale_seconds * 1e3:.1f} ms")
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(results, f, indent=1)

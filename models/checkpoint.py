@@ -10,9 +10,6 @@ import json
 import os
 import re
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file

@@ -113,7 +113,9 @@ class LlamaConfig:
 
     def to_hf(self) -> dict:
         """The Hugging Face `config.json` contents for this architecture."""
-        scaling = None if self.rope_scaling is None else {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        scaling = None
+        if self.rope_scaling is not None:
+            scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
                 "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
                 "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,

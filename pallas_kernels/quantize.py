@@ -49,8 +49,9 @@ def quantize_rows(x: jax.Array, mean: jax.Array, *, length: int, tile: int, per_
     """Quantizes `x: [B, L_pad, H, D]` (rows past `length` are padding) around `mean: f32[B, H, D]`.
 
     Returns int8 codes `[B, L_pad, H, D]` (0 on padding rows), f32 scales `[B, H, L_pad]`, and with
-    `return_smooth` the smoothed rows `x - mean` in x's dtype `[B, L_pad, H, D]` (padding rows 0). With `per_tile_scale`, all `tile`
-    rows of a tile share one scale (the per-block granularity, with `tile` equal to the block size).
+    `return_smooth` the smoothed rows `x - mean` in x's dtype `[B, L_pad, H, D]` (padding rows 0). With
+    `per_tile_scale`, all `tile` rows of a tile share one scale (the per-block granularity, with `tile` equal to
+    the block size).
     """
     batch, padded_length, heads, head_dim = x.shape
     if padded_length % tile:

@@ -131,7 +131,8 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
                                              "local_tokens", "scale", "estimate_tile", "num_warps", "num_stages",
                                              "index_dtype", "interpret"))
 def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, tau, row_offsets, *, num_slots: int,
-                  q_len: int, kv_len: int, block_q: int, block_k: int, sink_tokens: int, local_tokens: int, scale: float,
+                  q_len: int, kv_len: int, block_q: int, block_k: int, sink_tokens: int, local_tokens: int,
+                  scale: float,
                   estimate_tile: int = 128, num_warps: int = 4, num_stages: int = 3, index_dtype=jnp.int16,
                   interpret: bool = False, initial_outputs=None):
     """Runs the selection pass; returns the packed kept-block `indices [B, Hq, slots]` and `counts [B, Hq, nQ]`.

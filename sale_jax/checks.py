@@ -32,7 +32,8 @@ def check_qkv(q, k, v) -> None:
     if min(q_len, kv_len, q_heads, kv_heads, head_dim, batch) < 1:
         raise ValueError(f"every dimension must be >= 1, got q {q.shape}, k/v {k.shape}")
     if q_heads % kv_heads:
-        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads}) for grouped-query attention")
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads}) for grouped-query "
+                         "attention")
     if q_len > kv_len:
         raise ValueError(f"query length {q_len} exceeds key length {kv_len}: queries must be the last T of the S keys")
 

@@ -51,7 +51,8 @@ def sale_attention(q, k, v, tau, config: SaleConfig, *, mesh: Mesh, batch_axis: 
     tau = checks.check_tau(tau, q.shape[2])
     check_shardable(q, k, mesh, batch_axis, head_axis)
     rows, per_head, heads = _specs(batch_axis, head_axis)
-    out_specs = (rows,) + ((per_head,) if return_lse else ()) + ((_layout_spec(per_head, q, k, config),) if return_layout else ())
+    out_specs = (rows,) + ((per_head,) if return_lse else ())
+    out_specs += (_layout_spec(per_head, q, k, config),) if return_layout else ()
     local = functools.partial(api.sale_attention, config=config, return_lse=return_lse, return_layout=return_layout)
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, heads),
                             out_specs=out_specs if len(out_specs) > 1 else out_specs[0], check_vma=False)

@@ -91,7 +91,8 @@ class Thresholds:
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: 'tau' must be a [num_layers, num_q_heads] array of numbers ({e})") from None
         if tau.ndim != 2 or 0 in tau.shape:
-            raise ValueError(f"{path}: 'tau' must be a non-empty [num_layers, num_q_heads] array, got shape {tau.shape}")
+            raise ValueError(f"{path}: 'tau' must be a non-empty [num_layers, num_q_heads] array, got shape "
+                             f"{tau.shape}")
         for name, expected, actual in (("num_layers", num_layers, tau.shape[0]),
                                        ("num_q_heads", num_q_heads, tau.shape[1])):
             if expected is not None and expected != actual:

@@ -35,7 +35,8 @@ def draw_case(rng: np.random.Generator, *, chunked: bool | None = None, **config
     kv_len = int(rng.integers(40, 200))
     chunked = bool(rng.integers(2)) if chunked is None else chunked
     q_len = int(rng.integers(1, kv_len)) if chunked else kv_len
-    return Case(batch=int(rng.choice([1, 2])), q_len=q_len, kv_len=kv_len, q_heads=kv_heads * int(rng.choice([1, 2, 3])),
+    q_heads = kv_heads * int(rng.choice([1, 2, 3]))
+    return Case(batch=int(rng.choice([1, 2])), q_len=q_len, kv_len=kv_len, q_heads=q_heads,
                 kv_heads=kv_heads, head_dim=int(rng.choice([16, 32])), config=sale_jax.SaleConfig(**config))
 
 

@@ -113,7 +113,8 @@ def test_selection_kernel_matches_reference_and_oracle(rng, trial):
     _, margins = selection_margins_reference(q, k, tau, reference_config)
     for name, wrong in (("dropped blocks the oracle surely keeps", surely & ~mask),
                         ("kept blocks the oracle surely drops", mask & ~maybe)):
-        assert not wrong.any(), f"kernel {name}: {np.argwhere(wrong)[:5]}, reference margins {np.asarray(margins)[wrong][:5]}"
+        assert not wrong.any(), (f"kernel {name}: {np.argwhere(wrong)[:5]}, "
+                                 f"reference margins {np.asarray(margins)[wrong][:5]}")
     # Where kernel and reference disagree, the block's best estimate is within the rounding margin of the
     # threshold (the oracle cannot decide it either).
     undecided = maybe & ~surely

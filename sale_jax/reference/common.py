@@ -42,5 +42,6 @@ def q_block_visibility(grid: BlockGrid, q_block: jax.Array) -> tuple[jax.Array, 
     rows = q_block * grid.block_q + jnp.arange(grid.block_q)
     row_is_real = rows < grid.q_len
     keys = jnp.arange(grid.num_k_blocks * grid.block_k)
-    visible = row_is_real[:, None] & (keys[None, :] < grid.kv_len) & (keys[None, :] <= rows[:, None] + grid.query_offset)
+    causal = keys[None, :] <= rows[:, None] + grid.query_offset
+    visible = row_is_real[:, None] & (keys[None, :] < grid.kv_len) & causal
     return visible, row_is_real
