@@ -10,21 +10,17 @@ LLM-like workload. Medians of --repeats timed calls after warm-up; causal FLOPs 
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
-import pallas_kernels
 import sale_jax
+from experiments.attention_targets import cudnn_attention, pallas_triton_mha, quantize_only
 from experiments.layouts import random_layout
 from experiments.timing import median_seconds
-from sale_jax import pallas_backend, workloads
-from sale_jax.reference.common import pad_axis
-from sale_jax.reference.quantize import column_bias, smoothing_means
+from sale_jax import workloads
 
 _LENGTHS = flags.DEFINE_list("lengths", ["32768", "131072"], "Sequence lengths (queries = keys).")
 _Q_HEADS = flags.DEFINE_integer("q_heads", 32, "Query heads.")
@@ -34,18 +30,6 @@ _DENSITIES = flags.DEFINE_list("densities", ["0.1", "0.25", "0.5"], "Kept-block 
 _TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Threshold for the selection timing.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (median reported).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
-
-
-def _quantize_only(q, k, config):
-    """The quantization half of select_blocks_pallas (means, kernels, column correction)."""
-    tile = pallas_backend.estimate_tile(config)
-    q_mean, k_mean = smoothing_means(q, k)
-    per_block = config.quant_granularity == "per_block"
-    qc = pallas_kernels.quantize_rows(pad_axis(q, 1, config.block_q), q_mean[:, 0], length=q.shape[1],
-                                      tile=config.block_q, per_tile_scale=per_block, return_smooth=False)
-    kc = pallas_kernels.quantize_rows(pad_axis(k, 1, tile), k_mean[:, 0], length=k.shape[1], tile=config.block_k,
-                                      per_tile_scale=per_block, return_smooth=True)
-    return qc, kc, column_bias(q_mean, k.astype(jnp.float32) - k_mean)
 
 
 def bench_length(length: int) -> dict:
@@ -64,10 +48,10 @@ def bench_length(length: int) -> dict:
         print(f"  {length:>7} {name:<34} {seconds * 1e3:9.2f} ms  {flops / seconds / 1e12:7.1f} TFLOP/s(dense-eq)",
               flush=True)
 
-    record("cudnn_dense", lambda: _cudnn(q, k, v))
+    record("cudnn_dense", lambda: cudnn_attention(q, k, v))
     group = hq // hkv
     k_rep, v_rep = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    record("pallas_triton_mha_dense", lambda: _pallas_mha(q, k_rep, v_rep, scale))
+    record("pallas_triton_mha_dense", lambda: pallas_triton_mha(q, k_rep, v_rep, scale))
 
     all_kept = sale_jax.BlockLayout.all_visible(batch, hq, grid)
     record("computation_all_kept", lambda: sale_jax.block_sparse_attention(q, k, v, all_kept, config))
@@ -78,25 +62,13 @@ def bench_length(length: int) -> dict:
         timings[timings_name]["density"] = float(layout.density())
 
     tau = jnp.full((hq,), _TAU.value, jnp.float32)
-    record("quantization", lambda: _quantize_only(q, k, config))
+    record("quantization", lambda: quantize_only(q, k, config))
     record("quantization_plus_selection", lambda: sale_jax.select_blocks(q, k, tau, config))
     selected = sale_jax.select_blocks(q, k, tau, config)
     timings["quantization_plus_selection"]["density"] = float(selected.density())
     record("sale_end_to_end", lambda: sale_jax.sale_attention(q, k, v, tau, config))
     timings["sale_end_to_end"]["density"] = float(selected.density())
     return timings
-
-
-@jax.jit
-def _cudnn(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-
-
-@functools.partial(jax.jit, static_argnames=("scale",))
-def _pallas_mha(q, k, v, scale):
-    return pallas_attention.mha(q, k, v, None, sm_scale=scale, causal=True,
-                                block_sizes=pallas_attention.BlockSizes(block_q=128, block_k=64), num_warps=8,
-                                num_stages=3)
 
 
 def main(argv):
