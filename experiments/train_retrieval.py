@@ -1,0 +1,351 @@
+"""Trains a small byte-level Llama on long-context key-value retrieval (experiments/retrieval_task.py).
+
+Lengths grow along a curriculum at a constant number of tokens per step; the loss is cross-entropy on the answer
+digits of the queries only. The full run, on one GPU (bfloat16 compute, dense attention on cuDNN):
+
+    python -m experiments.train_retrieval --output_dir=build/retrieval_run \
+        --eval_lengths=256,1024,4096,16384,65536 --time_limit_s=480
+
+A CPU smoke run (a tiny model, about a minute):
+
+    python -m experiments.train_retrieval --output_dir=/tmp/retrieval_smoke --hidden_size=64 \
+        --intermediate_size=128 --num_layers=2 --num_heads=2 --num_kv_heads=1 --head_dim=32 \
+        --curriculum=128:30,256:10 --tokens_per_step=4096 --num_records=4 --num_queries=2 --warmup_steps=5 \
+        --learning_rate=3e-3 --save_every=20 --eval_lengths=128,512 --eval_sequences=16
+
+The same command with --resume continues from the last save exactly (the run's flags must match; a finished run
+only evaluates). --time_limit_s stops training (with a save) once it is exceeded, so that a run fits a machine's
+limit per command and continues with --resume.
+
+--output_dir holds: config.json and model.safetensors (Hugging Face format: `models.checkpoint.load_llama`, with
+dtype="float32" to get the float32 weights back), optimizer_state.npz (the optimizer's state leaves by path),
+train_state.json (steps done, curriculum position, the run's flags), train_log.jsonl (one line per step) and, after
+--eval_lengths, eval.json (exact-match query accuracy per length).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from absl import app, flags
+from flax import nnx
+
+from experiments import retrieval_task
+from models import checkpoint, llama
+from models.config import LlamaConfig
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the checkpoint, logs and evaluation.",
+                                  required=True)
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the last save in --output_dir.")
+
+_HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 512, "Model width.", lower_bound=1)
+_INTERMEDIATE_SIZE = flags.DEFINE_integer("intermediate_size", 1024, "SwiGLU hidden width.", lower_bound=1)
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers.", lower_bound=1)
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads.", lower_bound=1)
+_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "Key-value heads (GQA).", lower_bound=1)
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.", lower_bound=2)
+_ROPE_THETA = flags.DEFINE_float("rope_theta", 1e6, "RoPE base (no frequency scaling).")
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+    "compute_dtype", "auto", ["auto", "float32", "bfloat16"],
+    "Activation dtype; auto: bfloat16 on GPU (dense attention then runs on cuDNN flash attention, where XLA's "
+    "would hold the [T, T] scores), float32 elsewhere. Parameters and optimizer state are always float32.")
+
+_CURRICULUM = flags.DEFINE_list("curriculum", ["256:1500", "1024:1500", "4096:1500", "16384:1000", "65536:500"],
+                                "LENGTH:STEPS stages, trained in order.")
+_TOKENS_PER_STEP = flags.DEFINE_integer("tokens_per_step", 131_072,
+                                        "Tokens per step: the batch is this // length, at least 1.", lower_bound=1)
+_NUM_RECORDS = flags.DEFINE_integer("num_records", 8, "Key-value records per sequence.", lower_bound=1)
+_NUM_QUERIES = flags.DEFINE_integer("num_queries", 4, "Queries per sequence (4 answer digits each).", lower_bound=1)
+
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 200, "Linear warmup from 0; then cosine decay to a tenth "
+                                     "of the peak at the end of the curriculum.", lower_bound=1)
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay, on matrices only (not norm gains).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seeds the initialization and every batch.", lower_bound=0)
+
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 500, "Steps between saves (and one at the end).", lower_bound=1)
+_TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 0.0, "Stop (and save) once training has run this long; "
+                                   "0: no limit.", lower_bound=0.0)
+_EVAL_LENGTHS = flags.DEFINE_list("eval_lengths", [], "Lengths for the exact-match evaluation after training.")
+_EVAL_SEQUENCES = flags.DEFINE_integer("eval_sequences", 64, "Sequences evaluated per length.", lower_bound=1)
+
+# The flags that define a run: --resume refuses to continue a run under different values.
+_RUN_FLAGS = (_HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM, _ROPE_THETA,
+              _COMPUTE_DTYPE, _CURRICULUM, _TOKENS_PER_STEP, _NUM_RECORDS, _NUM_QUERIES, _LEARNING_RATE,
+              _WARMUP_STEPS, _WEIGHT_DECAY, _SEED)
+
+ADAM_BETAS = (0.9, 0.95)
+GRADIENT_CLIP_NORM = 1.0  # guards the updates at each jump to a longer length
+FINAL_LEARNING_RATE_FRACTION = 0.1
+PARAM_DTYPE = "float32"
+_STATE_FILE, _OPTIMIZER_FILE, _LOG_FILE, _EVAL_FILE = ("train_state.json", "optimizer_state.npz",
+                                                       "train_log.jsonl", "eval.json")
+
+
+def parse_curriculum(stages: list[str], num_records: int, num_queries: int) -> list[tuple[int, int]]:
+    """`["256:1500", ...]` -> `[(256, 1500), ...]`, each length long enough for the records and queries."""
+    parsed = []
+    for stage in stages:
+        try:
+            length, steps = (int(part) for part in stage.split(":"))
+        except ValueError:
+            raise ValueError(f"--curriculum: expected LENGTH:STEPS stages, got {stage!r}") from None
+        if steps < 1:
+            raise ValueError(f"--curriculum: stage {stage!r} has no steps")
+        check_length(length, num_records, num_queries, "--curriculum")
+        parsed.append((length, steps))
+    if not parsed:
+        raise ValueError("--curriculum is empty")
+    return parsed
+
+
+def check_length(length: int, num_records: int, num_queries: int, flag: str):
+    shortest = retrieval_task.min_length(num_records, num_queries)
+    if length < shortest:
+        raise ValueError(f"{flag}: length {length} is too short for {num_records} records and {num_queries} "
+                         f"queries (need >= {shortest}; lower --num_records or --num_queries)")
+
+
+def stage_at(curriculum: list[tuple[int, int]], step: int) -> tuple[int, int]:
+    """(stage index, length) of the step after `step` steps are done."""
+    end = 0
+    for index, (length, steps) in enumerate(curriculum):
+        end += steps
+        if step < end:
+            return index, length
+    raise ValueError(f"step {step} is past the curriculum's {end} steps")
+
+
+def batch_size_for(length: int, tokens_per_step: int) -> int:
+    return max(1, tokens_per_step // length)
+
+
+def make_optimizer(model: llama.Llama, learning_rate: float, warmup_steps: int, total_steps: int,
+                   weight_decay: float) -> nnx.Optimizer:
+    if warmup_steps >= total_steps:
+        raise ValueError(f"--warmup_steps ({warmup_steps}) must be below the curriculum's {total_steps} steps")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps,
+                                                  learning_rate * FINAL_LEARNING_RATE_FRACTION)
+    tx = optax.chain(optax.clip_by_global_norm(GRADIENT_CLIP_NORM),
+                     optax.adamw(schedule, *ADAM_BETAS, weight_decay=weight_decay, mask=_matrices))
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def _matrices(params):
+    """Weight decay applies to these (the embedding and projections), not to the norms' gains."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _as_computed(model: llama.Llama, compute_dtype: str) -> llama.Llama:
+    """The model as it runs. Behind a bfloat16 config the float32 weights are cast to bfloat16 where used (matmuls,
+    attention and the residual stream run in bfloat16), and the gradients still come back in float32."""
+    return model if compute_dtype == model.config.dtype else llama.with_config(model, dtype=compute_dtype)
+
+
+def _logits(model: llama.Llama, tokens: jax.Array, compute_dtype: str) -> jax.Array:
+    lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    logits, _ = _as_computed(model, compute_dtype).prefill(tokens, lengths)
+    return logits
+
+
+def answer_loss(model: llama.Llama, tokens: jax.Array, loss_mask: jax.Array, compute_dtype: str):
+    """Mean cross-entropy over the answer-digit targets, and the fraction of them predicted right (argmax)."""
+    logits, targets, mask = _logits(model, tokens, compute_dtype)[:, :-1], tokens[:, 1:], loss_mask[:, :-1]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    count = mask.sum()
+    return (losses * mask).sum() / count, (correct * mask).sum() / count
+
+
+@functools.partial(nnx.jit, static_argnames="compute_dtype")
+def train_step(model: llama.Llama, optimizer: nnx.Optimizer, tokens: jax.Array, loss_mask: jax.Array,
+               compute_dtype: str):
+    """One AdamW update in place; returns (loss, answer-digit accuracy) before it."""
+    (loss, accuracy), grads = nnx.value_and_grad(answer_loss, has_aux=True)(model, tokens, loss_mask, compute_dtype)
+    optimizer.update(model, grads)
+    return loss, accuracy
+
+
+@functools.partial(nnx.jit, static_argnames="compute_dtype")
+def answer_hits(model: llama.Llama, tokens: jax.Array, query_positions: jax.Array, compute_dtype: str):
+    """bool [B, Q, 4]: whether the argmax at each answer digit is right, the true digits before it (teacher
+    forcing). A query is answered exactly when all 4 are."""
+    batch, num_queries = query_positions.shape
+    digit_positions = (query_positions[..., None] + jnp.arange(retrieval_task.ANSWER_LENGTH)).reshape(batch, -1)
+    predictions = jnp.argmax(_logits(model, tokens, compute_dtype), axis=-1)
+    predicted = jnp.take_along_axis(predictions, digit_positions - 1, axis=1)
+    return (predicted == jnp.take_along_axis(tokens, digit_positions, axis=1)).reshape(batch, num_queries, -1)
+
+
+def evaluate(model: llama.Llama, lengths: list[int], num_sequences: int, tokens_per_step: int, num_records: int,
+             num_queries: int, seed: int, compute_dtype: str) -> dict[int, dict]:
+    """Exact-match query accuracy and answer-digit accuracy at each length, on sequences no training step saw."""
+    results = {}
+    for length in lengths:
+        batch_size = batch_size_for(length, tokens_per_step)
+        hits = []
+        for index in range(math.ceil(num_sequences / batch_size)):
+            data = retrieval_task.batch((seed, 1, length, index), batch_size, length, num_records, num_queries)
+            hits.append(np.asarray(answer_hits(model, data.tokens, data.query_positions, compute_dtype=compute_dtype)))
+        hits = np.concatenate(hits)[:num_sequences]
+        results[length] = {"exact_match": float(hits.all(axis=-1).mean()), "digit_accuracy": float(hits.mean()),
+                           "queries": int(hits.shape[0] * hits.shape[1])}
+    return results
+
+
+def save(output_dir: str, model: llama.Llama, optimizer: nnx.Optimizer, train_state: dict):
+    """The checkpoint, then the optimizer state, then train_state.json (written last: it says what was saved)."""
+    checkpoint.save_llama(model, output_dir)
+    np.savez(os.path.join(output_dir, _OPTIMIZER_FILE),
+             **{_key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(optimizer))})
+    with open(os.path.join(output_dir, _STATE_FILE), "w") as f:
+        json.dump(train_state, f, indent=1)
+
+
+def restore_optimizer(optimizer: nnx.Optimizer, path: str):
+    flat = nnx.to_flat_state(nnx.state(optimizer))
+    with np.load(path) as saved:
+        expected, found = {_key(p) for p, _ in flat}, set(saved.files)
+        if expected != found:
+            raise ValueError(f"{path} does not match this optimizer: missing {sorted(expected - found)[:5]}, "
+                             f"unexpected {sorted(found - expected)[:5]}")
+        for p, variable in flat:
+            variable.set_value(jnp.asarray(saved[_key(p)]))
+    nnx.update(optimizer, nnx.from_flat_state(flat))
+
+
+def _key(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _run_flags() -> dict:
+    return {holder.name: holder.value for holder in _RUN_FLAGS}
+
+
+def _resume(output_dir: str, run_flags: dict) -> tuple[llama.Llama, int]:
+    """The saved model and the steps done, after checking that the saved run is this one."""
+    with open(os.path.join(output_dir, _STATE_FILE)) as f:
+        saved = json.load(f)
+    changed = {name: (saved["flags"].get(name), value) for name, value in run_flags.items()
+               if saved["flags"].get(name) != value}
+    if changed:
+        raise ValueError(f"--resume: {output_dir} holds a run with other flags (saved, given): {changed}")
+    model = checkpoint.load_llama(output_dir, dtype=PARAM_DTYPE)
+    return model, saved["step"]
+
+
+def _truncate_log(path: str, step: int):
+    """Drops log lines past the save that a run resumes from (steps it trained after saving, then lost)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+def main(argv):
+    del argv
+    output_dir = _OUTPUT_DIR.value
+    num_records, num_queries = _NUM_RECORDS.value, _NUM_QUERIES.value
+    curriculum = parse_curriculum(_CURRICULUM.value, num_records, num_queries)
+    total_steps = sum(steps for _, steps in curriculum)
+    try:
+        eval_lengths = [int(length) for length in _EVAL_LENGTHS.value]
+    except ValueError:
+        raise ValueError(f"--eval_lengths: expected integers, got {_EVAL_LENGTHS.value}") from None
+    for length in eval_lengths:
+        check_length(length, num_records, num_queries, "--eval_lengths")
+    compute_dtype = _COMPUTE_DTYPE.value
+    if compute_dtype == "auto":
+        compute_dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    run_flags = _run_flags()
+
+    log_path = os.path.join(output_dir, _LOG_FILE)
+    if _RESUME.value:
+        model, step = _resume(output_dir, run_flags)
+        _truncate_log(log_path, step)
+    else:
+        if os.path.exists(os.path.join(output_dir, _STATE_FILE)):
+            raise ValueError(f"{output_dir} already holds a run: pass --resume, or another --output_dir")
+        os.makedirs(output_dir, exist_ok=True)
+        config = LlamaConfig(
+            vocab_size=256, hidden_size=_HIDDEN_SIZE.value, intermediate_size=_INTERMEDIATE_SIZE.value,
+            num_layers=_NUM_LAYERS.value, num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_KV_HEADS.value,
+            head_dim=_HEAD_DIM.value, rope_theta=_ROPE_THETA.value, rope_scaling=None, attention="dense",
+            dtype=PARAM_DTYPE)
+        model, step = llama.Llama(config, nnx.Rngs(_SEED.value)), 0
+        open(log_path, "w").close()
+    optimizer = make_optimizer(model, _LEARNING_RATE.value, _WARMUP_STEPS.value, total_steps, _WEIGHT_DECAY.value)
+    if _RESUME.value:
+        restore_optimizer(optimizer, os.path.join(output_dir, _OPTIMIZER_FILE))
+
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    print(f"{num_params / 1e6:.2f}M parameters, {compute_dtype} compute on {jax.devices()[0].device_kind}; "
+          f"curriculum {curriculum}, {_TOKENS_PER_STEP.value} tokens per step; from step {step} of {total_steps}")
+
+    def training_batch(step):
+        _, length = stage_at(curriculum, step)
+        return retrieval_task.batch((_SEED.value, 0, step), batch_size_for(length, _TOKENS_PER_STEP.value),
+                                    length, num_records, num_queries)
+
+    def save_now(step):
+        stage, length = stage_at(curriculum, step - 1)
+        save(output_dir, model, optimizer, {"step": step, "stage": stage, "length": length,
+                                            "stage_step": step - sum(s for _, s in curriculum[:stage]),
+                                            "flags": run_flags})
+
+    started = last = time.perf_counter()
+    progress = tqdm.tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    upcoming = training_batch(step) if step < total_steps else None
+    with open(log_path, "a") as log:
+        while step < total_steps:
+            data = upcoming
+            loss, accuracy = train_step(model, optimizer, data.tokens, data.loss_mask, compute_dtype=compute_dtype)
+            step += 1
+            # Dispatch is asynchronous: the next batch is built while the device works on this one.
+            upcoming = training_batch(step) if step < total_steps else None
+            loss, accuracy = float(loss), float(accuracy)
+            now = time.perf_counter()
+            length = data.tokens.shape[1]
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss {loss} at step {step} (length {length}); the last save is in "
+                                         f"{output_dir}")
+            log.write(json.dumps({"step": step, "length": length, "batch_size": data.tokens.shape[0],
+                                  "loss": loss, "accuracy": accuracy, "seconds": round(now - last, 4)}) + "\n")
+            last = now
+            progress.update()
+            progress.set_postfix(length=length, loss=f"{loss:.4f}", acc=f"{accuracy:.3f}")
+            out_of_time = _TIME_LIMIT_S.value and now - started > _TIME_LIMIT_S.value
+            if step % _SAVE_EVERY.value == 0 or step == total_steps or out_of_time:
+                log.flush()
+                save_now(step)
+            if out_of_time:
+                break
+    progress.close()
+
+    if step < total_steps:
+        print(f"stopped at step {step} of {total_steps} after --time_limit_s={_TIME_LIMIT_S.value}; "
+              f"saved in {output_dir}: continue with --resume")
+        return
+    if eval_lengths:
+        results = evaluate(model, eval_lengths, _EVAL_SEQUENCES.value, _TOKENS_PER_STEP.value, num_records,
+                           num_queries, _SEED.value, compute_dtype)
+        with open(os.path.join(output_dir, _EVAL_FILE), "w") as f:
+            json.dump({"step": step, "results": results}, f, indent=1)
+        print("length   exact match   digit accuracy   queries")
+        for length, result in results.items():
+            print(f"{length:>6}   {result['exact_match']:>11.3f}   {result['digit_accuracy']:>14.3f}   "
+                  f"{result['queries']:>7}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,167 @@
+"""The key-value retrieval data (seeded, exact in length, well formed, answers and loss mask right, depth honoured)
+and its training script (a few real steps of a tiny model, and a save + resume that continues exactly)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from absl import flags
+from safetensors.numpy import load_file
+
+from experiments import retrieval_task, train_retrieval
+
+TINY_RUN = ("--hidden_size=64", "--intermediate_size=128", "--num_layers=2", "--num_heads=2", "--num_kv_heads=1",
+            "--head_dim=32", "--curriculum=128:3,160:2", "--tokens_per_step=512", "--num_records=4",
+            "--num_queries=2", "--warmup_steps=2", "--save_every=2")
+
+
+def _random_task(rng):
+    num_records = int(rng.integers(1, 40))
+    num_queries = int(rng.integers(1, num_records + 1))
+    length = retrieval_task.min_length(num_records, num_queries) + int(rng.integers(0, 2000))
+    return int(rng.integers(2**31)), length, num_records, num_queries
+
+
+def _text(tokens) -> str:
+    return np.asarray(tokens, np.uint8).tobytes().decode("ascii")
+
+
+def test_sequences_are_seeded_and_exact_in_length(rng):
+    seed, length, num_records, num_queries = _random_task(rng)
+    first = retrieval_task.sequence(seed, length, num_records, num_queries)
+    again = retrieval_task.sequence(seed, length, num_records, num_queries)
+    other = retrieval_task.sequence(seed + 1, length, num_records, num_queries)
+    assert first.tokens.shape == first.loss_mask.shape == (length,)
+    assert first.tokens.dtype == np.int32 and first.loss_mask.dtype == np.float32
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+    assert not np.array_equal(first.tokens, other.tokens)
+
+
+def test_records_are_well_formed_with_unique_keys_in_filler(rng):
+    seed, length, num_records, num_queries = _random_task(rng)
+    text = _text(retrieval_task.sequence(seed, length, num_records, num_queries).tokens)
+    context_length = length - num_queries * retrieval_task.QUERY_LENGTH
+    context, queries = text[:context_length], text[context_length:]
+    keys = re.findall(r"#([A-Z]{2}):\d{4}#", context)
+    assert len(keys) == num_records == len(set(keys))
+    assert re.fullmatch(r"[a-z ]*", re.sub(r"#[A-Z]{2}:\d{4}#", "", context))
+    assert re.fullmatch(r"(\?[A-Z]{2}:\d{4}[\n ])+", queries) and queries.count("?") == num_queries
+
+
+def _check_answers(data, num_queries):
+    text = _text(data.tokens)
+    records = dict(re.findall(r"#([A-Z]{2}):(\d{4})#", text))
+    queried_keys = set()
+    for query, record, answer in zip(data.query_positions, data.record_positions, data.answers):
+        query_key = text[query - 3:query - 1]
+        assert text[query - 4] == "?" and text[record:record + 9] == f"#{query_key}:{answer.decode()}#"
+        assert text[query:query + 4] == answer.decode() == records[query_key]
+        queried_keys.add(query_key)
+    assert len(queried_keys) == num_queries
+
+
+def test_every_answer_is_its_records_digits(rng):
+    seed, length, num_records, num_queries = _random_task(rng)
+    _check_answers(retrieval_task.sequence(seed, length, num_records, num_queries), num_queries)
+
+
+def test_loss_mask_marks_exactly_the_answer_digit_targets(rng):
+    seed, length, num_records, num_queries = _random_task(rng)
+    data = retrieval_task.sequence(seed, length, num_records, num_queries)
+    targets = np.flatnonzero(data.loss_mask) + 1
+    want = (data.query_positions[:, None] + np.arange(4)).reshape(-1)
+    np.testing.assert_array_equal(targets, want)
+    assert len(targets) == 4 * num_queries and data.loss_mask[-1] == 0
+    assert all(chr(data.tokens[t]).isdigit() for t in targets)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0, None])
+def test_depth_places_the_queried_records(rng, depth):
+    seed, length, num_records, num_queries = _random_task(rng)
+    depth = float(rng.uniform()) if depth is None else depth
+    data = retrieval_task.sequence(seed, length, num_records, num_queries, depth=depth)
+    context = length - num_queries * retrieval_task.QUERY_LENGTH
+    # The queried records sit side by side; the block's first starts at `depth` of the room before its end.
+    first = int(data.record_positions.min())
+    assert first == round(depth * (context - num_queries * retrieval_task.RECORD_LENGTH))
+    np.testing.assert_array_equal(np.sort(data.record_positions), first + 9 * np.arange(num_queries))
+    np.testing.assert_allclose(data.record_depths, data.record_positions / (context - 9), rtol=1e-6)
+    assert np.abs(data.record_depths - depth).max() <= num_queries * 9 / (context - 9) + 1e-6
+    assert len(re.findall(r"#[A-Z]{2}:\d{4}#", _text(data.tokens[:context]))) == num_records
+    _check_answers(data, num_queries)
+
+
+def test_batch_stacks_distinct_seeded_sequences(rng):
+    seed, length, num_records, num_queries = _random_task(rng)
+    first = retrieval_task.batch(seed, 3, length, num_records, num_queries)
+    again = retrieval_task.batch(seed, 3, length, num_records, num_queries)
+    assert first.tokens.shape == first.loss_mask.shape == (3, length)
+    assert first.query_positions.shape == (3, num_queries)
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+    assert not np.array_equal(first.tokens[0], first.tokens[1])
+
+
+@pytest.mark.parametrize("length,num_records,num_queries,depth,message", [
+    (100, 8, 4, None, "too short"),
+    (1000, 2, 3, None, "num_queries"),
+    (1000, 700, 1, None, "num_records"),
+    (1000, 4, 2, 1.5, "depth"),
+])
+def test_bad_arguments_are_refused(length, num_records, num_queries, depth, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_task.sequence(0, length, num_records, num_queries, depth)
+
+
+def _train(output_dir, *extra_flags):
+    flags.FLAGS(["train_retrieval", f"--output_dir={output_dir}", *TINY_RUN, *extra_flags])
+    try:
+        train_retrieval.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def _log(output_dir):
+    with open(output_dir / "train_log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_runs_and_resumes_exactly(tmp_path, rng):
+    seed = f"--seed={rng.integers(1000)}"
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    _train(straight, seed)
+    _train(interrupted, seed, "--time_limit_s=1e-9")  # stops (and saves) after its first step
+    assert json.loads((interrupted / "train_state.json").read_text())["step"] == 1
+    _train(interrupted, seed, "--resume")
+
+    log = _log(straight)
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5]
+    assert [entry["length"] for entry in log] == [128, 128, 128, 160, 160]
+    assert all(np.isfinite(entry["loss"]) for entry in log)
+    assert [entry["loss"] for entry in _log(interrupted)] == [entry["loss"] for entry in log]
+    state = json.loads((interrupted / "train_state.json").read_text())
+    assert (state["step"], state["stage"], state["length"]) == (5, 1, 160)
+    for name, load in (("model.safetensors", load_file), ("optimizer_state.npz", np.load)):
+        want, got = load(straight / name), load(interrupted / name)
+        assert set(want) == set(got)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("extra_flags,message", [
+    (("--curriculum=64:5",), "too short"),
+    (("--curriculum=128",), "LENGTH:STEPS"),
+    (("--eval_lengths=80",), "too short"),
+    (("--warmup_steps=10",), "warmup_steps"),
+])
+def test_bad_flags_are_refused(tmp_path, extra_flags, message):
+    with pytest.raises(ValueError, match=message):
+        _train(tmp_path, *extra_flags)
+
+
+def test_resume_refuses_other_flags_and_a_fresh_run_refuses_a_used_folder(tmp_path):
+    _train(tmp_path, "--curriculum=128:2", "--warmup_steps=1")
+    with pytest.raises(ValueError, match="already holds a run"):
+        _train(tmp_path, "--curriculum=128:2", "--warmup_steps=1")
+    with pytest.raises(ValueError, match="other flags"):
+        _train(tmp_path, "--curriculum=128:2", "--warmup_steps=1", "--learning_rate=0.5", "--resume")
