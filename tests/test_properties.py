@@ -54,7 +54,8 @@ def test_gqa_equals_repeated_kv_heads(rng):
     out, layout = sale_jax.sale_attention(q, k, v, tau, case.config, return_layout=True)
     out_rep, layout_rep = sale_jax.sale_attention(q, k_rep, v_rep, tau, case.config, return_layout=True)
     np.testing.assert_array_equal(np.asarray(layout.to_mask()), np.asarray(layout_rep.to_mask()))
-    np.testing.assert_allclose(out, out_rep, atol=1e-6, rtol=1e-6)
+    # Same math; XLA may order the f32 sums differently for the grouped and the repeated shapes.
+    np.testing.assert_allclose(out, out_rep, atol=2e-5, rtol=2e-5)
 
 
 def test_query_chunk_equals_last_rows_of_full_call(rng):

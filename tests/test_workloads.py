@@ -8,6 +8,7 @@ import pytest
 
 import sale_jax
 from sale_jax import kv_prompts, workloads
+from sale_jax.reference import baselines
 
 
 def test_llm_like_qkv_shapes_seeds_and_needles(rng):
@@ -40,8 +41,11 @@ def test_needles_carry_real_attention_mass_and_sale_keeps_them(rng):
     layout = sale_jax.select_blocks(work.q, work.k, jnp.full((4,), sale_jax.DEFAULT_TAU), config)
     mask = np.asarray(layout.to_mask())[0]
     heads = np.arange(4)[:, None]
-    assert np.all(mask[heads, rows // config.block_q, keys // config.block_k])
-    assert float(layout.density()) < 0.9  # the needles are found, not everything kept
+    q_blocks, k_blocks = rows // config.block_q, keys // config.block_k
+    assert np.all(mask[heads, q_blocks, k_blocks])
+    # Most needles sit in middle blocks, where keeping them was the estimate's decision (a few land in the sink).
+    always = baselines.always_kept_blocks(layout.grid, config)
+    assert np.mean(always[q_blocks, k_blocks]) < 0.5
 
 
 @pytest.mark.parametrize("num_tokens", [400, 5000, 131072])
