@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,7 +29,8 @@ def test_logits_match_hugging_face(folder):
     model = checkpoint.load_llama(os.path.join(FIXTURE, folder), dtype="float32")
     assert model.config.rope_scaling is not None and model.config.num_kv_heads < model.config.num_heads
     tokens, want = _fixture_inputs()
-    logits, _ = llama.prefill(model, tokens, jnp.full((tokens.shape[0],), tokens.shape[1]))
+    with jax.default_matmul_precision("highest"):  # f32 like the fixture (a GPU's default would be TF32)
+        logits, _ = llama.prefill(model, tokens, jnp.full((tokens.shape[0],), tokens.shape[1]))
     np.testing.assert_allclose(logits, want, atol=LOGIT_TOLERANCE, rtol=LOGIT_TOLERANCE)
 
 
@@ -137,7 +139,6 @@ def test_attention_inputs_are_the_dense_forward_and_calibration_meets_its_bound(
 
 def test_new_thresholds_do_not_recompile_the_prefill(rng, caplog):
     import logging
-    import jax
     sale = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
     model = llama.with_attention(checkpoint.load_llama(FIXTURE, dtype="float32"), "sale", sale)
     tokens, _ = _fixture_inputs()
