@@ -88,17 +88,21 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
     # Middle keys: low-bit estimate, one flag per key block, compacted into the list as we go.
     q_codes = q_codes_ref[...]
     middle_start, middle_end = num_sink * block_k, local_start * block_k
+    # Tiles are aligned to `estimate_tile` so the last one ends inside the padded keys (the caller pads them to a
+    # multiple of the tile); the first one may start among the sink keys, which are masked like the local ones.
+    first_tile_start = middle_start // estimate_tile * estimate_tile
     blocks_per_tile = estimate_tile // block_k
     tile_block_ids = jnp.arange(blocks_per_tile)
 
     def middle_tile(tile, count):
-        start = middle_start + tile * estimate_tile
+        start = first_tile_start + tile * estimate_tile
         keys = start + jnp.arange(estimate_tile)
         k_codes = k_codes_ref[pl.ds(start, estimate_tile), :]
         dots = jax.lax.dot_general(q_codes, k_codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         k_scale = k_scale_ref[pl.ds(start, estimate_tile)]
         bias = bias_ref[pl.ds(start, estimate_tile)]
-        bias = jnp.where(keys < middle_end, bias, -jnp.inf)  # keys past the middle are local: never "selected"
+        # Sink and local keys are never "selected": they are kept anyway and already in the statistics.
+        bias = jnp.where((keys >= middle_start) & (keys < middle_end), bias, -jnp.inf)
         excess = k_scale[None, :] * dots.astype(jnp.float32) + (
             bias[None, :] * inverse_row_scale[:, None] - row_threshold[:, None])
         # Reduce within each key block first (along the fast axis), then over rows: reducing over rows first
@@ -109,7 +113,7 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
         write_slots(position, start // block_k + tile_block_ids, block_hit > 0)
         return count + jnp.sum(block_hit)
 
-    num_tiles = pl.cdiv(middle_end - middle_start, estimate_tile)
+    num_tiles = jnp.where(middle_end > middle_start, pl.cdiv(middle_end - first_tile_start, estimate_tile), 0)
     count = jax.lax.fori_loop(0, num_tiles, middle_tile, num_sink)
 
     max_local = _next_power_of_two(-(-(local_tokens + block_q - 1) // block_k) + 1)

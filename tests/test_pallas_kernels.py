@@ -91,7 +91,24 @@ def test_selection_kernel_matches_reference_and_oracle(rng, trial):
     case = draw_kernel_case(rng)
     dtype = [jnp.float32, jnp.bfloat16, jnp.float16][trial]
     q, k, _ = cases.draw_structured_qkv(rng, case, dtype)
-    tau = cases.draw_tau(rng, case.q_heads)
+    _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads))
+
+
+def test_selection_kernel_middle_off_the_estimate_tile(rng):
+    """Middle keys start at 16, off the 128-key estimate tile, and the keys pad to 384: a tile walk that starts at
+    the middle would run past the padded keys in its last tile (in interpret mode, a clamped slice that shifts
+    block 16's keys onto block 17). A needle in block 16 for the last query rows makes such a shift visible."""
+    config = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=70, backend="pallas",
+                                 interpret=INTERPRET)
+    case = cases.Case(batch=1, q_len=370, kv_len=370, q_heads=2, kv_heads=1, head_dim=32, config=config)
+    q, k, _ = cases.draw_structured_qkv(rng, case, jnp.float32)
+    needle = 4.0 * q[:, 368:370].mean(axis=(1, 2))
+    k = k.at[:, 256:272].set(needle[:, None, None, :])
+    _check_selection_kernel(case, q, k, jnp.full((2,), 0.05, jnp.float32))
+
+
+def _check_selection_kernel(case, q, k, tau):
+    dtype = jnp.dtype(q.dtype).name
     layout = _kernel_layout(q, k, tau, case.config)
     grid = layout.grid
     indices, counts = np.asarray(layout.indices).astype(np.int64), np.asarray(layout.counts)
@@ -106,10 +123,10 @@ def test_selection_kernel_matches_reference_and_oracle(rng, trial):
     cfg = case.config
     reference_config = sale_jax.SaleConfig(**{**cfg.to_dict(), "backend": "reference", "interpret": False})
     want = np.asarray(sale_jax.select_blocks(q, k, tau, reference_config).to_mask())
-    margin = {jnp.float32: 1e-3, jnp.float16: 2e-2, jnp.bfloat16: 5e-2}[dtype]
+    margin = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}[dtype]
     surely, maybe = oracle.selection(
         q, k, np.asarray(tau), bq=cfg.block_q, bk=cfg.block_k, sink=cfg.sink_tokens, local=cfg.local_tokens,
-        granularity=cfg.quant_granularity, scale=case.scale, dtype_name=jnp.dtype(dtype).name, margin=margin)
+        granularity=cfg.quant_granularity, scale=case.scale, dtype_name=dtype, margin=margin)
     _, margins = selection_margins_reference(q, k, tau, reference_config)
     for name, wrong in (("dropped blocks the oracle surely keeps", surely & ~mask),
                         ("kept blocks the oracle surely drops", mask & ~maybe)):
