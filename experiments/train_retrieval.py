@@ -39,7 +39,7 @@ import tqdm
 from absl import app, flags
 from flax import nnx
 
-from experiments import retrieval_task
+from experiments import retrieval_accuracy, retrieval_task
 from models import checkpoint, llama
 from models.config import LlamaConfig
 
@@ -180,17 +180,6 @@ def train_step(model: llama.Llama, optimizer: nnx.Optimizer, tokens: jax.Array, 
     return loss, accuracies
 
 
-@functools.partial(nnx.jit, static_argnames="compute_dtype")
-def answer_hits(model: llama.Llama, tokens: jax.Array, query_positions: jax.Array, compute_dtype: str):
-    """bool [B, Q, 4]: whether the argmax at each answer digit is right, the true digits before it (teacher
-    forcing). A query is answered exactly when all 4 are."""
-    batch, num_queries = query_positions.shape
-    digit_positions = (query_positions[..., None] + jnp.arange(retrieval_task.ANSWER_LENGTH)).reshape(batch, -1)
-    predictions = jnp.argmax(_logits(model, tokens, compute_dtype), axis=-1)
-    predicted = jnp.take_along_axis(predictions, digit_positions - 1, axis=1)
-    return (predicted == jnp.take_along_axis(tokens, digit_positions, axis=1)).reshape(batch, num_queries, -1)
-
-
 def evaluate(model: llama.Llama, lengths: list[int], num_sequences: int, tokens_per_step: int, num_records: int,
              num_queries: int, seed: int, compute_dtype: str) -> dict[int, dict]:
     """Exact-match query accuracy and answer-digit accuracy at each length, on sequences no training step saw."""
@@ -200,11 +189,10 @@ def evaluate(model: llama.Llama, lengths: list[int], num_sequences: int, tokens_
         hits = []
         for index in range(math.ceil(num_sequences / batch_size)):
             data = retrieval_task.batch((seed, 1, length, index), batch_size, length, num_records, num_queries)
-            hits.append(np.asarray(answer_hits(model, data.tokens, data.query_positions, compute_dtype=compute_dtype)))
-        hits = np.concatenate(hits)[:num_sequences]
-        results[length] = {"exact_match": float(hits.all(axis=-1).mean()), "digit_accuracy": float(hits.mean()),
-                           "first_digit_accuracy": float(hits[..., 0].mean()),
-                           "queries": int(hits.shape[0] * hits.shape[1])}
+            batch_hits, _ = retrieval_accuracy.answer_hits(_as_computed(model, compute_dtype), data.tokens,
+                                                           data.query_positions)
+            hits.append(np.asarray(batch_hits))
+        results[length] = retrieval_accuracy.summarize(np.concatenate(hits)[:num_sequences])
     return results
 
 

@@ -106,17 +106,39 @@ def load_llama(directory: str | os.PathLike, **config_overrides) -> Llama:
     return nnx.merge(graphdef, nnx.from_flat_state(expected))
 
 
-def save_llama(model: Llama, directory: str | os.PathLike) -> None:
-    """Writes `config.json` and `model.safetensors` in Hugging Face's names and layouts."""
+def save_llama(model: Llama, directory: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    """Writes `config.json` and the weights in Hugging Face's names and layouts: `model.safetensors`, or with
+    `max_shard_bytes` (when the weights exceed it) shards `model-0000i-of-0000n.safetensors` of at most that size
+    (a larger tensor gets a shard of its own) and `model.safetensors.index.json`."""
     os.makedirs(directory, exist_ok=True)
     tensors = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = _hf_name(path)
         value = variable.get_value()
-        tensors[name] = value.T if path[-1] == "kernel" else value
-    save_file(tensors, os.path.join(directory, _SINGLE_FILE), metadata={"format": "pt"})
+        tensors[_hf_name(path)] = value.T if path[-1] == "kernel" else value
+    shards = [{}]
+    for name, value in tensors.items():
+        if max_shard_bytes and shards[-1] and _nbytes(shards[-1]) + value.nbytes > max_shard_bytes:
+            shards.append({})
+        shards[-1][name] = value
+    for stale in (_SINGLE_FILE, _INDEX_FILE):  # a folder saved to before must not mix two layouts
+        if os.path.exists(os.path.join(directory, stale)):
+            os.remove(os.path.join(directory, stale))
+    if len(shards) == 1:
+        save_file(tensors, os.path.join(directory, _SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for index, shard in enumerate(shards):
+            file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, file_name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file_name))
+        with open(os.path.join(directory, _INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": _nbytes(tensors)}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(model.config.to_hf(), f, indent=1)
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(value.nbytes for value in tensors.values())
 
 
 def _hf_name(path: tuple) -> str:

@@ -49,9 +49,15 @@ def test_sale_with_tau_zero_matches_the_dense_model():
         llama.prefill(sale_model, tokens, lengths)
 
 
-def test_save_then_load_round_trips(tmp_path, rng):
+@pytest.mark.parametrize("max_shard_bytes", [None, 20_000])
+def test_save_then_load_round_trips(tmp_path, rng, max_shard_bytes):
     model = llama.Llama(LlamaConfig.tiny(tie_word_embeddings=True), nnx.Rngs(int(rng.integers(1000))))
-    checkpoint.save_llama(model, tmp_path)
+    checkpoint.save_llama(model, tmp_path, max_shard_bytes=max_shard_bytes)
+    files = checkpoint.checkpoint_files(tmp_path)
+    if max_shard_bytes:
+        assert len(files) > 2 and not (tmp_path / "model.safetensors").exists()
+    else:
+        assert [os.path.basename(f) for f in files] == ["model.safetensors"]
     loaded = checkpoint.load_llama(tmp_path, dtype="float32")
     assert loaded.config.tie_word_embeddings and loaded.lm_head is None
     tokens = jnp.asarray(rng.integers(0, 256, size=(2, 24)), jnp.int32)
