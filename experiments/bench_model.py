@@ -34,6 +34,9 @@ _LAYERS = flags.DEFINE_integer("layers", None, "Override the number of layers.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 65536, "Prompt tokens.")
 _TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform SALE threshold.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before them (the first one compiles).", lower_bound=1)
+_TIME_LAYERS = flags.DEFINE_bool("time_layers", True, "Also time each layer's attention alone (dense vs SALE) "
+                                 "on its captured q/k/v; without it, only whole prefills are timed.")
 _MESH = flags.DEFINE_list("mesh", ["1", "1"], "Device mesh as data,model: batch on data, heads (tensor "
                           "parallelism) on model. 1,1 = one device.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
@@ -68,14 +71,17 @@ def main(argv):
         dense_attend = functools.partial(sharding.dense_attention, mesh=mesh)
     sale_model = llama.with_attention(dense_model, "sale", sale_jax.SaleConfig())
 
+    def ms(fn):
+        return median_seconds(fn, _REPEATS.value, warmup=_WARMUP.value) * 1e3
+
     layers = []
-    for index, (q, k, v) in enumerate(dense_model.attention_inputs(tokens)):
+    for index, (q, k, v) in enumerate(dense_model.attention_inputs(tokens) if _TIME_LAYERS.value else ()):
         tau = thresholds.layer(index)
         _, layout = attend(q, k, v, tau, sale_model.config.sale, return_layout=True)
         layers.append({
             "layer": index, "density": float(layout.density()),
-            "dense_ms": median_seconds(lambda: dense_attend(q, k, v), _REPEATS.value) * 1e3,
-            "sale_ms": median_seconds(lambda: attend(q, k, v, tau, sale_model.config.sale), _REPEATS.value) * 1e3,
+            "dense_ms": ms(lambda: dense_attend(q, k, v)),
+            "sale_ms": ms(lambda: attend(q, k, v, tau, sale_model.config.sale)),
         })
         print(json.dumps(layers[-1]), flush=True)
 
@@ -88,17 +94,18 @@ def main(argv):
             return merged.prefill(tokens, lengths, thresholds_arg, all_logits=False)[0]
 
         compiled = jax.jit(fn)
-        seconds = median_seconds(lambda: compiled(state, tokens, lengths, thresholds.tau), _REPEATS.value)
-        return seconds, _memory_bytes(fn, state, tokens, lengths, thresholds.tau)
+        milliseconds = ms(lambda: compiled(state, tokens, lengths, thresholds.tau))
+        return milliseconds, _memory_bytes(fn, state, tokens, lengths, thresholds.tau)
 
-    dense_seconds, dense_bytes = run_prefill(dense_model, False)
-    sale_seconds, sale_bytes = run_prefill(sale_model, True)
+    dense_ms, dense_bytes = run_prefill(dense_model, False)
+    sale_ms, sale_bytes = run_prefill(sale_model, True)
     results = {
         "device": jax.devices()[0].device_kind, "preset": _PRESET.value, "layers": config.num_layers,
         "seq_len": _SEQ_LEN.value, "dtype": config.dtype, "tau": _TAU.value, "repeats": _REPEATS.value,
+        "warmup": _WARMUP.value,
         "per_layer": layers,
         "attention_ms_total": {"dense": sum(r["dense_ms"] for r in layers), "sale": sum(r["sale_ms"] for r in layers)},
-        "prefill_ms": {"dense": dense_seconds * 1e3, "sale": sale_seconds * 1e3},
+        "prefill_ms": {"dense": dense_ms, "sale": sale_ms},
         "prefill_memory_bytes": {"dense": dense_bytes, "sale": sale_bytes},
         "mesh": {"data": data, "model": model_axis},
         "peak_bytes_per_device": [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()],
