@@ -36,7 +36,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Optional JSON file for the result
 
 def main(argv):
     del argv
-    config = sale_jax.SaleConfig(backend=_BACKEND.value)
+    config = sale_jax.SaleConfig(backend=_BACKEND.value, dense_below=0)
     dtype = _DTYPE.value
     if dtype == "auto":
         dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"

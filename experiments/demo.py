@@ -31,6 +31,8 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 16, "Greedy tokens generated af
 _TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform threshold when no --thresholds file is given.")
 _THRESHOLDS = flags.DEFINE_string("thresholds", None, "Calibrated thresholds file (sale_jax.Thresholds.save).")
 _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "reference", "pallas"], "SALE backend.")
+_DENSE_BELOW = flags.DEFINE_integer("dense_below", 0, "SaleConfig.dense_below: 0 shows SALE at every length; "
+                                    f"the library's default is {sale_jax.SaleConfig().dense_below}.", lower_bound=0)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed prefills (median reported).")
 _OUTPUT = flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 
@@ -38,7 +40,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Optional JSON file for the result
 def main(argv):
     del argv
     on_gpu = jax.default_backend() == "gpu"
-    sale = sale_jax.SaleConfig(backend=_BACKEND.value)
+    sale = sale_jax.SaleConfig(backend=_BACKEND.value, dense_below=_DENSE_BELOW.value)
     if _CHECKPOINT.value:
         dense_model = checkpoint.load_llama(_CHECKPOINT.value, dtype="bfloat16" if on_gpu else "float32")
     else:

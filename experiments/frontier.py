@@ -95,8 +95,8 @@ def main(argv):
     work = workloads.llm_like_qkv(_SEED.value, *shape, dtype=dtype, head_seed=_SEED.value)
     calibration_work = workloads.llm_like_qkv(_SEED.value + 1, *shape, dtype=dtype, head_seed=_SEED.value)
     q, k, v = work.q, work.k, work.v
-    config = sale_jax.SaleConfig()
-    reference_config = sale_jax.SaleConfig(backend="reference")
+    config = sale_jax.SaleConfig(dense_below=0)
+    reference_config = sale_jax.SaleConfig(backend="reference", dense_below=0)
     grid = sale_jax.BlockGrid(_SEQ_LEN.value, _SEQ_LEN.value, config.block_q, config.block_k)
     batch, heads = 1, _Q_HEADS.value
     dense = sale_jax.block_sparse_attention(q, k, v, sale_jax.BlockLayout.all_visible(batch, heads, grid), config)

@@ -112,7 +112,7 @@ def main(argv):
                              f"{_NUM_QUERIES.value} queries")
     dtype = _DTYPE.value if _DTYPE.value != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     sale_model = checkpoint.load_llama(_CHECKPOINT.value, dtype=dtype, attention="sale",
-                                       sale=sale_jax.SaleConfig())
+                                       sale=sale_jax.SaleConfig(dense_below=0))  # SALE at every length
     config = sale_model.config
     calibrated = calibrated_thresholds(sale_model)
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)

@@ -100,7 +100,7 @@ def _check_attention(q, k, v, layout, config) -> dict:
 
 def main(argv):
     del argv
-    config = sale_jax.SaleConfig(backend="pallas", quant_granularity=_GRANULARITY.value)
+    config = sale_jax.SaleConfig(backend="pallas", quant_granularity=_GRANULARITY.value, dense_below=0)
     tau = jnp.full((_Q_HEADS.value,), _TAU.value, jnp.float32)
     rows = []
     for length in map(int, _LENGTHS.value):

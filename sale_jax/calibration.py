@@ -3,11 +3,14 @@
 For each layer and q head: start at `tau0`; while the per-row L1 error of SALE's output against dense attention is
 `>= theta`, halve `tau`, and below `tau_min` make the head dense (`tau = 0`). Over several samples keep the smallest
 `tau` per head. All heads of a layer search together: each round is one `sale_attention` call with the current
-per-head thresholds (traced, so no recompilation), run with exactly the inference `SaleConfig` and backend.
+per-head thresholds (traced, so no recompilation), run with exactly the inference `SaleConfig` and backend, except
+`dense_below`: calibration always measures the sparse path, since thresholds found on short samples serve the long
+prompts that do run it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -52,6 +55,7 @@ def calibrate_layer(q: jax.Array, k: jax.Array, v: jax.Array, config: SaleConfig
                     tau0: float = DEFAULT_TAU, tau_min: float = DEFAULT_TAU_MIN) -> np.ndarray:
     """Thresholds f32 `[Hq]` for one layer's inputs (`q [B, T, Hq, D]`, `k, v [B, S, Hkv, D]`)."""
     dense = dense_attention(q, k, v, scale=config.scale)
+    config = dataclasses.replace(config, dense_below=0)
 
     def head_errors(tau):
         return per_row_l1_error(sale_attention(q, k, v, jnp.asarray(tau), config), dense)

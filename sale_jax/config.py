@@ -9,6 +9,7 @@ import jax
 
 QUANT_GRANULARITIES = ("per_token", "per_block")
 BACKENDS = ("auto", "reference", "pallas")
+DEFAULT_DENSE_BELOW = 65536  # measured crossover; see SaleConfig.dense_below
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -29,7 +30,10 @@ class SaleConfig:
       backend: `"reference"` (pure jnp), `"pallas"` (GPU kernels) or `"auto"` (Pallas on GPU, reference elsewhere).
       interpret: run Pallas kernels in interpret mode (for CPU testing).
       scale: softmax scale; `None` means `head_dim ** -0.5`.
-      dense_below: key sequences shorter than this use dense attention (selection overhead would dominate).
+      dense_below: `sale_attention` runs dense attention for key sequences shorter than this, where the
+        selection pass would cost more than the blocks it skips. The default is the shortest length at which SALE
+        at the default threshold beat cuDNN on the H200 (Hq 32 / Hkv 8 / D 128, bf16, LLM-like inputs): 0.84x at
+        32K, 1.08x at 64K (experiments/results/bench_attention_h200). 0 runs SALE at every length.
     """
 
     block_q: int = 64
@@ -40,7 +44,7 @@ class SaleConfig:
     backend: str = "auto"
     interpret: bool = False
     scale: float | None = None
-    dense_below: int = 0
+    dense_below: int = DEFAULT_DENSE_BELOW
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):

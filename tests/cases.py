@@ -30,7 +30,7 @@ def draw_case(rng: np.random.Generator, *, chunked: bool | None = None, **config
     kv_heads = int(rng.choice([1, 2]))
     config = dict(block_q=int(rng.choice([8, 16])), block_k=int(rng.choice([4, 8, 16])),
                   sink_tokens=int(rng.choice([0, 5, 16])), local_tokens=int(rng.choice([1, 12, 33])),
-                  quant_granularity=str(rng.choice(["per_token", "per_block"])), backend="reference")
+                  quant_granularity=str(rng.choice(["per_token", "per_block"])), backend="reference", dense_below=0)
     config.update(config_overrides)
     kv_len = int(rng.integers(40, 200))
     chunked = bool(rng.integers(2)) if chunked is None else chunked

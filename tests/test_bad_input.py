@@ -7,7 +7,7 @@ import pytest
 import sale_jax
 
 B, T, S, HQ, HKV, D = 1, 40, 48, 4, 2, 16
-CONFIG = sale_jax.SaleConfig(block_q=8, block_k=8, backend="reference")
+CONFIG = sale_jax.SaleConfig(dense_below=0, block_q=8, block_k=8, backend="reference")
 
 
 def arrays(q_shape=(B, T, HQ, D), kv_shape=(B, S, HKV, D), dtype=jnp.float32, v_shape=None, k_dtype=None):
@@ -76,7 +76,7 @@ def test_bad_config(fields, message):
 def test_layout_that_does_not_match_the_inputs():
     q, k, v = arrays()
     layout = sale_jax.select_blocks(q, k, TAU, CONFIG)
-    other_config = sale_jax.SaleConfig(block_q=16, block_k=8, backend="reference")
+    other_config = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=8, backend="reference")
     with pytest.raises(ValueError, match="layout was made for"):
         sale_jax.block_sparse_attention(q, k, v, layout, other_config)
     with pytest.raises(ValueError, match="layout was made for"):

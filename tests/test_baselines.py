@@ -62,7 +62,7 @@ def test_xattention_ranks_blocks_by_antidiagonal_sums():
         direction = np.eye(head_dim)[t]
         q[0, rows[stride - 1 - t], 0] = 6 * direction
         k[0, 8 + t, 0] = 6 * direction
-    config = sale_jax.SaleConfig(block_q=16, block_k=8, sink_tokens=0, local_tokens=1, backend="reference")
+    config = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=8, sink_tokens=0, local_tokens=1, backend="reference")
     grid = sale_jax.BlockGrid(64, 64, 16, 8)
     mask = np.asarray(baselines.xattention_mask(jnp.asarray(q), jnp.asarray(k), grid, config, stride, 0.3))
     assert mask[0, 0, 3, 1]  # q block 3 (rows 48..63) keeps key block 1 (keys 8..15)

@@ -8,7 +8,7 @@ import sale_jax
 from sale_jax.calibration import search_thresholds
 
 LENGTH, HEAD_DIM = 2048, 32
-CONFIG = sale_jax.SaleConfig(backend="reference")
+CONFIG = sale_jax.SaleConfig(dense_below=0, backend="reference")
 
 
 def thin_head(rng):

@@ -98,7 +98,7 @@ def test_selection_kernel_middle_off_the_estimate_tile(rng):
     """Middle keys start at 16, off the 128-key estimate tile, and the keys pad to 384: a tile walk that starts at
     the middle would run past the padded keys in its last tile (in interpret mode, a clamped slice that shifts
     block 16's keys onto block 17). A needle in block 16 for the last query rows makes such a shift visible."""
-    config = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=70, backend="pallas",
+    config = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=70, backend="pallas",
                                  interpret=INTERPRET)
     case = cases.Case(batch=1, q_len=370, kv_len=370, q_heads=2, kv_heads=1, head_dim=32, config=config)
     q, k, _ = cases.draw_structured_qkv(rng, case, jnp.float32)
@@ -181,7 +181,7 @@ def test_sale_attention_pallas_backend_matches_reference(rng):
     (dict(), 24, "head_dim to be a power of two"),
 ])
 def test_pallas_backend_rejects_unsupported_shapes(overrides, head_dim, message):
-    config = sale_jax.SaleConfig(backend="pallas", interpret=INTERPRET, **overrides)
+    config = sale_jax.SaleConfig(dense_below=0, backend="pallas", interpret=INTERPRET, **overrides)
     q = jnp.ones((1, 64, 2, head_dim), jnp.bfloat16)
     with pytest.raises(ValueError, match=message):
         sale_jax.sale_attention(q, q, q, jnp.zeros(2), config)

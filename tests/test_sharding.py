@@ -19,7 +19,7 @@ def _mesh(data, model):
 
 
 def _sharded_inputs(rng, mesh):
-    config = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=32, backend="reference")
+    config = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=32, backend="reference")
     case = cases.Case(batch=2 * mesh.shape["data"], q_len=150, kv_len=200, q_heads=2 * 2 * mesh.shape["model"],
                       kv_heads=2 * mesh.shape["model"], head_dim=32, config=config)
     q, k, v = cases.draw_structured_qkv(rng, case)
@@ -51,7 +51,7 @@ def test_sharded_sale_equals_single_device(rng, data, model):
 
 def test_unshardable_shapes_are_rejected(rng):
     mesh = _mesh(2, 2)
-    config = sale_jax.SaleConfig(backend="reference")
+    config = sale_jax.SaleConfig(dense_below=0, backend="reference")
     q = jnp.ones((2, 64, 6, 32))
     k = jnp.ones((2, 64, 3, 32))
     with pytest.raises(ValueError, match="kv heads \\(3\\) are not divisible"):
@@ -69,7 +69,7 @@ def test_tensor_and_data_parallel_llama_equals_single_device(rng, attention):
     from models import checkpoint, llama
     from models.sharding import shard_batch, shard_llama
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_llama")
-    sale = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
+    sale = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
     model = llama.with_attention(checkpoint.load_llama(fixture, dtype="float32"), attention, sale)
     thresholds = sale_jax.Thresholds.uniform(2, 4, 0.02) if attention == "sale" else None
     tokens = jnp.asarray(rng.integers(0, 256, size=(2, 96)), jnp.int32)

@@ -32,7 +32,7 @@ def test_is_a_pytree_with_tau_as_its_only_leaf(rng):
 def test_save_load_round_trip(rng, tmp_path):
     tau = rng.uniform(0, 0.01, size=(4, 6)).astype(np.float32)
     tau[1, 2] = 0.0
-    config = sale_jax.SaleConfig(block_q=128, local_tokens=256, backend="reference")
+    config = sale_jax.SaleConfig(dense_below=0, block_q=128, local_tokens=256, backend="reference")
     original = sale_jax.Thresholds(jnp.asarray(tau), model_name="llama-test", theta=0.4, config=config)
     path = tmp_path / "thresholds.json"
     original.save(path)

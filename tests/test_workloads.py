@@ -37,7 +37,7 @@ def test_needles_carry_real_attention_mass_and_sale_keeps_them(rng):
             scores = q[row, h] @ k[:row + 1, h // 2].T / 8.0
             weights = np.exp(scores - scores.max())
             assert weights[key] / weights.sum() > 0.3
-    config = sale_jax.SaleConfig(backend="reference")
+    config = sale_jax.SaleConfig(dense_below=0, backend="reference")
     layout = sale_jax.select_blocks(work.q, work.k, jnp.full((4,), sale_jax.DEFAULT_TAU), config)
     mask = np.asarray(layout.to_mask())[0]
     heads = np.arange(4)[:, None]
