@@ -29,7 +29,7 @@ def _next_power_of_two(n: int) -> int:
 
 def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref, k_scale_ref, bias_ref, tau_ref,
                       row_offsets_ref, indices_ref, counts_ref, *, q_len, kv_len, block_q, block_k, sink_tokens,
-                      local_tokens, scale, estimate_tile, num_q_blocks):
+                      local_tokens, scale, estimate_tile, num_q_blocks, bound_first):
     q_block = num_q_blocks - 1 - pl.program_id(0)  # QBlockGrid's order: longest rows first
     head = pl.program_id(1)
     offset = kv_len - q_len
@@ -103,12 +103,30 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
         bias = bias_ref[pl.ds(start, estimate_tile)]
         # Sink and local keys are never "selected": they are kept anyway and already in the statistics.
         bias = jnp.where((keys >= middle_start) & (keys < middle_end), bias, -jnp.inf)
-        excess = k_scale[None, :] * dots.astype(jnp.float32) + (
-            bias[None, :] * inverse_row_scale[:, None] - row_threshold[:, None])
-        # Reduce within each key block first (along the fast axis), then over rows: reducing over rows first
-        # costs a layout change of the whole tile (measured 1.7x slower for the whole kernel).
-        block_best = jnp.max(jnp.max(excess.reshape(block_q, blocks_per_tile, block_k), axis=2), axis=0)
-        block_hit = (block_best > 0).astype(jnp.int32)
+
+        def exact_hits():
+            excess = k_scale[None, :] * dots.astype(jnp.float32) + (
+                bias[None, :] * inverse_row_scale[:, None] - row_threshold[:, None])
+            # Reduce within each key block first (along the fast axis), then over rows: reducing over rows first
+            # costs a layout change of the whole tile (measured 1.7x slower for the whole kernel).
+            block_best = jnp.max(jnp.max(excess.reshape(block_q, blocks_per_tile, block_k), axis=2), axis=0)
+            return (block_best > 0).astype(jnp.int32)
+
+        if bound_first:
+            # An upper bound of every score of block J for row i from the integer maximum of its dots (sk > 0):
+            # sk_j dot_ij + c_j / sq_i <= max(sk_max D_iJ, sk_min D_iJ) + c_max / sq_i, D_iJ = max_j dot_ij.
+            # One float op per (row, block) instead of three per score; the exact test runs only for tiles
+            # where some block's bound passes, so decisions are the exact ones up to float rounding.
+            block_dot_max = jnp.max(dots.reshape(block_q, blocks_per_tile, block_k), axis=2).astype(jnp.float32)
+            k_scale_blocks = k_scale.reshape(blocks_per_tile, block_k)
+            bias_max = jnp.max(bias.reshape(blocks_per_tile, block_k), axis=1)
+            bound = (jnp.maximum(jnp.max(k_scale_blocks, axis=1)[None, :] * block_dot_max,
+                                 jnp.min(k_scale_blocks, axis=1)[None, :] * block_dot_max)
+                     + (bias_max[None, :] * inverse_row_scale[:, None] - row_threshold[:, None]))
+            block_hit = jax.lax.cond(jnp.max(bound) > 0, exact_hits,
+                                     lambda: jnp.zeros((blocks_per_tile,), jnp.int32))
+        else:
+            block_hit = exact_hits()
         position = count + jnp.cumsum(block_hit) - block_hit
         write_slots(position, start // block_k + tile_block_ids, block_hit > 0)
         return count + jnp.sum(block_hit)
@@ -133,19 +151,20 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
 
 @functools.partial(jax.jit, static_argnames=("num_slots", "q_len", "kv_len", "block_q", "block_k", "sink_tokens",
                                              "local_tokens", "scale", "estimate_tile", "num_warps", "num_stages",
-                                             "index_dtype", "interpret"))
+                                             "index_dtype", "bound_first", "interpret"))
 def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, tau, row_offsets, *, num_slots: int,
                   q_len: int, kv_len: int, block_q: int, block_k: int, sink_tokens: int, local_tokens: int,
                   scale: float,
                   estimate_tile: int = 128, num_warps: int = 4, num_stages: int = 3, index_dtype=jnp.int16,
-                  interpret: bool = False, initial_outputs=None):
+                  bound_first: bool = False, interpret: bool = False, initial_outputs=None):
     """Runs the selection pass; returns the packed kept-block `indices [B, Hq, slots]` and `counts [B, Hq, nQ]`.
 
     Shapes (lengths padded: `T_pad` to a multiple of `block_q`, `S_pad` to a multiple of `block_k` and of
     `estimate_tile`): q, q_codes `[B, T_pad, Hq, D]`; q_scale f32 `[B, Hq, T_pad]`; k_smooth, k_codes
     `[B, S_pad, Hkv, D]`; k_scale f32 `[B, Hkv, S_pad]`; column_bias f32 `[B, Hq, S_pad]`; tau f32 `[Hq]`;
     row_offsets int32 `[nQ + 1]` (start of each q block's list; the last entry is `num_slots`).
-    `initial_outputs` (tests only) are buffers the outputs start from.
+    `bound_first` (a tuning variant, off until measured faster) screens each tile with an integer-domain upper bound
+    before the per-score test. `initial_outputs` (tests only) are buffers the outputs start from.
     """
     batch, padded_q_len, q_heads, head_dim = q.shape
     padded_kv_len, kv_heads = k_codes.shape[1], k_codes.shape[2]
@@ -155,7 +174,8 @@ def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, 
                          f"padded key length {padded_kv_len}")
     kernel = functools.partial(
         _selection_kernel, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, sink_tokens=sink_tokens,
-        local_tokens=local_tokens, scale=scale, estimate_tile=estimate_tile, num_q_blocks=num_q_blocks)
+        local_tokens=local_tokens, scale=scale, estimate_tile=estimate_tile, num_q_blocks=num_q_blocks,
+        bound_first=bound_first)
 
     grid = QBlockGrid(num_q_blocks, q_heads, kv_heads, batch)
     q_spec, kv_spec = grid.q_rows_spec(block_q, head_dim), grid.kv_spec(padded_kv_len, head_dim)

@@ -68,8 +68,9 @@ def test_quantize_kernel_equals_reference(rng, dtype, granularity):
             np.testing.assert_array_equal(got[2][:, :length], smooth)
 
 
-def _kernel_layout(q, k, tau, config):
-    """The selection kernel's layout, from poisoned buffers, through the same glue the API uses."""
+def _kernel_layout(q, k, tau, config, **kernel_options):
+    """The selection kernel's layout, from poisoned buffers, through the same glue the API uses; `kernel_options`
+    (tuning variants) go to the kernel."""
     from sale_jax import pallas_backend
     grid = sale_jax.BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     initial = [poisoned((q.shape[0], q.shape[2], grid.num_slots), grid.index_dtype()),
@@ -77,7 +78,7 @@ def _kernel_layout(q, k, tau, config):
     original = pallas_kernels.select_blocks
 
     def with_poison(*args, **kwargs):
-        return original(*args, **kwargs, initial_outputs=initial)
+        return original(*args, **kwargs, **kernel_options, initial_outputs=initial)
 
     pallas_backend.pallas_kernels.select_blocks = with_poison
     try:
@@ -86,12 +87,13 @@ def _kernel_layout(q, k, tau, config):
         pallas_backend.pallas_kernels.select_blocks = original
 
 
+@pytest.mark.parametrize("bound_first", [False, True])
 @pytest.mark.parametrize("trial", range(3))
-def test_selection_kernel_matches_reference_and_oracle(rng, trial):
+def test_selection_kernel_matches_reference_and_oracle(rng, trial, bound_first):
     case = draw_kernel_case(rng)
     dtype = [jnp.float32, jnp.bfloat16, jnp.float16][trial]
     q, k, _ = cases.draw_structured_qkv(rng, case, dtype)
-    _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads))
+    _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads), bound_first=bound_first)
 
 
 def test_selection_kernel_middle_off_the_estimate_tile(rng):
@@ -107,9 +109,9 @@ def test_selection_kernel_middle_off_the_estimate_tile(rng):
     _check_selection_kernel(case, q, k, jnp.full((2,), 0.05, jnp.float32))
 
 
-def _check_selection_kernel(case, q, k, tau):
+def _check_selection_kernel(case, q, k, tau, **kernel_options):
     dtype = jnp.dtype(q.dtype).name
-    layout = _kernel_layout(q, k, tau, case.config)
+    layout = _kernel_layout(q, k, tau, case.config, **kernel_options)
     grid = layout.grid
     indices, counts = np.asarray(layout.indices).astype(np.int64), np.asarray(layout.counts)
     mask = np.asarray(layout.to_mask())
