@@ -4,6 +4,8 @@ Kernel outputs start from poisoned buffers (NaN, out-of-range codes, -1 indices)
 to write cannot pass by matching a zero-initialized buffer.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,16 +89,20 @@ def _kernel_layout(q, k, tau, config, **kernel_options):
         pallas_backend.pallas_kernels.select_blocks = original
 
 
-@pytest.mark.parametrize("bound_first", [False, True])
+@pytest.mark.parametrize("bound_first,group_heads", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("trial", range(3))
-def test_selection_kernel_matches_reference_and_oracle(rng, trial, bound_first):
+def test_selection_kernel_matches_reference_and_oracle(rng, trial, bound_first, group_heads):
     case = draw_kernel_case(rng)
+    # MHA in the first trial, GQA (2 or 3 q heads per kv head) in the others.
+    case = dataclasses.replace(case, q_heads=case.kv_heads * (1 if trial == 0 else int(rng.choice([2, 3]))))
     dtype = [jnp.float32, jnp.bfloat16, jnp.float16][trial]
     q, k, _ = cases.draw_structured_qkv(rng, case, dtype)
-    _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads), bound_first=bound_first)
+    _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads), bound_first=bound_first,
+                            group_heads=group_heads)
 
 
-def test_selection_kernel_middle_off_the_estimate_tile(rng):
+@pytest.mark.parametrize("group_heads", [False, True])
+def test_selection_kernel_middle_off_the_estimate_tile(rng, group_heads):
     """Middle keys start at 16, off the 128-key estimate tile, and the keys pad to 384: a tile walk that starts at
     the middle would run past the padded keys in its last tile (in interpret mode, a clamped slice that shifts
     block 16's keys onto block 17). A needle in block 16 for the last query rows makes such a shift visible."""
@@ -106,12 +112,17 @@ def test_selection_kernel_middle_off_the_estimate_tile(rng):
     q, k, _ = cases.draw_structured_qkv(rng, case, jnp.float32)
     needle = 4.0 * q[:, 368:370].mean(axis=(1, 2))
     k = k.at[:, 256:272].set(needle[:, None, None, :])
-    _check_selection_kernel(case, q, k, jnp.full((2,), 0.05, jnp.float32))
+    _check_selection_kernel(case, q, k, jnp.full((2,), 0.05, jnp.float32), group_heads=group_heads)
 
 
 def _check_selection_kernel(case, q, k, tau, **kernel_options):
     dtype = jnp.dtype(q.dtype).name
     layout = _kernel_layout(q, k, tau, case.config, **kernel_options)
+    if kernel_options.get("group_heads"):
+        # One program per kv head decides exactly as one program per q head.
+        ungrouped = _kernel_layout(q, k, tau, case.config, **{**kernel_options, "group_heads": False})
+        np.testing.assert_array_equal(layout.indices, ungrouped.indices)
+        np.testing.assert_array_equal(layout.counts, ungrouped.counts)
     grid = layout.grid
     indices, counts = np.asarray(layout.indices).astype(np.int64), np.asarray(layout.counts)
     mask = np.asarray(layout.to_mask())
