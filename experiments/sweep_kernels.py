@@ -23,12 +23,8 @@ from sale_jax.reference.common import pad_axis
 from sale_jax.reference.quantize import column_bias, smoothing_means
 
 _LENGTHS = flags.DEFINE_list("lengths", ["32768"], "Sequence lengths.")
-_SELECTION = flags.DEFINE_list("selection", ["128:4:3", "128:4:3:bound", "128:4:2", "128:4:2:bound", "256:4:3",
-                                             "256:4:3:bound", "64:4:3", "128:4:3:group", "128:4:3:bound:group",
-                                             "64:4:3:group"],
-                               "Selection variants estimate_tile:num_warps:num_stages, then in any order ':bound' "
-                               "for the integer-bound screen (select_blocks' bound_first) and ':group' for one "
-                               "program per kv head's q heads (group_heads).")
+_SELECTION = flags.DEFINE_list("selection", ["128:4:2", "128:4:3", "256:4:2", "64:4:2"],
+                               "Selection variants estimate_tile:num_warps:num_stages.")
 _ATTENTION = flags.DEFINE_list("attention", ["4:2", "4:3", "8:2", "4:4"], "Attention variants num_warps:num_stages.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
@@ -66,19 +62,13 @@ def sweep(length: int) -> dict:
     tau = jnp.full((hq,), sale_jax.DEFAULT_TAU, jnp.float32)
     offsets = jnp.asarray(grid.row_offsets)
     for variant in _SELECTION.value:
-        tile, warps, stages = map(int, variant.split(":")[:3])
-        options = set(variant.split(":")[3:])
-        if unknown := options - {"bound", "group"}:
-            raise ValueError(f"selection variant {variant}: unknown options {sorted(unknown)}")
-        bound_first, group_heads = "bound" in options, "group" in options
+        tile, warps, stages = map(int, variant.split(":"))
         args = (q, q_codes, q_scale, pad_axis(k_smooth, 1, tile), pad_axis(k_codes, 1, tile),
                 pad_axis(k_scale, 2, tile), pad_axis(bias, 2, tile), tau, offsets)
-        name = (f"select/tile{tile}_w{warps}_s{stages}" + ("_bound" if bound_first else "")
-                + ("_group" if group_heads else ""))
+        name = f"select/tile{tile}_w{warps}_s{stages}"
         record(name, lambda: pallas_kernels.select_blocks(
             *args, num_slots=grid.num_slots, q_len=length, kv_len=length, block_q=64, block_k=32, sink_tokens=32,
-            local_tokens=128, scale=d ** -0.5, estimate_tile=tile, num_warps=warps, num_stages=stages,
-            bound_first=bound_first, group_heads=group_heads))
+            local_tokens=128, scale=d ** -0.5, estimate_tile=tile, num_warps=warps, num_stages=stages))
 
     for density in (1.0, 0.1):
         layout = random_layout(7, batch, hq, grid, density)
