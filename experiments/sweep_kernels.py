@@ -25,8 +25,7 @@ from sale_jax.reference.quantize import column_bias, smoothing_means
 _LENGTHS = flags.DEFINE_list("lengths", ["32768"], "Sequence lengths.")
 _SELECTION = flags.DEFINE_list("selection", ["128:4:2", "128:4:3", "256:4:2", "64:4:2"],
                                "Selection variants estimate_tile:num_warps:num_stages.")
-_ATTENTION = flags.DEFINE_list("attention", ["4:2:1", "4:2:2", "4:3:2", "8:2:2"],
-                               "Attention variants num_warps:num_stages:blocks_per_step.")
+_ATTENTION = flags.DEFINE_list("attention", ["4:2", "4:3"], "Attention variants num_warps:num_stages.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
 
@@ -74,12 +73,10 @@ def sweep(length: int) -> dict:
     for density in (1.0, 0.1, 0.02):
         layout = random_layout(7, batch, hq, grid, density)
         for variant in _ATTENTION.value:
-            warps, stages, blocks_per_step = map(int, variant.split(":"))
-            record(f"attend/density{density}_w{warps}_s{stages}_b{blocks_per_step}",
-                   lambda: pallas_kernels.block_sparse_attention(
-                       q, k, v, layout.indices, layout.counts, offsets, q_len=length, kv_len=length, block_q=64,
-                       block_k=32, scale=d ** -0.5, num_warps=warps, num_stages=stages,
-                       blocks_per_step=blocks_per_step))
+            warps, stages = map(int, variant.split(":"))
+            record(f"attend/density{density}_w{warps}_s{stages}", lambda: pallas_kernels.block_sparse_attention(
+                q, k, v, layout.indices, layout.counts, offsets, q_len=length, kv_len=length, block_q=64, block_k=32,
+                scale=d ** -0.5, num_warps=warps, num_stages=stages))
     return results
 
 

@@ -25,7 +25,7 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _attention_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, row_offsets_ref, out_ref, lse_ref, *,
-                      q_len, kv_len, block_q, block_k, scale, num_q_blocks, blocks_per_step):
+                      q_len, kv_len, block_q, block_k, scale, num_q_blocks):
     q_block = num_q_blocks - 1 - pl.program_id(0)  # QBlockGrid's order: longest rows first
     rows_pos = q_block * block_q + jnp.arange(block_q) + (kv_len - q_len)
     first_pos = q_block * block_q + (kv_len - q_len)
@@ -34,9 +34,12 @@ def _attention_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, row_offsets_
     num_kept = counts_ref[q_block]
     q = q_ref[...]
 
-    def scores(block):
+    def attend(step, carry):
+        acc, row_max, row_sum, block = carry
+        next_block = indices_ref[jnp.minimum(slot_base + step + 1, last_slot)].astype(jnp.int32)
         key_start = block * block_k
         k = k_ref[pl.ds(key_start, block_k), :]
+        v = v_ref[pl.ds(key_start, block_k), :]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_EXACT,
                                 preferred_element_type=jnp.float32)
         s = s * (scale * _LOG2_E)
@@ -45,52 +48,19 @@ def _attention_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, row_offsets_
             keys = key_start + jnp.arange(block_k)
             return jnp.where(keys[None, :] <= rows_pos[:, None], s, _MASKED)
 
-        return jax.lax.cond(key_start + block_k - 1 > first_pos, causal_mask, lambda s: s, s)
-
-    def values(block):
-        return v_ref[pl.ds(block * block_k, block_k), :]
-
-    def weighted_values(p, block):
-        v = values(block)
-        return jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=_EXACT,
-                                   preferred_element_type=jnp.float32)
-
-    def attend(step, carry):
-        acc, row_max, row_sum, block = carry
-        next_block = indices_ref[jnp.minimum(slot_base + step + 1, last_slot)].astype(jnp.int32)
-        s = scores(block)
+        s = jax.lax.cond(key_start + block_k - 1 > first_pos, causal_mask, lambda s: s, s)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         correction = jnp.exp2(row_max - new_max)
         p = jnp.exp2(s - new_max[:, None])
         row_sum = row_sum * correction + jnp.sum(p, axis=1)
-        acc = acc * correction[:, None] + weighted_values(p, block)
-        return acc, new_max, row_sum, next_block
-
-    def attend_pair(step, carry):
-        """Two kept blocks per step: one rescale of the accumulator for 2 * block_k keys. An odd count's last
-        pair has no second block: its slot holds the tail's repeat, fully masked (weight 0 once a row has seen a
-        key, and every row sees its diagonal block, the list's last)."""
-        acc, row_max, row_sum, block = carry
-        slot = slot_base + 2 * step
-        second_block = indices_ref[jnp.minimum(slot + 1, last_slot)].astype(jnp.int32)
-        next_block = indices_ref[jnp.minimum(slot + 2, last_slot)].astype(jnp.int32)
-        s_first = scores(block)
-        s_second = jnp.where(2 * step + 1 < num_kept, scores(second_block), _MASKED)
-        new_max = jnp.maximum(row_max, jnp.maximum(jnp.max(s_first, axis=1), jnp.max(s_second, axis=1)))
-        correction = jnp.exp2(row_max - new_max)
-        p_first = jnp.exp2(s_first - new_max[:, None])
-        p_second = jnp.exp2(s_second - new_max[:, None])
-        row_sum = row_sum * correction + jnp.sum(p_first, axis=1) + jnp.sum(p_second, axis=1)
-        acc = acc * correction[:, None] + weighted_values(p_first, block) + weighted_values(p_second, second_block)
+        acc = acc * correction[:, None] + jax.lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32)
         return acc, new_max, row_sum, next_block
 
     head_dim = q.shape[-1]
     carry = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
              jnp.zeros((block_q,), jnp.float32), indices_ref[slot_base].astype(jnp.int32))
-    if blocks_per_step == 1:
-        acc, row_max, row_sum, _ = jax.lax.fori_loop(0, num_kept, attend, carry)
-    else:
-        acc, row_max, row_sum, _ = jax.lax.fori_loop(0, (num_kept + 1) // 2, attend_pair, carry)
+    acc, row_max, row_sum, _ = jax.lax.fori_loop(0, num_kept, attend, carry)
     # A row that saw no kept key (hand-made layouts only) keeps the masked max: output 0, log-sum-exp -inf.
     saw_key = row_max > _MASKED / 2
     safe_sum = jnp.where(saw_key, row_sum, 1.0)
@@ -99,10 +69,10 @@ def _attention_kernel(q_ref, k_ref, v_ref, indices_ref, counts_ref, row_offsets_
 
 
 @functools.partial(jax.jit, static_argnames=("q_len", "kv_len", "block_q", "block_k", "scale", "num_warps",
-                                             "num_stages", "blocks_per_step", "interpret"))
+                                             "num_stages", "interpret"))
 def block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int, kv_len: int, block_q: int,
                            block_k: int, scale: float, num_warps: int = 4, num_stages: int = 2,
-                           blocks_per_step: int = 1, interpret: bool = False, initial_outputs=None):
+                           interpret: bool = False, initial_outputs=None):
     """Block-sparse causal attention over a packed layout; returns out `[B, T_pad, Hq, D]` (input dtype) and the
     natural log-sum-exp f32 `[B, Hq, T_pad]`.
 
@@ -115,7 +85,7 @@ def block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int,
     num_q_blocks = padded_q_len // block_q
     num_slots = indices.shape[-1]
     kernel = functools.partial(_attention_kernel, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-                               scale=scale, num_q_blocks=num_q_blocks, blocks_per_step=blocks_per_step)
+                               scale=scale, num_q_blocks=num_q_blocks)
 
     grid = QBlockGrid(num_q_blocks, q_heads, kv_heads, batch)
     q_spec, kv_spec = grid.q_rows_spec(block_q, head_dim), grid.kv_spec(padded_kv_len, head_dim)

@@ -142,9 +142,8 @@ def _check_selection_kernel(case, q, k, tau):
     assert np.all(undecided[mask != want]), f"{(mask != want).sum()} blocks differ from the reference"
 
 
-@pytest.mark.parametrize("blocks_per_step", [1, 2])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_attention_kernel_matches_oracle(rng, dtype, blocks_per_step):
+def test_attention_kernel_matches_oracle(rng, dtype):
     case = draw_kernel_case(rng)
     q, k, v = cases.draw_qkv(rng, case, dtype)
     grid = sale_jax.BlockGrid(case.q_len, case.kv_len, case.config.block_q, case.config.block_k)
@@ -156,7 +155,7 @@ def test_attention_kernel_matches_oracle(rng, dtype, blocks_per_step):
     out, lse = pallas_kernels.block_sparse_attention(
         q_rows, pad_axis(k, 1, bk), pad_axis(v, 1, bk), layout.indices, layout.counts,
         jnp.asarray(grid.row_offsets), q_len=case.q_len, kv_len=case.kv_len, block_q=bq, block_k=bk,
-        scale=case.scale, blocks_per_step=blocks_per_step, interpret=INTERPRET, initial_outputs=initial)
+        scale=case.scale, interpret=INTERPRET, initial_outputs=initial)
     out, lse = out[:, :case.q_len], lse[..., :case.q_len]
     want_out, want_lse = oracle.attention(q, k, v, mask & grid.visible_mask, bq=bq, bk=bk, scale=case.scale)
     tolerance = OUT_TOLERANCES[dtype]
