@@ -35,6 +35,7 @@ _DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Depths
 _SEQUENCES = flags.DEFINE_integer("sequences", 8, "Sequences per cell.", lower_bound=1)
 _NUM_RECORDS = flags.DEFINE_integer("num_records", 8, "Records per sequence (as trained).", lower_bound=1)
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 4, "Queries per sequence (as trained).", lower_bound=1)
+_FILLER = flags.DEFINE_enum("filler", "random", list(retrieval_task.FILLERS), "Filler text (as trained).")
 _TOKENS_PER_BATCH = flags.DEFINE_integer("tokens_per_batch", 131_072, "Sequences per call: this // length.",
                                          lower_bound=1)
 _THETA = flags.DEFINE_float("theta", 0.4, "Calibration's per-row L1 error bound.")
@@ -54,7 +55,7 @@ def score_cell(models: dict, thresholds: dict, length: int, depth_index: int, de
     densities = {name: [] for name in models}
     for index in range(math.ceil(_SEQUENCES.value / batch_size)):
         data = retrieval_task.batch((_SEED.value, 2, length, depth_index, index), batch_size, length,
-                                    _NUM_RECORDS.value, _NUM_QUERIES.value, depth=depth)
+                                    _NUM_RECORDS.value, _NUM_QUERIES.value, depth=depth, filler=_FILLER.value)
         for name, model in models.items():
             batch_hits, density = retrieval_accuracy.answer_hits(model, data.tokens, data.query_positions,
                                                                  thresholds[name])
@@ -73,7 +74,8 @@ def calibrated_thresholds(sale_model: llama.Llama) -> sale_jax.Thresholds:
         return sale_jax.Thresholds.load(_THRESHOLDS.value, num_layers=sale_model.config.num_layers,
                                         num_q_heads=sale_model.config.num_heads)
     prompts = [retrieval_task.sequence((_SEED.value, 3, index), _CALIBRATION_LENGTH.value, _NUM_RECORDS.value,
-                                       _NUM_QUERIES.value).tokens for index in range(_CALIBRATION_SAMPLES.value)]
+                                       _NUM_QUERIES.value, filler=_FILLER.value).tokens
+               for index in range(_CALIBRATION_SAMPLES.value)]
     return calibrate_model(sale_model, prompts, theta=_THETA.value,
                            model_name=os.path.basename(os.path.normpath(_CHECKPOINT.value)))
 
@@ -137,7 +139,7 @@ def main(argv):
         json.dump({"device": jax.devices()[0].device_kind, "checkpoint": _CHECKPOINT.value, "dtype": dtype,
                    "sale_config": config.sale.to_dict(), "lengths": lengths, "depths": depths,
                    "sequences_per_cell": _SEQUENCES.value, "num_records": _NUM_RECORDS.value,
-                   "num_queries": _NUM_QUERIES.value, "theta": _THETA.value,
+                   "num_queries": _NUM_QUERIES.value, "filler": _FILLER.value, "theta": _THETA.value,
                    "calibration": {"samples": _CALIBRATION_SAMPLES.value, "length": _CALIBRATION_LENGTH.value,
                                    "file": _THRESHOLDS.value},
                    "thresholds": {calibrated_name: np.asarray(calibrated.tau).tolist(),

@@ -5,8 +5,11 @@ A sequence is filler text with key-value records hidden in it, followed by queri
     qzkf wyj#QX:4821#ab xnw oe ... lmr#DT:0375#ep ...?DT:0375\n?QX:4821 
 
 Tokens are bytes (a vocabulary of 256). Filler is lowercase letters and spaces only, so '#', '?', uppercase letters
-and digits occur only in records and queries. The loss is on the 4 answer digits of each query: predicting them
-needs the record with the same key, wherever it sits in the context (the text before the first query).
+and digits occur only in records and queries: random bytes ("random"), or words from a small vocabulary drawn for
+each sequence ("words"), so that a repeated word's later letters can be predicted from its earlier occurrence in
+the same sequence (an in-context matching target for an auxiliary loss, as natural text offers real LLMs). The
+loss is on the 4 answer digits of each query: predicting them needs the record with the same key, wherever it sits
+in the context (the text before the first query).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ ANSWER_OFFSET = 4  # the digits follow "#KK:" in a record and "?KK:" in a query
 ANSWER_LENGTH = 4
 MAX_RECORDS = 26 * 26  # keys are two uppercase letters, unique within a sequence
 
+FILLERS = ("random", "words")
+WORDS_PER_SEQUENCE = 8  # the vocabulary of a "words" filler
 _FILLER = np.frombuffer(string.ascii_lowercase.encode() + b" " * 5, np.uint8)  # a space every ~6 characters
+_LOWERCASE = np.frombuffer(string.ascii_lowercase.encode(), np.uint8)
 _UPPERCASE = np.frombuffer(string.ascii_uppercase.encode(), np.uint8)
 _DIGITS = np.frombuffer(string.digits.encode(), np.uint8)
 _QUERY_ENDS = np.frombuffer(b"\n ", np.uint8)
@@ -33,6 +39,7 @@ Seed = int | Sequence[int] | np.random.SeedSequence
 class RetrievalSequence(NamedTuple):
     tokens: np.ndarray  # int32 [length], byte values
     loss_mask: np.ndarray  # float32 [length]: 1 at t iff token t + 1 is an answer digit
+    filler_mask: np.ndarray  # float32 [length]: 1 at t iff token t + 1 is filler (in the context)
     query_positions: np.ndarray  # int32 [num_queries]: index of each query's first answer digit
     answers: tuple[bytes, ...]  # each query's 4 answer digits
     record_positions: np.ndarray  # int32 [num_queries]: start ('#') of each query's record
@@ -42,6 +49,7 @@ class RetrievalSequence(NamedTuple):
 class RetrievalBatch(NamedTuple):
     tokens: np.ndarray  # int32 [B, length]
     loss_mask: np.ndarray  # float32 [B, length]
+    filler_mask: np.ndarray  # float32 [B, length]
     query_positions: np.ndarray  # int32 [B, num_queries]
 
 
@@ -51,7 +59,9 @@ def min_length(num_records: int, num_queries: int) -> int:
     return 2 * num_records * RECORD_LENGTH + num_queries * QUERY_LENGTH
 
 
-def _check(length: int, num_records: int, num_queries: int, depth: float | None):
+def _check(length: int, num_records: int, num_queries: int, depth: float | None, filler: str):
+    if filler not in FILLERS:
+        raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
     if not 1 <= num_queries <= num_records <= MAX_RECORDS:
         raise ValueError(f"need 1 <= num_queries ({num_queries}) <= num_records ({num_records}) <= {MAX_RECORDS}")
     if length < min_length(num_records, num_queries):
@@ -68,8 +78,18 @@ def _scatter(rng: np.random.Generator, start: int, span: int, count: int) -> np.
     return start + gaps + RECORD_LENGTH * np.arange(count)
 
 
+def _filler(rng: np.random.Generator, length: int, kind: str) -> np.ndarray:
+    if kind == "random":
+        return _FILLER[rng.integers(0, len(_FILLER), length)]
+    vocabulary = [_LOWERCASE[rng.integers(0, 26, rng.integers(2, 8))] for _ in range(WORDS_PER_SEQUENCE)]
+    space = np.array([ord(" ")], np.uint8)
+    # Every word takes at least 3 bytes with its space: length // 3 + 1 words fill the sequence.
+    words = rng.integers(0, WORDS_PER_SEQUENCE, length // 3 + 1)
+    return np.concatenate([part for word in words for part in (vocabulary[word], space)])[:length]
+
+
 def sequence(seed: Seed, length: int, num_records: int, num_queries: int,
-             depth: float | None = None) -> RetrievalSequence:
+             depth: float | None = None, filler: str = "random") -> RetrievalSequence:
     """One sequence of exactly `length` tokens.
 
     Args:
@@ -80,8 +100,9 @@ def sequence(seed: Seed, length: int, num_records: int, num_queries: int,
       depth: where the queried records sit, as a fraction of the context (0 = at its start, 1 = ending where it
         ends); they are then next to each other, the other records spread before and after them in proportion.
         Random places if None.
+      filler: "random" bytes or "words" of a vocabulary drawn for this sequence (see the module's docstring).
     """
-    _check(length, num_records, num_queries, depth)
+    _check(length, num_records, num_queries, depth, filler)
     rng = np.random.default_rng(seed)
     context = length - num_queries * QUERY_LENGTH
     if depth is None:
@@ -111,25 +132,32 @@ def sequence(seed: Seed, length: int, num_records: int, num_queries: int,
                               np.full((num_queries, 1), ord(":"), np.uint8), values[queried],
                               _QUERY_ENDS[rng.integers(0, 2, (num_queries, 1))]], axis=1)
 
-    tokens = _FILLER[rng.integers(0, len(_FILLER), length)]
-    tokens[starts[:, None] + np.arange(RECORD_LENGTH)] = records
+    tokens = _filler(rng, length, filler)
+    record_slots = (starts[:, None] + np.arange(RECORD_LENGTH)).reshape(-1)
+    tokens[record_slots] = records.reshape(-1)
     tokens[context:] = queries.reshape(-1)
 
     query_positions = context + QUERY_LENGTH * np.arange(num_queries) + ANSWER_OFFSET
     loss_mask = np.zeros(length, np.float32)
     loss_mask[(query_positions[:, None] + np.arange(ANSWER_LENGTH)).reshape(-1) - 1] = 1.0
+    is_filler = np.ones(length, bool)
+    is_filler[record_slots] = False
+    is_filler[context:] = False
+    filler_mask = np.zeros(length, np.float32)
+    filler_mask[:-1] = is_filler[1:]
     record_positions = starts[queried]
     return RetrievalSequence(
-        tokens=tokens.astype(np.int32), loss_mask=loss_mask, query_positions=query_positions.astype(np.int32),
+        tokens=tokens.astype(np.int32), loss_mask=loss_mask, filler_mask=filler_mask,
+        query_positions=query_positions.astype(np.int32),
         answers=tuple(bytes(v) for v in values[queried]), record_positions=record_positions.astype(np.int32),
         record_depths=(record_positions / (context - RECORD_LENGTH)).astype(np.float32))
 
 
 def batch(seed: int | Sequence[int], batch_size: int, length: int, num_records: int, num_queries: int,
-          depth: float | None = None) -> RetrievalBatch:
+          depth: float | None = None, filler: str = "random") -> RetrievalBatch:
     """`batch_size` independent sequences (seeded by children of `seed`), stacked into `[B, length]` arrays."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seeds = np.random.SeedSequence(seed).spawn(batch_size)
-    sequences = [sequence(s, length, num_records, num_queries, depth) for s in seeds]
+    sequences = [sequence(s, length, num_records, num_queries, depth, filler) for s in seeds]
     return RetrievalBatch(*(np.stack([getattr(s, field) for s in sequences]) for field in RetrievalBatch._fields))

@@ -65,6 +65,11 @@ _TOKENS_PER_STEP = flags.DEFINE_integer("tokens_per_step", 131_072,
                                         "Tokens per step: the batch is this // length, at least 1.", lower_bound=1)
 _NUM_RECORDS = flags.DEFINE_integer("num_records", 8, "Key-value records per sequence.", lower_bound=1)
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 4, "Queries per sequence (4 answer digits each).", lower_bound=1)
+_FILLER = flags.DEFINE_enum("filler", "random", list(retrieval_task.FILLERS),
+                            "Filler text between the records (experiments/retrieval_task.py).")
+_FILLER_LOSS_WEIGHT = flags.DEFINE_float(
+    "filler_loss_weight", 0.0, "Weight of an auxiliary next-token loss on the filler (useful with --filler=words: "
+    "its repeated words train in-context matching); 0: answer digits only.", lower_bound=0.0)
 
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 200, "Linear warmup from 0; then cosine decay to a tenth "
@@ -80,8 +85,8 @@ _EVAL_SEQUENCES = flags.DEFINE_integer("eval_sequences", 64, "Sequences evaluate
 
 # The flags that define a run: --resume refuses to continue a run under different values.
 _RUN_FLAGS = (_HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM, _ROPE_THETA,
-              _COMPUTE_DTYPE, _CURRICULUM, _TOKENS_PER_STEP, _NUM_RECORDS, _NUM_QUERIES, _LEARNING_RATE,
-              _WARMUP_STEPS, _WEIGHT_DECAY, _SEED)
+              _COMPUTE_DTYPE, _CURRICULUM, _TOKENS_PER_STEP, _NUM_RECORDS, _NUM_QUERIES, _FILLER,
+              _FILLER_LOSS_WEIGHT, _LEARNING_RATE, _WARMUP_STEPS, _WEIGHT_DECAY, _SEED)
 
 ADAM_BETAS = (0.9, 0.95)
 GRADIENT_CLIP_NORM = 1.0  # guards the updates at each jump to a longer length
@@ -157,38 +162,44 @@ def _logits(model: llama.Llama, tokens: jax.Array, compute_dtype: str) -> jax.Ar
     return logits
 
 
-def answer_loss(model: llama.Llama, tokens: jax.Array, loss_mask: jax.Array, compute_dtype: str):
-    """Mean cross-entropy over the answer-digit targets, and the fractions of them and of the first digits alone
-    predicted right (argmax): the first digit is the lookup itself, the others can be copied from whichever record
-    it came from, so the overall accuracy climbs well before the model finds the right record."""
-    logits, targets, mask = _logits(model, tokens, compute_dtype)[:, :-1], tokens[:, 1:], loss_mask[:, :-1]
+def training_loss(model: llama.Llama, tokens: jax.Array, loss_mask: jax.Array, filler_mask: jax.Array,
+                  compute_dtype: str, filler_loss_weight: float):
+    """Mean cross-entropy over the answer-digit targets (plus `filler_loss_weight` times the mean next-token loss
+    on the filler), and metrics: the answer loss, the filler loss, and the fractions of answer digits and of first
+    digits alone predicted right (argmax). The first digit is the lookup itself; the others can be copied from
+    whichever record it came from, so the overall accuracy climbs well before the model finds the right record."""
+    logits, targets = _logits(model, tokens, compute_dtype)[:, :-1], tokens[:, 1:]
+    mask, filler_mask = loss_mask[:, :-1], filler_mask[:, :-1]
     first_digits = mask * (1 - jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1])  # answer targets after a non-answer one
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = jnp.argmax(logits, axis=-1) == targets
-    accuracies = {"accuracy": (correct * mask).sum() / mask.sum(),
-                  "first_digit_accuracy": (correct * first_digits).sum() / first_digits.sum()}
-    return (losses * mask).sum() / mask.sum(), accuracies
+    answer = (losses * mask).sum() / mask.sum()
+    filler = (losses * filler_mask).sum() / jnp.maximum(filler_mask.sum(), 1)
+    metrics = {"loss": answer, "filler_loss": filler, "accuracy": (correct * mask).sum() / mask.sum(),
+               "first_digit_accuracy": (correct * first_digits).sum() / first_digits.sum()}
+    return answer + filler_loss_weight * filler, metrics
 
 
-@functools.partial(nnx.jit, static_argnames="compute_dtype")
+@functools.partial(nnx.jit, static_argnames=("compute_dtype", "filler_loss_weight"))
 def train_step(model: llama.Llama, optimizer: nnx.Optimizer, tokens: jax.Array, loss_mask: jax.Array,
-               compute_dtype: str):
-    """One AdamW update in place; returns the loss and accuracies before it."""
-    (loss, accuracies), grads = nnx.value_and_grad(answer_loss, has_aux=True)(model, tokens, loss_mask,
-                                                                              compute_dtype)
+               filler_mask: jax.Array, compute_dtype: str, filler_loss_weight: float = 0.0) -> dict:
+    """One AdamW update in place; returns the metrics before it."""
+    (_, metrics), grads = nnx.value_and_grad(training_loss, has_aux=True)(
+        model, tokens, loss_mask, filler_mask, compute_dtype, filler_loss_weight)
     optimizer.update(model, grads)
-    return loss, accuracies
+    return metrics
 
 
 def evaluate(model: llama.Llama, lengths: list[int], num_sequences: int, tokens_per_step: int, num_records: int,
-             num_queries: int, seed: int, compute_dtype: str) -> dict[int, dict]:
+             num_queries: int, filler: str, seed: int, compute_dtype: str) -> dict[int, dict]:
     """Exact-match query accuracy and answer-digit accuracy at each length, on sequences no training step saw."""
     results = {}
     for length in lengths:
         batch_size = batch_size_for(length, tokens_per_step)
         hits = []
         for index in range(math.ceil(num_sequences / batch_size)):
-            data = retrieval_task.batch((seed, 1, length, index), batch_size, length, num_records, num_queries)
+            data = retrieval_task.batch((seed, 1, length, index), batch_size, length, num_records, num_queries,
+                                        filler=filler)
             batch_hits, _ = retrieval_accuracy.answer_hits(_as_computed(model, compute_dtype), data.tokens,
                                                            data.query_positions)
             hits.append(np.asarray(batch_hits))
@@ -289,7 +300,7 @@ def main(argv):
     def training_batch(step):
         _, length = stage_at(curriculum, step)
         return retrieval_task.batch((_SEED.value, 0, step), batch_size_for(length, _TOKENS_PER_STEP.value),
-                                    length, num_records, num_queries)
+                                    length, num_records, num_queries, filler=_FILLER.value)
 
     def save_now(step):
         stage, length = stage_at(curriculum, step - 1)
@@ -303,22 +314,24 @@ def main(argv):
     with open(log_path, "a") as log:
         while step < total_steps:
             data = upcoming
-            loss, accuracies = train_step(model, optimizer, data.tokens, data.loss_mask, compute_dtype=compute_dtype)
+            metrics = train_step(model, optimizer, data.tokens, data.loss_mask, data.filler_mask,
+                                 compute_dtype=compute_dtype, filler_loss_weight=_FILLER_LOSS_WEIGHT.value)
             step += 1
             # Dispatch is asynchronous: the next batch is built while the device works on this one.
             upcoming = training_batch(step) if step < total_steps else None
-            loss, accuracies = float(loss), {name: float(value) for name, value in accuracies.items()}
+            metrics = {name: float(value) for name, value in metrics.items()}
+            loss = metrics["loss"]
             now = time.perf_counter()
             length = data.tokens.shape[1]
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss {loss} at step {step} (length {length}); the last save is in "
                                          f"{output_dir}")
             log.write(json.dumps({"step": step, "length": length, "batch_size": data.tokens.shape[0],
-                                  "loss": loss, **accuracies, "seconds": round(now - last, 4)}) + "\n")
+                                  **metrics, "seconds": round(now - last, 4)}) + "\n")
             last = now
             progress.update()
-            progress.set_postfix(length=length, loss=f"{loss:.4f}", acc=f"{accuracies['accuracy']:.3f}",
-                                 first=f"{accuracies['first_digit_accuracy']:.3f}")
+            progress.set_postfix(length=length, loss=f"{loss:.4f}", acc=f"{metrics['accuracy']:.3f}",
+                                 first=f"{metrics['first_digit_accuracy']:.3f}")
             out_of_time = _TIME_LIMIT_S.value and now - started > _TIME_LIMIT_S.value
             if step % _SAVE_EVERY.value == 0 or step == total_steps or out_of_time:
                 log.flush()
@@ -333,7 +346,7 @@ def main(argv):
         return
     if eval_lengths:
         results = evaluate(model, eval_lengths, _EVAL_SEQUENCES.value, _TOKENS_PER_STEP.value, num_records,
-                           num_queries, _SEED.value, compute_dtype)
+                           num_queries, _FILLER.value, _SEED.value, compute_dtype)
         with open(os.path.join(output_dir, _EVAL_FILE), "w") as f:
             json.dump({"step": step, "results": results}, f, indent=1)
         print("length   exact match   first digit   all digits   queries")
