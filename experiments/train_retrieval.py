@@ -1,7 +1,13 @@
 """Trains a small byte-level Llama on long-context key-value retrieval (experiments/retrieval_task.py).
 
 Lengths grow along a curriculum at a constant number of tokens per step; the loss is cross-entropy on the answer
-digits of the queries only. The full run, on one GPU (bfloat16 compute, dense attention on cuDNN):
+digits of the queries, plus a look-back loss: a linear probe (not part of the saved model) reads the previous
+`--lookback_tokens` tokens off the residual stream after the first layer. Without it the key match never forms
+(experiments/results/retrieval_train_h200_attempt1/NOTES.md): answering `?KK:` needs, at each record's first
+digit, the key letters two and three tokens back, which the first layer has no reason to gather until a later
+layer uses them, and no later layer can use them before they are there. Every other target has a shortcut (the
+later digits are copied from whichever record the first came from), so the model settles there. The probe makes
+the first layer gather its local context everywhere; the match then forms within a few hundred steps. The full run, on one GPU (bfloat16 compute, dense attention on cuDNN):
 
     python -m experiments.train_retrieval --output_dir=build/retrieval_run \
         --eval_lengths=256,1024,4096,16384,65536 --time_limit_s=420
@@ -39,7 +45,7 @@ import tqdm
 from absl import app, flags
 from flax import nnx
 
-from experiments import retrieval_accuracy, retrieval_task
+from experiments import batch_prefetch, retrieval_accuracy, retrieval_task
 from models import checkpoint, llama
 from models.config import LlamaConfig
 
@@ -71,6 +77,14 @@ _FILLER_LOSS_WEIGHT = flags.DEFINE_float(
     "filler_loss_weight", 0.0, "Weight of an auxiliary next-token loss on the filler (useful with --filler=words: "
     "its repeated words train in-context matching); 0: answer digits only.", lower_bound=0.0)
 
+_LOOKBACK_TOKENS = flags.DEFINE_integer(
+    "lookback_tokens", 3, "A training-only linear probe on the residual after the first layer predicts each of the "
+    "previous this many tokens (auxiliary loss; not part of the saved model). It makes the first layer gather "
+    "local context at every position, which the key match needs (see the module docstring); 0: no probe.",
+    lower_bound=0)
+_LOOKBACK_LOSS_WEIGHT = flags.DEFINE_float("lookback_loss_weight", 1.0, "Weight of the look-back probe's loss.",
+                                           lower_bound=0.0)
+
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 200, "Linear warmup from 0; then cosine decay to a tenth "
                                      "of the peak at the end of the curriculum.", lower_bound=1)
@@ -80,20 +94,25 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seeds the initialization and every batc
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 500, "Steps between saves (and one at the end).", lower_bound=1)
 _TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 0.0, "Stop (and save) once training has run this long; "
                                    "0: no limit.", lower_bound=0.0)
+_DATA_WORKERS = flags.DEFINE_integer(
+    "data_workers", min(8, max(0, (os.cpu_count() or 1) - 2)), "Processes building the next steps' batches while "
+    "the device trains (experiments/batch_prefetch.py; results do not depend on it); 0: built between steps.",
+    lower_bound=0)
 _EVAL_LENGTHS = flags.DEFINE_list("eval_lengths", [], "Lengths for the exact-match evaluation after training.")
 _EVAL_SEQUENCES = flags.DEFINE_integer("eval_sequences", 64, "Sequences evaluated per length.", lower_bound=1)
 
 # The flags that define a run: --resume refuses to continue a run under different values.
 _RUN_FLAGS = (_HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM, _ROPE_THETA,
               _COMPUTE_DTYPE, _CURRICULUM, _TOKENS_PER_STEP, _NUM_RECORDS, _NUM_QUERIES, _FILLER,
-              _FILLER_LOSS_WEIGHT, _LEARNING_RATE, _WARMUP_STEPS, _WEIGHT_DECAY, _SEED)
+              _FILLER_LOSS_WEIGHT, _LOOKBACK_TOKENS, _LOOKBACK_LOSS_WEIGHT, _LEARNING_RATE, _WARMUP_STEPS,
+              _WEIGHT_DECAY, _SEED)
 
 ADAM_BETAS = (0.9, 0.95)
 GRADIENT_CLIP_NORM = 1.0  # guards the updates at each jump to a longer length
 FINAL_LEARNING_RATE_FRACTION = 0.1
 PARAM_DTYPE = "float32"
-_STATE_FILE, _OPTIMIZER_FILE, _LOG_FILE, _EVAL_FILE = ("train_state.json", "optimizer_state.npz",
-                                                       "train_log.jsonl", "eval.json")
+_STATE_FILE, _OPTIMIZER_FILE, _PROBE_FILE, _LOG_FILE, _EVAL_FILE = (
+    "train_state.json", "optimizer_state.npz", "lookback_probe.npz", "train_log.jsonl", "eval.json")
 
 
 def parse_curriculum(stages: list[str], num_records: int, num_queries: int) -> list[tuple[int, int]]:
@@ -134,7 +153,32 @@ def batch_size_for(length: int, tokens_per_step: int) -> int:
     return max(1, tokens_per_step // length)
 
 
-def make_optimizer(model: llama.Llama, learning_rate: float, warmup_steps: int, total_steps: int,
+class LookbackProbe(nnx.Module):
+    """Reads the previous `num_tokens` tokens off the residual stream after the first layer (one linear map per
+    distance, after a norm). Its loss teaches the first layer to gather local context at every position."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, num_tokens: int, rngs: nnx.Rngs):
+        self.num_tokens, self.vocab_size = num_tokens, vocab_size
+        self.norm = llama.RMSNorm(hidden_size, 1e-5, jnp.float32)
+        self.readout = nnx.Linear(hidden_size, num_tokens * vocab_size, use_bias=False, rngs=rngs)
+
+    def loss(self, residual: jax.Array, tokens: jax.Array) -> jax.Array:
+        """Mean cross-entropy of predicting `tokens[t - j]` at every `t >= j`, averaged over `j = 1..num_tokens`."""
+        logits = self.readout(self.norm(residual.astype(jnp.float32)))
+        logits = logits.reshape(*tokens.shape, self.num_tokens, self.vocab_size)
+        losses = [optax.softmax_cross_entropy_with_integer_labels(logits[:, back:, back - 1], tokens[:, :-back]).mean()
+                  for back in range(1, self.num_tokens + 1)]
+        return sum(losses) / self.num_tokens
+
+
+class Trainee(nnx.Module):
+    """What training updates: the Llama, and the look-back probe when there is one (`probe` None otherwise)."""
+
+    def __init__(self, model: llama.Llama, probe: LookbackProbe | None):
+        self.model, self.probe = model, probe
+
+
+def make_optimizer(trainee: Trainee, learning_rate: float, warmup_steps: int, total_steps: int,
                    weight_decay: float) -> nnx.Optimizer:
     if warmup_steps >= total_steps:
         raise ValueError(f"--warmup_steps ({warmup_steps}) must be below the curriculum's {total_steps} steps")
@@ -142,11 +186,11 @@ def make_optimizer(model: llama.Llama, learning_rate: float, warmup_steps: int, 
                                                   learning_rate * FINAL_LEARNING_RATE_FRACTION)
     tx = optax.chain(optax.clip_by_global_norm(GRADIENT_CLIP_NORM),
                      optax.adamw(schedule, *ADAM_BETAS, weight_decay=weight_decay, mask=_matrices))
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return nnx.Optimizer(trainee, tx, wrt=nnx.Param)
 
 
 def _matrices(params):
-    """Weight decay applies to these (the embedding and projections), not to the norms' gains."""
+    """Weight decay applies to these (the embedding, projections and probe), not to the norms' gains."""
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
@@ -156,37 +200,36 @@ def _as_computed(model: llama.Llama, compute_dtype: str) -> llama.Llama:
     return model if compute_dtype == model.config.dtype else llama.with_config(model, dtype=compute_dtype)
 
 
-def _logits(model: llama.Llama, tokens: jax.Array, compute_dtype: str) -> jax.Array:
-    lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    logits, _ = _as_computed(model, compute_dtype).prefill(tokens, lengths)
-    return logits
-
-
-def training_loss(model: llama.Llama, tokens: jax.Array, loss_mask: jax.Array, filler_mask: jax.Array,
-                  compute_dtype: str, filler_loss_weight: float):
-    """Mean cross-entropy over the answer-digit targets (plus `filler_loss_weight` times the mean next-token loss
-    on the filler), and metrics: the answer loss, the filler loss, and the fractions of answer digits and of first
-    digits alone predicted right (argmax). The first digit is the lookup itself; the others can be copied from
-    whichever record it came from, so the overall accuracy climbs well before the model finds the right record."""
-    logits, targets = _logits(model, tokens, compute_dtype)[:, :-1], tokens[:, 1:]
+def training_loss(trainee: Trainee, tokens: jax.Array, loss_mask: jax.Array, filler_mask: jax.Array,
+                  compute_dtype: str, filler_loss_weight: float, lookback_loss_weight: float):
+    """Mean cross-entropy over the answer-digit targets, plus `filler_loss_weight` times the mean next-token loss
+    on the filler and `lookback_loss_weight` times the look-back probe's loss; and metrics: those three losses and
+    the fractions of answer digits and of first digits alone predicted right (argmax). The first digit is the
+    lookup itself; the others can be copied from whichever record it came from, so the overall accuracy climbs
+    well before the model finds the right record."""
+    all_logits, residuals = _as_computed(trainee.model, compute_dtype).train_forward(tokens)
+    logits, targets = all_logits[:, :-1], tokens[:, 1:]
     mask, filler_mask = loss_mask[:, :-1], filler_mask[:, :-1]
     first_digits = mask * (1 - jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1])  # answer targets after a non-answer one
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = jnp.argmax(logits, axis=-1) == targets
     answer = (losses * mask).sum() / mask.sum()
     filler = (losses * filler_mask).sum() / jnp.maximum(filler_mask.sum(), 1)
-    metrics = {"loss": answer, "filler_loss": filler, "accuracy": (correct * mask).sum() / mask.sum(),
+    lookback = jnp.float32(0.0) if trainee.probe is None else trainee.probe.loss(residuals[0], tokens)
+    metrics = {"loss": answer, "filler_loss": filler, "lookback_loss": lookback,
+               "accuracy": (correct * mask).sum() / mask.sum(),
                "first_digit_accuracy": (correct * first_digits).sum() / first_digits.sum()}
-    return answer + filler_loss_weight * filler, metrics
+    return answer + filler_loss_weight * filler + lookback_loss_weight * lookback, metrics
 
 
-@functools.partial(nnx.jit, static_argnames=("compute_dtype", "filler_loss_weight"))
-def train_step(model: llama.Llama, optimizer: nnx.Optimizer, tokens: jax.Array, loss_mask: jax.Array,
-               filler_mask: jax.Array, compute_dtype: str, filler_loss_weight: float = 0.0) -> dict:
+@functools.partial(nnx.jit, static_argnames=("compute_dtype", "filler_loss_weight", "lookback_loss_weight"))
+def train_step(trainee: Trainee, optimizer: nnx.Optimizer, tokens: jax.Array, loss_mask: jax.Array,
+               filler_mask: jax.Array, compute_dtype: str, filler_loss_weight: float = 0.0,
+               lookback_loss_weight: float = 0.0) -> dict:
     """One AdamW update in place; returns the metrics before it."""
     (_, metrics), grads = nnx.value_and_grad(training_loss, has_aux=True)(
-        model, tokens, loss_mask, filler_mask, compute_dtype, filler_loss_weight)
-    optimizer.update(model, grads)
+        trainee, tokens, loss_mask, filler_mask, compute_dtype, filler_loss_weight, lookback_loss_weight)
+    optimizer.update(trainee, grads)
     return metrics
 
 
@@ -207,25 +250,31 @@ def evaluate(model: llama.Llama, lengths: list[int], num_sequences: int, tokens_
     return results
 
 
-def save(output_dir: str, model: llama.Llama, optimizer: nnx.Optimizer, train_state: dict):
-    """The checkpoint, then the optimizer state, then train_state.json (written last: it says what was saved)."""
-    checkpoint.save_llama(model, output_dir)
-    np.savez(os.path.join(output_dir, _OPTIMIZER_FILE),
-             **{_key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(optimizer))})
+def save(output_dir: str, trainee: Trainee, optimizer: nnx.Optimizer, train_state: dict):
+    """The checkpoint, the probe, the optimizer state, then train_state.json (last: it says what was saved)."""
+    checkpoint.save_llama(trainee.model, output_dir)
+    if trainee.probe is not None:
+        _save_state(trainee.probe, os.path.join(output_dir, _PROBE_FILE))
+    _save_state(optimizer, os.path.join(output_dir, _OPTIMIZER_FILE))
     with open(os.path.join(output_dir, _STATE_FILE), "w") as f:
         json.dump(train_state, f, indent=1)
 
 
-def restore_optimizer(optimizer: nnx.Optimizer, path: str):
-    flat = nnx.to_flat_state(nnx.state(optimizer))
+def _save_state(node: nnx.Module | nnx.Optimizer, path: str):
+    np.savez(path, **{_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(node))})
+
+
+def restore_state(node: nnx.Module | nnx.Optimizer, path: str):
+    """Sets every state leaf of `node` (an optimizer, the probe) from a file written by `save`."""
+    flat = nnx.to_flat_state(nnx.state(node))
     with np.load(path) as saved:
         expected, found = {_key(p) for p, _ in flat}, set(saved.files)
         if expected != found:
-            raise ValueError(f"{path} does not match this optimizer: missing {sorted(expected - found)[:5]}, "
-                             f"unexpected {sorted(found - expected)[:5]}")
+            raise ValueError(f"{path} does not match this {type(node).__name__}: missing "
+                             f"{sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]}")
         for p, variable in flat:
             variable.set_value(jnp.asarray(saved[_key(p)]))
-    nnx.update(optimizer, nnx.from_flat_state(flat))
+    nnx.update(node, nnx.from_flat_state(flat))
 
 
 def _key(path: tuple) -> str:
@@ -289,36 +338,47 @@ def main(argv):
             dtype=PARAM_DTYPE)
         model, step = llama.Llama(config, nnx.Rngs(_SEED.value)), 0
         open(log_path, "w").close()
-    optimizer = make_optimizer(model, _LEARNING_RATE.value, _WARMUP_STEPS.value, total_steps, _WEIGHT_DECAY.value)
+    probe = None
+    if _LOOKBACK_TOKENS.value:
+        probe = LookbackProbe(model.config.hidden_size, model.config.vocab_size, _LOOKBACK_TOKENS.value,
+                              nnx.Rngs(_SEED.value + 1))
+    trainee = Trainee(model, probe)
+    optimizer = make_optimizer(trainee, _LEARNING_RATE.value, _WARMUP_STEPS.value, total_steps,
+                               _WEIGHT_DECAY.value)
     if _RESUME.value:
-        restore_optimizer(optimizer, os.path.join(output_dir, _OPTIMIZER_FILE))
+        if probe is not None:
+            restore_state(probe, os.path.join(output_dir, _PROBE_FILE))
+        restore_state(optimizer, os.path.join(output_dir, _OPTIMIZER_FILE))
 
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"{num_params / 1e6:.2f}M parameters, {compute_dtype} compute on {jax.devices()[0].device_kind}; "
           f"curriculum {curriculum}, {_TOKENS_PER_STEP.value} tokens per step; from step {step} of {total_steps}")
 
-    def training_batch(step):
+    def batch_arguments(step):
         _, length = stage_at(curriculum, step)
-        return retrieval_task.batch((_SEED.value, 0, step), batch_size_for(length, _TOKENS_PER_STEP.value),
-                                    length, num_records, num_queries, filler=_FILLER.value)
+        return ((_SEED.value, 0, step), batch_size_for(length, _TOKENS_PER_STEP.value), length, num_records,
+                num_queries, None, _FILLER.value)
 
     def save_now(step):
         stage, length = stage_at(curriculum, step - 1)
-        save(output_dir, model, optimizer, {"step": step, "stage": stage, "length": length,
+        save(output_dir, trainee, optimizer, {"step": step, "stage": stage, "length": length,
                                             "stage_step": step - sum(s for _, s in curriculum[:stage]),
                                             "flags": run_flags})
 
     started = last = time.perf_counter()
     progress = tqdm.tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    upcoming = training_batch(step) if step < total_steps else None
-    with open(log_path, "a") as log:
+    batches = batch_prefetch.BatchPrefetcher(retrieval_task.batch, batch_arguments, total_steps,
+                                             _DATA_WORKERS.value)
+    upcoming = batches.get(step) if step < total_steps else None
+    with open(log_path, "a") as log, batches:
         while step < total_steps:
             data = upcoming
-            metrics = train_step(model, optimizer, data.tokens, data.loss_mask, data.filler_mask,
-                                 compute_dtype=compute_dtype, filler_loss_weight=_FILLER_LOSS_WEIGHT.value)
+            metrics = train_step(trainee, optimizer, data.tokens, data.loss_mask, data.filler_mask,
+                                 compute_dtype=compute_dtype, filler_loss_weight=_FILLER_LOSS_WEIGHT.value,
+                                 lookback_loss_weight=_LOOKBACK_LOSS_WEIGHT.value)
             step += 1
-            # Dispatch is asynchronous: the next batch is built while the device works on this one.
-            upcoming = training_batch(step) if step < total_steps else None
+            # Dispatch is asynchronous: the next batch is fetched (or built) while the device works on this one.
+            upcoming = batches.get(step) if step < total_steps else None
             metrics = {name: float(value) for name, value in metrics.items()}
             loss = metrics["loss"]
             now = time.perf_counter()

@@ -172,6 +172,17 @@ class Llama(nnx.Module):
         logits = self._logits(hidden) if all_logits else self._logits(hidden)[:, 0]
         return (logits, cache, jnp.stack(densities)) if return_density else (logits, cache)
 
+    def train_forward(self, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """Dense forward pass over whole sequences `tokens: int [B, T]`, for training: f32 logits `[B, T, V]` and
+        the residual stream after each layer (`[B, T, D]` each, for auxiliary losses on what a layer has
+        gathered)."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden, residuals = self.embed_tokens(tokens), []
+        for layer in self.layers:
+            hidden, _, _ = layer.prefill(hidden, positions, None)
+            residuals.append(hidden)
+        return self._logits(hidden), residuals
+
     def attention_inputs(self, tokens: jax.Array):
         """Runs a dense forward pass one layer at a time, yielding each layer's post-RoPE `(q, k, v)`: the inputs a
         calibration sees, with every layer fed exact (dense) activations. Only one layer's inputs are alive at a

@@ -34,6 +34,18 @@ def test_logits_match_hugging_face(folder):
     np.testing.assert_allclose(logits, want, atol=LOGIT_TOLERANCE, rtol=LOGIT_TOLERANCE)
 
 
+def test_train_forward_matches_hugging_face_and_returns_every_layers_residual():
+    model = checkpoint.load_llama(FIXTURE, dtype="float32")
+    tokens, want = _fixture_inputs()
+    with jax.default_matmul_precision("highest"):
+        logits, residuals = nnx.jit(llama.Llama.train_forward)(model, tokens)
+    np.testing.assert_allclose(logits, want, atol=LOGIT_TOLERANCE, rtol=LOGIT_TOLERANCE)
+    assert len(residuals) == model.config.num_layers
+    assert all(r.shape == (*tokens.shape, model.config.hidden_size) for r in residuals)
+    # The logits are the final norm and head applied to the last residual.
+    np.testing.assert_allclose(model._logits(residuals[-1]), logits, atol=1e-6, rtol=1e-6)
+
+
 def test_sale_with_tau_zero_matches_the_dense_model():
     sale = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
     dense_model = checkpoint.load_llama(FIXTURE, dtype="float32")
