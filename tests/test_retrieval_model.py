@@ -1,0 +1,36 @@
+"""The committed retrieval-trained checkpoint (experiments/results/retrieval_model, trained by
+experiments/train_retrieval.py): it loads through the Hugging Face loader, retrieves at 1K tokens with dense
+attention, and SALE at the thresholds calibrated for it on the H200 (experiments/retrieval_eval.py) answers as well
+while skipping blocks."""
+
+import os
+
+import numpy as np
+
+import sale_jax
+from experiments import retrieval_accuracy, retrieval_task
+from models import checkpoint, llama
+
+RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "results")
+MODEL = os.path.join(RESULTS, "retrieval_model")
+THRESHOLDS = os.path.join(RESULTS, "retrieval_eval_h200", "thresholds.json")
+LENGTH, SEQUENCES = 1024, 32  # 128 queries: one wrong answer costs 0.8 points
+NUM_RECORDS, NUM_QUERIES = 8, 4  # as trained
+
+
+def test_committed_checkpoint_retrieves_at_1k_with_dense_and_calibrated_sale_attention(rng):
+    sale_model = checkpoint.load_llama(MODEL, dtype="float32", attention="sale",
+                                       sale=sale_jax.SaleConfig(dense_below=0))  # SALE at 1K too
+    config = sale_model.config
+    assert (config.vocab_size, config.head_dim) == (256, 128) and config.num_kv_heads < config.num_heads
+    dense_model = llama.with_attention(sale_model, "dense")
+    thresholds = sale_jax.Thresholds.load(THRESHOLDS, num_layers=config.num_layers, num_q_heads=config.num_heads)
+    data = retrieval_task.batch(int(rng.integers(2**31)), SEQUENCES, LENGTH, NUM_RECORDS, NUM_QUERIES)
+
+    dense_hits, _ = retrieval_accuracy.answer_hits(dense_model, data.tokens, data.query_positions)
+    sale_hits, density = retrieval_accuracy.answer_hits(sale_model, data.tokens, data.query_positions, thresholds)
+    dense = retrieval_accuracy.summarize(np.asarray(dense_hits))["exact_match"]
+    sale = retrieval_accuracy.summarize(np.asarray(sale_hits))["exact_match"]
+    assert dense >= 0.99, f"dense exact match {dense:.3f} at {LENGTH} tokens"
+    assert sale >= dense - 0.01, f"SALE exact match {sale:.3f} vs dense {dense:.3f}"
+    assert float(np.mean(density)) < 0.9, f"SALE kept {np.mean(density):.2f} of the blocks: nothing was selected"
