@@ -7,10 +7,15 @@ digits of the queries, plus a look-back loss: a linear probe (not part of the sa
 digit, the key letters two and three tokens back, which the first layer has no reason to gather until a later
 layer uses them, and no later layer can use them before they are there. Every other target has a shortcut (the
 later digits are copied from whichever record the first came from), so the model settles there. The probe makes
-the first layer gather its local context everywhere; the match then forms within a few hundred steps. The full run, on one GPU (bfloat16 compute, dense attention on cuDNN):
+the first layer gather its local context everywhere; the match then forms within a few hundred steps.
 
-    python -m experiments.train_retrieval --output_dir=build/retrieval_run \
-        --eval_lengths=256,1024,4096,16384,65536 --time_limit_s=420
+The committed checkpoint (experiments/results/retrieval_model, 4.85M parameters, 2,600 steps in 7.5 minutes on
+one H200; bfloat16 compute, dense attention on cuDNN; its log is in experiments/results/retrieval_train_h200/) is
+the default flags' run:
+
+    python -m experiments.train_retrieval --output_dir=build/run --time_limit_s=480 --data_workers=8 \
+        --eval_lengths=4096,16384,65536 --eval_sequences=64
+    python -m experiments.export_checkpoint --checkpoint=build/run --output_dir=experiments/results/retrieval_model
 
 A CPU smoke run (a tiny model, 40 steps, about 15 seconds):
 
@@ -26,7 +31,8 @@ limit per command and continues with --resume.
 --output_dir holds: config.json and model.safetensors (Hugging Face format: `models.checkpoint.load_llama`, with
 dtype="float32" to get the float32 weights back), optimizer_state.npz (the optimizer's state leaves by path),
 train_state.json (steps done, curriculum position, the run's flags), train_log.jsonl (one line per step) and, after
---eval_lengths, eval.json (exact-match query accuracy and answer-digit accuracies per length).
+--eval_lengths, eval.json (exact-match query accuracy and answer-digit accuracies per length); with the
+look-back probe, lookback_probe.npz (its weights, for --resume).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the checkpoint
                                   required=True)
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the last save in --output_dir.")
 
-_HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 512, "Model width.", lower_bound=1)
+_HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 256, "Model width.", lower_bound=1)
 _INTERMEDIATE_SIZE = flags.DEFINE_integer("intermediate_size", 1024, "SwiGLU hidden width.", lower_bound=1)
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers.", lower_bound=1)
 _NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads.", lower_bound=1)
@@ -65,8 +71,12 @@ _COMPUTE_DTYPE = flags.DEFINE_enum(
     "Activation dtype; auto: bfloat16 on GPU (dense attention then runs on cuDNN flash attention, where XLA's "
     "would hold the [T, T] scores), float32 elsewhere. Parameters and optimizer state are always float32.")
 
-_CURRICULUM = flags.DEFINE_list("curriculum", ["256:1500", "1024:1500", "4096:1500", "16384:1000", "65536:500"],
+_CURRICULUM = flags.DEFINE_list("curriculum", ["256:500", "1024:400", "4096:400", "16384:400", "65536:900"],
                                 "LENGTH:STEPS stages, trained in order.")
+_REPLAY_FRACTION = flags.DEFINE_float(
+    "replay_fraction", 0.0, "After the first stage, this fraction of the steps (drawn per step from the seed) "
+    "trains at the length of an earlier stage (uniformly drawn), so the long stages do not unlearn the short "
+    "contexts; 0: every step at its stage's length.", lower_bound=0.0, upper_bound=1.0)
 _TOKENS_PER_STEP = flags.DEFINE_integer("tokens_per_step", 131_072,
                                         "Tokens per step: the batch is this // length, at least 1.", lower_bound=1)
 _NUM_RECORDS = flags.DEFINE_integer("num_records", 8, "Key-value records per sequence.", lower_bound=1)
@@ -103,14 +113,17 @@ _EVAL_SEQUENCES = flags.DEFINE_integer("eval_sequences", 64, "Sequences evaluate
 
 # The flags that define a run: --resume refuses to continue a run under different values.
 _RUN_FLAGS = (_HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM, _ROPE_THETA,
-              _COMPUTE_DTYPE, _CURRICULUM, _TOKENS_PER_STEP, _NUM_RECORDS, _NUM_QUERIES, _FILLER,
-              _FILLER_LOSS_WEIGHT, _LOOKBACK_TOKENS, _LOOKBACK_LOSS_WEIGHT, _LEARNING_RATE, _WARMUP_STEPS,
+              _COMPUTE_DTYPE, _CURRICULUM, _REPLAY_FRACTION, _TOKENS_PER_STEP, _NUM_RECORDS, _NUM_QUERIES,
+              _FILLER, _FILLER_LOSS_WEIGHT, _LOOKBACK_TOKENS, _LOOKBACK_LOSS_WEIGHT, _LEARNING_RATE, _WARMUP_STEPS,
               _WEIGHT_DECAY, _SEED)
 
 ADAM_BETAS = (0.9, 0.95)
 GRADIENT_CLIP_NORM = 1.0  # guards the updates at each jump to a longer length
 FINAL_LEARNING_RATE_FRACTION = 0.1
 PARAM_DTYPE = "float32"
+# Random streams under --seed: (seed, 0, step) training batches, (seed, 1, ...) evaluation sequences, (seed, 4,
+# step) replay draws (experiments/retrieval_eval.py uses (seed, 2 or 3, ...)).
+_REPLAY_STREAM = 4
 _STATE_FILE, _OPTIMIZER_FILE, _PROBE_FILE, _LOG_FILE, _EVAL_FILE = (
     "train_state.json", "optimizer_state.npz", "lookback_probe.npz", "train_log.jsonl", "eval.json")
 
@@ -147,6 +160,18 @@ def stage_at(curriculum: list[tuple[int, int]], step: int) -> tuple[int, int]:
         if step < end:
             return index, length
     raise ValueError(f"step {step} is past the curriculum's {end} steps")
+
+
+def length_at(curriculum: list[tuple[int, int]], step: int, replay_fraction: float, seed: int) -> int:
+    """The sequence length of the step after `step` steps: its stage's, or with probability `replay_fraction`
+    (after the first stage) an earlier stage's, drawn from `seed` and the step alone (a resumed run draws the
+    same)."""
+    stage, length = stage_at(curriculum, step)
+    if stage and replay_fraction:
+        rng = np.random.default_rng((seed, _REPLAY_STREAM, step))
+        if rng.random() < replay_fraction:
+            return curriculum[rng.integers(stage)][0]
+    return length
 
 
 def batch_size_for(length: int, tokens_per_step: int) -> int:
@@ -355,7 +380,7 @@ def main(argv):
           f"curriculum {curriculum}, {_TOKENS_PER_STEP.value} tokens per step; from step {step} of {total_steps}")
 
     def batch_arguments(step):
-        _, length = stage_at(curriculum, step)
+        length = length_at(curriculum, step, _REPLAY_FRACTION.value, _SEED.value)
         return ((_SEED.value, 0, step), batch_size_for(length, _TOKENS_PER_STEP.value), length, num_records,
                 num_queries, None, _FILLER.value)
 

@@ -1,19 +1,22 @@
 """The key-value retrieval data (seeded, exact in length, well formed, answers and loss mask right, depth honoured)
-and its training script (a few real steps of a tiny model, and a save + resume that continues exactly)."""
+and its training script (a few real steps of a tiny model, the look-back probe's loss against numpy, and a save +
+resume that continues exactly, with batches built in worker processes or not)."""
 
 import json
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from flax import nnx
 from safetensors.numpy import load_file
 
 from experiments import retrieval_task, train_retrieval
 
 TINY_RUN = ("--hidden_size=64", "--intermediate_size=128", "--num_layers=2", "--num_heads=2", "--num_kv_heads=1",
             "--head_dim=32", "--curriculum=128:3,160:2", "--tokens_per_step=512", "--num_records=4",
-            "--num_queries=2", "--warmup_steps=2", "--save_every=2")
+            "--num_queries=2", "--warmup_steps=2", "--save_every=2", "--data_workers=0")
 
 
 def _random_task(rng):
@@ -155,19 +158,23 @@ def _log(output_dir):
 def test_training_runs_and_resumes_exactly(tmp_path, rng):
     seed = f"--seed={rng.integers(1000)}"
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    _train(straight, seed)
+    _train(straight, seed, "--data_workers=2")  # the same batches, built by worker processes
     _train(interrupted, seed, "--time_limit_s=1e-9")  # stops (and saves) after its first step
     assert json.loads((interrupted / "train_state.json").read_text())["step"] == 1
     _train(interrupted, seed, "--resume")
+    replayed = tmp_path / "replayed"
+    _train(replayed, seed, "--replay_fraction=1")  # every step of the second stage at the first's length
 
     log = _log(straight)
     assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5]
     assert [entry["length"] for entry in log] == [128, 128, 128, 160, 160]
+    assert [entry["length"] for entry in _log(replayed)] == [128] * 5
     assert all(np.isfinite(entry["loss"]) for entry in log)
     assert [entry["loss"] for entry in _log(interrupted)] == [entry["loss"] for entry in log]
     state = json.loads((interrupted / "train_state.json").read_text())
     assert (state["step"], state["stage"], state["length"]) == (5, 1, 160)
-    for name, load in (("model.safetensors", load_file), ("optimizer_state.npz", np.load)):
+    for name, load in (("model.safetensors", load_file), ("optimizer_state.npz", np.load),
+                       ("lookback_probe.npz", np.load)):
         want, got = load(straight / name), load(interrupted / name)
         assert set(want) == set(got)
         for key in want:
@@ -180,6 +187,43 @@ def test_training_with_a_filler_loss(tmp_path):
     assert len(log) == 5 and all(np.isfinite(entry["loss"]) and np.isfinite(entry["filler_loss"]) for entry in log)
     # Next-byte loss on filler starts near ln 256 (an untrained model) and is not the answer loss.
     assert all(entry["filler_loss"] != entry["loss"] for entry in log) and log[0]["filler_loss"] > 3
+
+
+def test_replay_trains_some_steps_at_earlier_lengths_the_same_on_every_call():
+    curriculum = [(128, 50), (256, 50), (512, 400)]
+    lengths = [train_retrieval.length_at(curriculum, step, 0.25, seed=7) for step in range(500)]
+    assert lengths == [train_retrieval.length_at(curriculum, step, 0.25, seed=7) for step in range(500)]
+    assert lengths[:50] == [128] * 50  # nothing earlier to replay in the first stage
+    assert set(lengths[50:100]) == {128, 256}
+    last = np.array(lengths[100:])
+    assert set(last) == {128, 256, 512}
+    assert 0.18 < np.mean(last != 512) < 0.32  # a quarter replayed, split between the two earlier stages
+    assert [train_retrieval.length_at(curriculum, step, 0.0, seed=7) for step in range(500)] == (
+        [128] * 50 + [256] * 50 + [512] * 400)
+
+
+def test_training_without_the_lookback_probe(tmp_path):
+    _train(tmp_path, "--lookback_tokens=0")
+    log = _log(tmp_path)
+    assert len(log) == 5 and all(entry["lookback_loss"] == 0 for entry in log)
+    assert not (tmp_path / "lookback_probe.npz").exists()
+
+
+def test_lookback_probe_loss_matches_numpy(rng):
+    batch, length, hidden, vocab, back = 2, 9, 16, 7, 3
+    probe = train_retrieval.LookbackProbe(hidden, vocab, back, nnx.Rngs(int(rng.integers(1000))))
+    probe.norm.weight[...] = jnp.asarray(rng.uniform(0.5, 1.5, hidden), jnp.float32)
+    residual = rng.standard_normal((batch, length, hidden)).astype(np.float32)
+    tokens = rng.integers(0, vocab, (batch, length))
+    got = float(probe.loss(jnp.asarray(residual), jnp.asarray(tokens)))
+
+    x = residual.astype(np.float64)
+    normed = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * np.asarray(probe.norm.weight[...])
+    logits = (normed @ np.asarray(probe.readout.kernel[...], np.float64)).reshape(batch, length, back, vocab)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = np.mean([np.mean([-log_probs[b, t, j - 1, tokens[b, t - j]] for b in range(batch)
+                             for t in range(j, length)]) for j in range(1, back + 1)])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("extra_flags,message", [
