@@ -1,0 +1,237 @@
+"""SALE's low-bit score estimate as a Pallas Mosaic GPU kernel (Hopper): one hit flag per (q block, key block).
+
+For batch b, q head h (kv head h // G), q block i and key block j, with int8 codes and f32 factors,
+
+    dots[r, c]   = sum_d q_codes[b, r, h, d] * k_codes[b, c, h // G, d]                       (exact int32)
+    excess[r, c] = k_scale[b, h // G, c] * f32(dots[r, c])
+                   + (column_bias[b, h, c] * row_factor[b, h, r] - row_threshold[b, h, r])
+    hits[b, h, i, j] = max over the block's rows r and keys c of excess > 0,
+
+for middle_start // block_k <= j < middle_end[i] // block_k, and 0 for every other key block. It is the hot loop of
+the selection pass (`middle_tile` in `selection.py`), without the compaction into a kept-block list.
+
+Why Mosaic GPU rather than Triton: Triton issues the int8 MMA and the f32 epilogue of a tile one after the other.
+Here the MMA is Hopper's asynchronous `wgmma` (s8 x s8 -> s32) reading both operands from shared memory, keys arrive
+by TMA a few tiles ahead (`plgpu.emit_pipeline`), and each CTA is one warpgroup with a small shared-memory footprint,
+so two or three CTAs share an SM and one's epilogue (convert, scale, threshold, reduce) runs while another's wgmma
+occupies the tensor cores.
+
+Structure: grid (q block, q head, batch); a CTA loads its q rows once, walks the key tiles of `tile_k` keys that
+hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag per `block_k` keys
+and keeps the row of flags in shared memory, written out by one TMA copy at the end (so every output element is
+written, zeros included).
+
+Status: prototype. Checked against `estimate_hits_reference` in Mosaic GPU interpret mode on CPU
+(tests/test_mosaic_estimate.py); not yet wired into `sale_jax`'s API and not yet timed
+(experiments/bench_mosaic_estimate.py times it on a GPU). On a GPU the compiler may fuse the multiply-adds, so a
+block whose best excess is within f32 rounding of 0 can flip relative to the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_MAX_ACC_ELEMENTS = 64 * 256  # int32 accumulator of one warpgroup: 128 registers a thread, leaving room for the epilogue
+_MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
+
+
+def _check_inputs(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q,
+                  block_k, middle_start):
+    """Shapes and dtypes shared by the kernel and the reference; returns (B, T, Hq, D, S, Hkv)."""
+    if q_codes.ndim != 4 or k_codes.ndim != 4:
+        raise ValueError(f"q_codes and k_codes must be [B, T, Hq, D] and [B, S, Hkv, D], got {q_codes.shape} and "
+                         f"{k_codes.shape}")
+    if q_codes.dtype != jnp.int8 or k_codes.dtype != jnp.int8:
+        raise ValueError(f"q_codes and k_codes must be int8, got {q_codes.dtype} and {k_codes.dtype}")
+    batch, q_len, q_heads, head_dim = q_codes.shape
+    kv_batch, kv_len, kv_heads, kv_dim = k_codes.shape
+    if kv_batch != batch or kv_dim != head_dim:
+        raise ValueError(f"k_codes {k_codes.shape} does not match q_codes {q_codes.shape} in batch or head_dim")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q heads {q_heads} must be a multiple of kv heads {kv_heads}")
+    expected = {
+        "row_factor": (row_factor, (batch, q_heads, q_len), jnp.float32),
+        "row_threshold": (row_threshold, (batch, q_heads, q_len), jnp.float32),
+        "k_scale": (k_scale, (batch, kv_heads, kv_len), jnp.float32),
+        "column_bias": (column_bias, (batch, q_heads, kv_len), jnp.float32),
+    }
+    for name, (array, shape, dtype) in expected.items():
+        if array.shape != shape or array.dtype != dtype:
+            raise ValueError(f"{name} must be {jnp.dtype(dtype).name} {shape}, got {array.dtype} {array.shape}")
+    if block_q <= 0 or q_len % block_q:
+        raise ValueError(f"q length {q_len} must be a positive multiple of block_q {block_q} (pad it)")
+    if block_k <= 0 or kv_len % block_k:
+        raise ValueError(f"key length {kv_len} must be a positive multiple of block_k {block_k} (pad it)")
+    if middle_end.shape != (q_len // block_q,) or middle_end.dtype != jnp.int32:
+        raise ValueError(f"middle_end must be int32 [{q_len // block_q}] (one end per q block), got "
+                         f"{middle_end.dtype} {middle_end.shape}")
+    if not 0 <= middle_start <= kv_len:
+        raise ValueError(f"middle_start {middle_start} must lie in [0, key length {kv_len}]")
+    return batch, q_len, q_heads, head_dim, kv_len, kv_heads
+
+
+def _block_range(middle_end, *, block_k, middle_start, num_k_blocks):
+    """[first, end) key blocks that are estimated, per q block (end may be below first: nothing estimated)."""
+    end = jnp.clip(middle_end // block_k, 0, num_k_blocks)
+    return middle_start // block_k, end
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "middle_start"))
+def estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *,
+                               block_q: int, block_k: int, middle_start: int):
+    """Best excess of each block, f32 [B, Hq, nQ, nK] (-inf where not estimated): the hit test is `margin > 0`.
+
+    The float operations are the kernel's, in the kernel's order. One q block at a time, so long sequences fit.
+    """
+    batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
+        q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
+        block_k=block_k, middle_start=middle_start)
+    group = q_heads // kv_heads
+    num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
+    # Heads grouped as [Hkv, G] so each kv head is read in place, never repeated.
+    q_blocks = q_codes.reshape(batch, num_q_blocks, block_q, kv_heads, group, head_dim).swapaxes(0, 1)
+    row_factor = row_factor.reshape(batch, kv_heads, group, num_q_blocks, block_q)
+    row_threshold = row_threshold.reshape(batch, kv_heads, group, num_q_blocks, block_q)
+    column_bias = column_bias.reshape(batch, kv_heads, group, kv_len)
+
+    def one_q_block(args):
+        q, factor, threshold = args  # [B, rows, Hkv, G, D], [B, Hkv, G, rows] twice
+        dots = jnp.einsum("brkgd,bskd->bkgrs", q, k_codes, preferred_element_type=jnp.int32)
+        excess = k_scale[:, :, None, None, :] * dots.astype(jnp.float32) + (
+            column_bias[:, :, :, None, :] * factor[..., None] - threshold[..., None])
+        return jnp.max(excess.reshape(*excess.shape[:4], num_k_blocks, block_k), axis=(3, 5))
+
+    best = jax.lax.map(one_q_block, (q_blocks, jnp.moveaxis(row_factor, 3, 0), jnp.moveaxis(row_threshold, 3, 0)))
+    best = jnp.moveaxis(best, 0, 3).reshape(batch, q_heads, num_q_blocks, num_k_blocks)
+    first, end = _block_range(middle_end, block_k=block_k, middle_start=middle_start, num_k_blocks=num_k_blocks)
+    block_ids = jnp.arange(num_k_blocks)
+    estimated = (block_ids[None, :] >= first) & (block_ids[None, :] < end[:, None])
+    return jnp.where(estimated, best, -jnp.inf)
+
+
+def estimate_hits_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *,
+                            block_q: int, block_k: int, middle_start: int):
+    """Plain-jnp `hits` int32 [B, Hq, nQ, nK]: what `estimate_hits` computes."""
+    margins = estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias,
+                                         middle_end, block_q=block_q, block_k=block_k, middle_start=middle_start)
+    return (margins > 0).astype(jnp.int32)
+
+
+def _mma_transforms(head_dim: int):
+    """Shared-memory layout wgmma reads int8 rows of `head_dim` bytes from: 8-row tiles, swizzled."""
+    swizzle = plgpu.find_swizzle(head_dim * 8)
+    return plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle)
+
+
+def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scale_gmem, bias_gmem, middle_end_gmem,
+                     hits_gmem, q_smem, hits_smem, q_barrier, *, block_q, block_k, tile_k, middle_start, group,
+                     max_concurrent_steps):
+    num_q_blocks = q_gmem.shape[1] // block_q
+    num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
+    blocks_per_tile = tile_k // block_k
+    # Later q blocks see more keys: launch them first so the short ones fill the tail.
+    q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")
+    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
+    rows = pl.ds(q_block * block_q, block_q)
+
+    plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem, q_barrier)
+    hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
+    plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
+    row_factor = plgpu.load(row_factor_gmem.at[batch, head, rows], layout=plgpu.Layout.WGMMA.reduce(1))
+    row_threshold = plgpu.load(row_threshold_gmem.at[batch, head, rows], layout=plgpu.Layout.WGMMA.reduce(1))
+    first_block, end_block = _block_range(middle_end_gmem[q_block], block_k=block_k, middle_start=middle_start,
+                                          num_k_blocks=num_k_blocks)
+    # Tiles are aligned to tile_k, so the first and last may hold sink or local blocks: masked below.
+    first_tile = first_block * block_k // tile_k
+    num_tiles = jnp.maximum(pl.cdiv(end_block * block_k, tile_k) - first_tile, 0)
+    plgpu.barrier_wait(q_barrier)
+
+    def tile_body(indices, k_smem, k_scale_smem, bias_smem):
+        tile = first_tile + indices[0]
+
+        def mma(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # keys stay D-major in smem: int8 wgmma takes no transposes
+            return acc_ref[...]
+
+        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.int32))
+        k_scale, bias = k_scale_smem[...], bias_smem[...]
+        excess = k_scale[None, :] * dots.astype(jnp.float32) + (
+            bias[None, :] * row_factor[:, None] - row_threshold[:, None])
+        # Rows first: one cross-warp reduction per tile, then in-warp reductions over each block's keys.
+        key_best = jnp.max(excess, axis=0)
+        for j in range(blocks_per_tile):
+            block = tile * blocks_per_tile + j
+            hit = (jnp.max(key_best[j * block_k:(j + 1) * block_k]) > 0) & (block >= first_block) & (
+                block < end_block)
+            hits_smem[block] = hit.astype(jnp.int32)
+
+    key_tiles = lambda t: (first_tile + t,)
+    plgpu.emit_pipeline(
+        tile_body,
+        grid=(num_tiles,),
+        in_specs=[
+            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
+            plgpu.BlockSpec((tile_k,), key_tiles),
+            plgpu.BlockSpec((tile_k,), key_tiles),
+        ],
+        max_concurrent_steps=max_concurrent_steps,
+    )(k_gmem.at[batch, :, head // group], k_scale_gmem.at[batch, head // group], bias_gmem.at[batch, head])
+
+    plgpu.commit_smem()  # flags visible to the TMA engine
+    plgpu.copy_smem_to_gmem(hits_smem, hits_gmem.at[batch, head, q_block])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
+                                             "interpret"))
+def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
+                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 3, interpret=False):
+    """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); `interpret` is False or a
+    `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs).
+
+    Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
+    """
+    batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
+        q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
+        block_k=block_k, middle_start=middle_start)
+    if block_q not in (64, 128):
+        raise ValueError(f"block_q must be 64 or 128 (wgmma rows come in groups of 64), got {block_q}")
+    if block_k % 8 or block_k <= 0:
+        raise ValueError(f"block_k must be a positive multiple of 8, got {block_k}")
+    if tile_k % block_k or not 8 <= tile_k <= 256:
+        raise ValueError(f"tile_k {tile_k} must be a multiple of block_k {block_k} and at most 256 (wgmma N)")
+    if block_q * tile_k > _MAX_ACC_ELEMENTS:
+        raise ValueError(f"block_q * tile_k = {block_q * tile_k} exceeds {_MAX_ACC_ELEMENTS}: the int32 "
+                         f"accumulator would not fit in registers (use block_q=64 or tile_k=128)")
+    if kv_len % tile_k:
+        raise ValueError(f"key length {kv_len} must be a multiple of tile_k {tile_k} (pad it)")
+    if head_dim not in (64, 128, 256):
+        raise ValueError(f"head_dim must be 64, 128 or 256 (swizzled int8 rows for wgmma), got {head_dim}")
+    num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
+    if num_k_blocks * 4 > _MAX_HITS_SMEM_BYTES or num_k_blocks % 4:
+        raise ValueError(f"{num_k_blocks} key blocks: the row of flags must be a multiple of 16 bytes and fit in "
+                         f"{_MAX_HITS_SMEM_BYTES} bytes of shared memory")
+    if max_concurrent_steps < 1:
+        raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
+
+    kernel = functools.partial(
+        _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
+        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps)
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
+        scratch_types=[
+            plgpu.SMEM((block_q, head_dim), jnp.int8, transforms=_mma_transforms(head_dim)),
+            plgpu.SMEM((num_k_blocks,), jnp.int32),
+            plgpu.Barrier(num_barriers=1),
+        ],
+        grid=(num_q_blocks, q_heads, batch),
+        grid_names=("q_block", "head", "batch"),
+        interpret=interpret or None,
+    )(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end)
