@@ -12,19 +12,20 @@ the selection pass (`middle_tile` in `selection.py`), without the compaction int
 
 Why Mosaic GPU rather than Triton: Triton issues the int8 MMA and the f32 epilogue of a tile one after the other.
 Here the MMA is Hopper's asynchronous `wgmma` (s8 x s8 -> s32) reading both operands from shared memory, keys arrive
-by TMA a few tiles ahead (`plgpu.emit_pipeline`), and each CTA is one warpgroup with a small shared-memory footprint,
-so two or three CTAs share an SM and one's epilogue (convert, scale, threshold, reduce) runs while another's wgmma
-occupies the tensor cores.
+by TMA a few tiles ahead (`plgpu.emit_pipeline`), and each CTA is a single warpgroup with a modest shared-memory
+footprint (85 KB for 128K keys, block_q = tile_k = 128 and three stages), so that two CTAs share an SM and one's
+epilogue (convert, scale, threshold, reduce) can run while the other's wgmma occupies the tensor cores.
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows once, walks the key tiles of `tile_k` keys that
 hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag per `block_k` keys
 and keeps the row of flags in shared memory, written out by one TMA copy at the end (so every output element is
 written, zeros included).
 
-Status: prototype. Checked against `estimate_hits_reference` in Mosaic GPU interpret mode on CPU
-(tests/test_mosaic_estimate.py); not yet wired into `sale_jax`'s API and not yet timed
-(experiments/bench_mosaic_estimate.py times it on a GPU). On a GPU the compiler may fuse the multiply-adds, so a
-block whose best excess is within f32 rounding of 0 can flip relative to the reference.
+Status: prototype, not yet wired into `sale_jax`'s API and not yet run on a GPU. tests/test_mosaic_estimate.py
+checks it against `estimate_hits_reference` in Mosaic GPU interpret mode and runs Mosaic GPU's lowering for sm_90
+on a CPU (everything short of ptxas); experiments/bench_mosaic_estimate.py checks and times it on a GPU. There the
+compiler may fuse the multiply-adds, so a block whose best excess is within f32 rounding of 0 can flip relative to
+the reference.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_MAX_ACC_ELEMENTS = 64 * 256  # int32 accumulator of one warpgroup: 128 registers a thread, leaving room for the epilogue
+_MAX_ACC_ELEMENTS = 64 * 256  # int32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
 _MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
+_EPILOGUE_KEYS = 128  # keys per epilogue chunk
 
 
 def _check_inputs(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q,
@@ -134,7 +135,6 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
                      max_concurrent_steps):
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
-    blocks_per_tile = tile_k // block_k
     # Later q blocks see more keys: launch them first so the short ones fill the tail.
     q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")
     head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
@@ -143,8 +143,10 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
     plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem, q_barrier)
     hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
     plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
-    row_factor = plgpu.load(row_factor_gmem.at[batch, head, rows], layout=plgpu.Layout.WGMMA.reduce(1))
-    row_threshold = plgpu.load(row_threshold_gmem.at[batch, head, rows], layout=plgpu.Layout.WGMMA.reduce(1))
+    # Straight from GMEM into the accumulator's row layout (once per CTA; `optimized` transfers are SMEM-only).
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    row_factor = plgpu.load(row_factor_gmem.at[batch, head, rows], layout=row_layout, optimized=False)
+    row_threshold = plgpu.load(row_threshold_gmem.at[batch, head, rows], layout=row_layout, optimized=False)
     first_block, end_block = _block_range(middle_end_gmem[q_block], block_k=block_k, middle_start=middle_start,
                                           num_k_blocks=num_k_blocks)
     # Tiles are aligned to tile_k, so the first and last may hold sink or local blocks: masked below.
@@ -160,16 +162,19 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
             return acc_ref[...]
 
         dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.int32))
-        k_scale, bias = k_scale_smem[...], bias_smem[...]
-        excess = k_scale[None, :] * dots.astype(jnp.float32) + (
-            bias[None, :] * row_factor[:, None] - row_threshold[:, None])
-        # Rows first: one cross-warp reduction per tile, then in-warp reductions over each block's keys.
-        key_best = jnp.max(excess, axis=0)
-        for j in range(blocks_per_tile):
-            block = tile * blocks_per_tile + j
-            hit = (jnp.max(key_best[j * block_k:(j + 1) * block_k]) > 0) & (block >= first_block) & (
-                block < end_block)
-            hits_smem[block] = hit.astype(jnp.int32)
+        # The epilogue walks the tile in chunks so the per-key factors of only one chunk are live in registers
+        # beside the accumulator.
+        chunk = min(tile_k, _EPILOGUE_KEYS)
+        for start in range(0, tile_k, chunk):
+            keys = slice(start, start + chunk)
+            excess = k_scale_smem[keys][None, :] * dots[:, keys].astype(jnp.float32) + (
+                bias_smem[keys][None, :] * row_factor[:, None] - row_threshold[:, None])
+            # Rows first: one cross-warp reduction per chunk, then in-warp reductions over each block's keys.
+            key_best = jnp.max(excess, axis=0)
+            for offset in range(0, chunk, block_k):
+                block = (tile * tile_k + start + offset) // block_k
+                hit = (jnp.max(key_best[offset:offset + block_k]) > 0) & (block >= first_block) & (block < end_block)
+                hits_smem[block] = hit.astype(jnp.int32)
 
     key_tiles = lambda t: (first_tile + t,)
     plgpu.emit_pipeline(
@@ -184,7 +189,7 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
     )(k_gmem.at[batch, :, head // group], k_scale_gmem.at[batch, head // group], bias_gmem.at[batch, head])
 
     plgpu.commit_smem()  # flags visible to the TMA engine
-    plgpu.copy_smem_to_gmem(hits_smem, hits_gmem.at[batch, head, q_block])
+    plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -197,28 +202,28 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
 
     Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
     """
-    batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
-        q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
-        block_k=block_k, middle_start=middle_start)
     if block_q not in (64, 128):
         raise ValueError(f"block_q must be 64 or 128 (wgmma rows come in groups of 64), got {block_q}")
-    if block_k % 8 or block_k <= 0:
-        raise ValueError(f"block_k must be a positive multiple of 8, got {block_k}")
-    if tile_k % block_k or not 8 <= tile_k <= 256:
-        raise ValueError(f"tile_k {tile_k} must be a multiple of block_k {block_k} and at most 256 (wgmma N)")
+    if tile_k not in (64, 128, 256):
+        raise ValueError(f"tile_k must be 64, 128 or 256 (wgmma N is at most 256), got {tile_k}")
+    if block_k <= 0 or block_k % 8 or tile_k % block_k:
+        raise ValueError(f"block_k {block_k} must be a multiple of 8 that divides tile_k {tile_k}")
     if block_q * tile_k > _MAX_ACC_ELEMENTS:
         raise ValueError(f"block_q * tile_k = {block_q * tile_k} exceeds {_MAX_ACC_ELEMENTS}: the int32 "
                          f"accumulator would not fit in registers (use block_q=64 or tile_k=128)")
+    if max_concurrent_steps < 1:
+        raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
+    batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
+        q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
+        block_k=block_k, middle_start=middle_start)
     if kv_len % tile_k:
         raise ValueError(f"key length {kv_len} must be a multiple of tile_k {tile_k} (pad it)")
     if head_dim not in (64, 128, 256):
         raise ValueError(f"head_dim must be 64, 128 or 256 (swizzled int8 rows for wgmma), got {head_dim}")
     num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
-    if num_k_blocks * 4 > _MAX_HITS_SMEM_BYTES or num_k_blocks % 4:
-        raise ValueError(f"{num_k_blocks} key blocks: the row of flags must be a multiple of 16 bytes and fit in "
-                         f"{_MAX_HITS_SMEM_BYTES} bytes of shared memory")
-    if max_concurrent_steps < 1:
-        raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
+    if num_k_blocks % 4 or pl.cdiv(num_k_blocks, 128) * 128 * 4 > _MAX_HITS_SMEM_BYTES:
+        raise ValueError(f"{num_k_blocks} key blocks: the int32 row of flags is copied out whole, so it must be a "
+                         f"multiple of 16 bytes and fit in {_MAX_HITS_SMEM_BYTES} bytes of shared memory")
 
     kernel = functools.partial(
         _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
@@ -228,7 +233,8 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
         scratch_types=[
             plgpu.SMEM((block_q, head_dim), jnp.int8, transforms=_mma_transforms(head_dim)),
-            plgpu.SMEM((num_k_blocks,), jnp.int32),
+            # A whole number of 128-flag rows: one zero per thread and register at the start.
+            plgpu.SMEM((pl.cdiv(num_k_blocks, 128) * 128,), jnp.int32),
             plgpu.Barrier(num_barriers=1),
         ],
         grid=(num_q_blocks, q_heads, batch),

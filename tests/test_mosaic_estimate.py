@@ -1,0 +1,133 @@
+"""The Mosaic GPU estimate kernel held to its reference: in Mosaic GPU interpret mode on a CPU, natively on a GPU.
+
+Interpret mode fills fresh buffers, the kernel's output included, with poison (the largest int32), so a flag the
+kernel fails to write shows up as neither 0 nor 1. Thresholds sit halfway between two neighbouring block margins,
+so no block's margin is near zero and the comparison can be exact.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_estimate import estimate_hits, estimate_hits_reference, estimate_margins_reference
+
+INTERPRET = False if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams(uninitialized_memory="nan")
+Q_CODES, K_CODES, ROW_FACTOR, ROW_THRESHOLD, K_SCALE, COLUMN_BIAS, MIDDLE_END = range(7)  # estimate_hits' inputs
+
+
+def draw_inputs(rng, *, batch, q_len, kv_len, q_heads, kv_heads, head_dim, block_q, block_k, middle_start):
+    """Random codes and factors, thresholds left to `set_thresholds`; middle ends cover empty, partial-block,
+    clipped and full ranges."""
+    q_codes = rng.integers(-7, 8, (batch, q_len, q_heads, head_dim), dtype=np.int8)
+    k_codes = rng.integers(-7, 8, (batch, kv_len, kv_heads, head_dim), dtype=np.int8)
+    row_factor = rng.uniform(0.5, 2.0, (batch, q_heads, q_len)).astype(np.float32)
+    k_scale = (rng.uniform(0.5, 1.5, (batch, kv_heads, kv_len)) / np.sqrt(head_dim)).astype(np.float32)
+    column_bias = rng.normal(0.0, 1.0, (batch, q_heads, kv_len)).astype(np.float32)
+    num_q_blocks = q_len // block_q
+    middle_end = rng.integers(0, kv_len + block_k, num_q_blocks)
+    middle_end[rng.permutation(num_q_blocks)[:2]] = [middle_start, kv_len]
+    return [q_codes, k_codes, row_factor, None, k_scale, column_bias, middle_end.astype(np.int32)]
+
+
+def set_thresholds(rng, inputs, knobs):
+    """Row thresholds: a per-(batch, head) level halfway between two neighbouring block margins, plus per-row jitter;
+    about a tenth of the rows at +inf (select nothing) and one row very negative (its q block hits everywhere)."""
+    batch, q_heads, q_len = inputs[ROW_FACTOR].shape
+    jitter = rng.normal(0.0, 0.5, (batch, q_heads, q_len)).astype(np.float32)
+    jitter[rng.random(jitter.shape) < 0.1] = np.inf
+    inputs[ROW_THRESHOLD] = jitter
+    margins = np.asarray(estimate_margins_reference(*inputs, **knobs))  # max over rows of (score - jitter)
+    levels = np.zeros((batch, q_heads), np.float32)
+    for b, h in np.ndindex(levels.shape):
+        values = np.unique(margins[b, h][np.isfinite(margins[b, h])])
+        middle = values[len(values) // 4:max(len(values) * 19 // 20, len(values) // 4 + 2)]
+        widest = int(np.argmax(np.diff(middle)))
+        levels[b, h] = (middle[widest] + middle[widest + 1]) / 2
+    threshold = jitter + levels[:, :, None]
+    threshold[0, 0, int(rng.integers(q_len))] = -1e30
+    inputs[ROW_THRESHOLD] = threshold.astype(np.float32)
+    return inputs
+
+
+CASES = {
+    "gqa_bq64_tile128": dict(batch=1, q_len=512, kv_len=512, q_heads=4, kv_heads=2, head_dim=128, block_q=64,
+                             tile_k=128, middle_start=64),
+    "bq128_d64_longer_keys": dict(batch=1, q_len=256, kv_len=512, q_heads=2, kv_heads=1, head_dim=64, block_q=128,
+                                  tile_k=128, middle_start=0),
+    "batch2_tile256_odd_sink": dict(batch=2, q_len=256, kv_len=512, q_heads=2, kv_heads=2, head_dim=128,
+                                    block_q=64, tile_k=256, middle_start=40),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_kernel_hits_equal_reference(rng, name):
+    case = dict(CASES[name])
+    tile_k = case.pop("tile_k")
+    knobs = dict(block_q=case["block_q"], block_k=32, middle_start=case["middle_start"])
+    inputs = set_thresholds(rng, draw_inputs(rng, **case, block_k=32), knobs)
+    margins = np.asarray(estimate_margins_reference(*inputs, **knobs))
+    want = np.asarray(estimate_hits_reference(*inputs, **knobs))
+    estimated = np.isfinite(margins)
+    assert np.abs(margins[estimated]).min() > 1e-3, "thresholds too close to a margin for an exact comparison"
+    assert 0 < want.sum() < estimated.sum(), "the case should have blocks that hit and blocks that miss"
+
+    got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, interpret=INTERPRET))
+    assert got.shape == want.shape and got.dtype == np.int32
+    assert np.isin(got, (0, 1)).all(), f"unwritten or invalid flags: {np.unique(got)}"
+    np.testing.assert_array_equal(got, want)
+
+
+def valid_inputs():
+    rng = np.random.default_rng(0)
+    inputs = draw_inputs(rng, batch=1, q_len=128, kv_len=256, q_heads=2, kv_heads=1, head_dim=64, block_q=64,
+                         block_k=32, middle_start=0)
+    inputs[ROW_THRESHOLD] = np.zeros_like(inputs[ROW_FACTOR])
+    return inputs, dict(block_q=64, block_k=32, tile_k=128, middle_start=0)
+
+
+@pytest.mark.parametrize("input_changes, knob_changes, message", [
+    ({Q_CODES: lambda x: x.astype(np.float32)}, {}, "must be int8"),
+    ({ROW_FACTOR: lambda x: x[:, :, :64]}, {}, "row_factor must be float32"),
+    ({K_SCALE: lambda x: x.astype(np.float16)}, {}, "k_scale must be float32"),
+    ({MIDDLE_END: lambda x: x[:1]}, {}, "middle_end must be int32"),
+    ({K_CODES: lambda x: np.concatenate([x] * 3, axis=2)}, {}, "must be a multiple of kv heads"),
+    ({K_CODES: lambda x: x[:, :192], K_SCALE: lambda x: x[..., :192], COLUMN_BIAS: lambda x: x[..., :192]}, {},
+     "key length 192 must be a multiple of tile_k"),
+    ({}, {"block_q": 32}, "block_q must be 64 or 128"),
+    ({}, {"tile_k": 512}, "tile_k must be 64, 128 or 256"),
+    ({}, {"block_k": 48}, "block_k 48 must be a multiple of 8 that divides tile_k"),
+    ({}, {"middle_start": 999}, "middle_start 999 must lie in"),
+])
+def test_bad_inputs_raise_value_error(input_changes, knob_changes, message):
+    inputs, knobs = valid_inputs()
+    for index, change in input_changes.items():
+        inputs[index] = change(inputs[index])
+    with pytest.raises(ValueError, match=message):
+        estimate_hits(*inputs, **knobs | knob_changes, interpret=INTERPRET)
+
+
+def test_accumulator_too_large_for_registers_is_refused():
+    inputs, knobs = valid_inputs()
+    inputs[Q_CODES] = np.concatenate([inputs[Q_CODES]] * 2, axis=1)  # 256 rows: two q blocks of 128
+    for index in ROW_FACTOR, ROW_THRESHOLD:
+        inputs[index] = np.concatenate([inputs[index]] * 2, axis=2)
+    with pytest.raises(ValueError, match="accumulator would not fit in registers"):
+        estimate_hits(*inputs, **knobs | {"block_q": 128, "tile_k": 256}, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("block_q, tile_k, head_dim", [(128, 128, 128), (64, 256, 128), (64, 128, 64)])
+def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim):
+    """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
+    CUDA runs it on any machine, everything short of ptxas (it assumes sm_90 when no GPU is present)."""
+    batch, length, q_heads, kv_heads = 1, 2048, 4, 2
+    shapes = [((batch, length, q_heads, head_dim), jnp.int8), ((batch, length, kv_heads, head_dim), jnp.int8),
+              ((batch, q_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
+              ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
+              ((length // block_q,), jnp.int32)]
+    kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128))
+    exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
+    assert "mosaic_gpu" in exported.mlir_module()
