@@ -6,7 +6,7 @@
 A grid of context lengths x record depths (where in the context the queried records sit). Each cell holds
 --sequences sequences of the training task (experiments/retrieval_task.py) that no training step saw, scored three
 ways on the same tokens: dense attention; SALE at thresholds calibrated on --calibration_samples sequences of the
-same task (the paper's recipe, bound --theta; or a --thresholds file); SALE at one uniform --uniform_tau. Per cell:
+same task (the paper's recipe, bound --theta; or a --thresholds file); SALE at each uniform threshold of --uniform_taus (several trace the accuracy-density curve). Per cell:
 exact-match query accuracy, first-digit accuracy and the mean density of kept blocks. Writes retrieval_eval.json
 (with the per-layer, per-head thresholds) and retrieval_eval.png (accuracy heatmaps, length x depth), and saves the
 calibrated thresholds as thresholds.json.
@@ -42,7 +42,8 @@ _THETA = flags.DEFINE_float("theta", 0.4, "Calibration's per-row L1 error bound.
 _CALIBRATION_SAMPLES = flags.DEFINE_integer("calibration_samples", 2, "Calibration sequences.", lower_bound=1)
 _CALIBRATION_LENGTH = flags.DEFINE_integer("calibration_length", 16384, "Tokens per calibration sequence.")
 _THRESHOLDS = flags.DEFINE_string("thresholds", None, "Use this thresholds file instead of calibrating.")
-_UNIFORM_TAU = flags.DEFINE_float("uniform_tau", sale_jax.DEFAULT_TAU, "The uniform threshold compared.")
+_UNIFORM_TAUS = flags.DEFINE_list("uniform_taus", [str(sale_jax.DEFAULT_TAU)],
+                                   "Uniform thresholds compared (one SALE run per value).")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"], "auto: bfloat16 on GPU, else float32.")
 _SEED = flags.DEFINE_integer("seed", 1, "Seeds the evaluated and the calibration sequences (training used 0 "
                              "and (seed, 0 or 1, ...) streams: these are (seed, 2 or 3, ...)).")
@@ -108,6 +109,12 @@ def main(argv):
     del argv
     lengths = [int(n) for n in _LENGTHS.value]
     depths = [float(d) for d in _DEPTHS.value]
+    try:
+        uniform_taus = [float(tau) for tau in _UNIFORM_TAUS.value]
+    except ValueError:
+        raise ValueError(f"--uniform_taus: expected numbers, got {_UNIFORM_TAUS.value}") from None
+    if any(not 0 <= tau <= 1 for tau in uniform_taus):
+        raise ValueError(f"--uniform_taus must lie in [0, 1], got {uniform_taus}")
     for length in lengths + [_CALIBRATION_LENGTH.value]:
         if length < retrieval_task.min_length(_NUM_RECORDS.value, _NUM_QUERIES.value):
             raise ValueError(f"length {length} is too short for {_NUM_RECORDS.value} records and "
@@ -119,11 +126,13 @@ def main(argv):
     calibrated = calibrated_thresholds(sale_model)
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     calibrated.save(os.path.join(_OUTPUT_DIR.value, "thresholds.json"))
-    uniform = sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _UNIFORM_TAU.value)
-    calibrated_name, uniform_name = f"sale_calibrated_theta={_THETA.value:g}", f"sale_uniform_tau={_UNIFORM_TAU.value:g}"
+    calibrated_name = f"sale_calibrated_theta={_THETA.value:g}"
+    uniform_names = {f"sale_uniform_tau={tau:g}": tau for tau in uniform_taus}
     models = {"dense": llama.with_attention(sale_model, "dense"), calibrated_name: sale_model,
-              uniform_name: sale_model}
-    thresholds = {"dense": None, calibrated_name: calibrated, uniform_name: uniform}
+              **{name: sale_model for name in uniform_names}}
+    thresholds = {"dense": None, calibrated_name: calibrated,
+                  **{name: sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, tau)
+                     for name, tau in uniform_names.items()}}
 
     results = {}
     print(f"{'length':>7} {'depth':>5}  " + "  ".join(f"{name:>28}" for name in models))
@@ -143,7 +152,7 @@ def main(argv):
                    "calibration": {"samples": _CALIBRATION_SAMPLES.value, "length": _CALIBRATION_LENGTH.value,
                                    "file": _THRESHOLDS.value},
                    "thresholds": {calibrated_name: np.asarray(calibrated.tau).tolist(),
-                                  uniform_name: _UNIFORM_TAU.value},
+                                  **uniform_names},
                    "cells": results}, f, indent=1)
     _plot(results, lengths, depths, os.path.join(_OUTPUT_DIR.value, "retrieval_eval.png"))
 

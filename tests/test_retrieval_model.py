@@ -1,8 +1,9 @@
 """The committed retrieval-trained checkpoint (experiments/results/retrieval_model, trained by
 experiments/train_retrieval.py): it loads through the Hugging Face loader, retrieves at 1K tokens with dense
 attention, and SALE at the thresholds calibrated for it on the H200 (experiments/retrieval_eval.py) answers as well
-while skipping blocks."""
+while skipping blocks; and the benchmark script's output on a small grid."""
 
+import json
 import os
 
 import numpy as np
@@ -36,3 +37,28 @@ def test_committed_checkpoint_retrieves_at_1k_with_dense_and_calibrated_sale_att
     assert sale >= dense - 0.01, f"SALE exact match {sale:.3f} vs dense {dense:.3f}"
     # At 1K the first layer keeps about 60% of its blocks and the others nearly all (0.90 on average).
     assert float(np.mean(density)) < 0.95, f"SALE kept {np.mean(density):.2f} of the blocks: it skipped none"
+
+
+def test_retrieval_eval_writes_every_cell_method_and_threshold(tmp_path):
+    from absl import flags
+
+    from experiments import retrieval_eval
+    flags.FLAGS(["retrieval_eval", f"--checkpoint={MODEL}", f"--output_dir={tmp_path}", "--lengths=512",
+                 "--depths=0,1", "--sequences=2", "--calibration_samples=1", "--calibration_length=512",
+                 "--uniform_taus=0.008,0.1"])
+    try:
+        retrieval_eval.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    with open(tmp_path / "retrieval_eval.json") as f:
+        results = json.load(f)
+    methods = {"dense", "sale_calibrated_theta=0.4", "sale_uniform_tau=0.008", "sale_uniform_tau=0.1"}
+    cells = results["cells"]["512"]
+    assert len(cells) == 2 and all(set(cell) == methods for cell in cells)
+    for cell in cells:
+        assert cell["dense"]["density"] == 1 and cell["dense"]["queries"] == 2 * NUM_QUERIES
+        # A larger threshold keeps fewer blocks on the same tokens.
+        assert cell["sale_uniform_tau=0.1"]["density"] < cell["sale_uniform_tau=0.008"]["density"] < 1
+    assert results["thresholds"]["sale_uniform_tau=0.1"] == 0.1
+    assert np.asarray(results["thresholds"]["sale_calibrated_theta=0.4"]).shape == (4, 4)
+    assert (tmp_path / "retrieval_eval.png").exists() and (tmp_path / "thresholds.json").exists()
