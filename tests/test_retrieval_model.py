@@ -5,6 +5,8 @@ while skipping blocks; and the benchmark script's output on a small grid."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -12,7 +14,8 @@ import sale_jax
 from experiments import retrieval_accuracy, retrieval_task
 from models import checkpoint, llama
 
-RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "results")
+REPOSITORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+RESULTS = os.path.join(REPOSITORY, "experiments", "results")
 MODEL = os.path.join(RESULTS, "retrieval_model")
 THRESHOLDS = os.path.join(RESULTS, "retrieval_eval_h200", "thresholds.json")
 # 256 queries: 99% allows 2 wrong answers. The checkpoint missed 1 of 1,024 at 1K (bfloat16 and float32 alike).
@@ -40,16 +43,13 @@ def test_committed_checkpoint_retrieves_at_1k_with_dense_and_calibrated_sale_att
 
 
 def test_retrieval_eval_writes_every_cell_method_and_threshold(tmp_path):
-    from absl import flags
-
-    from experiments import retrieval_eval
-    flags.FLAGS(["retrieval_eval", f"--checkpoint={MODEL}", f"--output_dir={tmp_path}", "--lengths=512",
-                 "--depths=0,1", "--sequences=2", "--calibration_samples=1", "--calibration_length=512",
-                 "--uniform_taus=0.008,0.1"])
-    try:
-        retrieval_eval.main([])
-    finally:
-        flags.FLAGS.unparse_flags()
+    # In a process of its own: its absl flags would clash with train_retrieval's, which other tests import.
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.retrieval_eval", f"--checkpoint={MODEL}", f"--output_dir={tmp_path}",
+         "--lengths=512", "--depths=0,1", "--sequences=2", "--calibration_samples=1", "--calibration_length=512",
+         "--uniform_taus=0.008,0.1"],
+        capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "retrieval_eval.json") as f:
         results = json.load(f)
     methods = {"dense", "sale_calibrated_theta=0.4", "sale_uniform_tau=0.008", "sale_uniform_tau=0.1"}
