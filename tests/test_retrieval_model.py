@@ -18,8 +18,11 @@ REPOSITORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 RESULTS = os.path.join(REPOSITORY, "experiments", "results")
 MODEL = os.path.join(RESULTS, "retrieval_model")
 THRESHOLDS = os.path.join(RESULTS, "retrieval_eval_h200", "thresholds.json")
-# 256 queries: 99% allows 2 wrong answers. The checkpoint missed 1 of 1,024 at 1K (bfloat16 and float32 alike).
-LENGTH, SEQUENCES = 1024, 64
+# 512 fresh queries a run. The checkpoint misses about 0.5% at 1K (9 of 2,048 over four samples; bfloat16
+# and float32 alike), so a sample is judged by whether it is consistent with >= 99%: at most 9 misses of 512, which
+# a model at exactly 99% exceeds with probability 0.036 (binomial) and one at 99.5% with probability 0.0003.
+LENGTH, SEQUENCES = 1024, 128
+MOST_DENSE_MISSES = 9
 NUM_RECORDS, NUM_QUERIES = 8, 4  # as trained
 
 
@@ -36,7 +39,8 @@ def test_committed_checkpoint_retrieves_at_1k_with_dense_and_calibrated_sale_att
     sale_hits, density = retrieval_accuracy.answer_hits(sale_model, data.tokens, data.query_positions, thresholds)
     dense = retrieval_accuracy.summarize(np.asarray(dense_hits))["exact_match"]
     sale = retrieval_accuracy.summarize(np.asarray(sale_hits))["exact_match"]
-    assert dense >= 0.99, f"dense exact match {dense:.3f} at {LENGTH} tokens"
+    dense_misses = round((1 - dense) * SEQUENCES * NUM_QUERIES)
+    assert dense_misses <= MOST_DENSE_MISSES, f"dense exact match {dense:.4f} at {LENGTH} tokens: not >= 99%"
     assert sale >= dense - 0.01, f"SALE exact match {sale:.3f} vs dense {dense:.3f}"
     # At 1K the first layer keeps about 60% of its blocks and the others nearly all (0.90 on average).
     assert float(np.mean(density)) < 0.95, f"SALE kept {np.mean(density):.2f} of the blocks: it skipped none"
