@@ -77,6 +77,11 @@ _REPLAY_FRACTION = flags.DEFINE_float(
     "replay_fraction", 0.0, "After the first stage, this fraction of the steps (drawn per step from the seed) "
     "trains at the length of an earlier stage (uniformly drawn), so the long stages do not unlearn the short "
     "contexts; 0: every step at its stage's length.", lower_bound=0.0, upper_bound=1.0)
+_PLACED_FRACTION = flags.DEFINE_float(
+    "placed_fraction", 0.0, "This fraction of the steps (drawn per step from the seed) puts the queried records "
+    "next to each other at one depth, as experiments/retrieval_eval.py does: half of them at an end of the context "
+    "(depth 0 or 1: the farthest back, or right before the queries), half at a uniformly drawn depth; scattered "
+    "records rarely land there. 0: every step scatters them.", lower_bound=0.0, upper_bound=1.0)
 _TOKENS_PER_STEP = flags.DEFINE_integer("tokens_per_step", 131_072,
                                         "Tokens per step: the batch is this // length, at least 1.", lower_bound=1)
 _NUM_RECORDS = flags.DEFINE_integer("num_records", 8, "Key-value records per sequence.", lower_bound=1)
@@ -113,7 +118,7 @@ _EVAL_SEQUENCES = flags.DEFINE_integer("eval_sequences", 64, "Sequences evaluate
 
 # The flags that define a run: --resume refuses to continue a run under different values.
 _RUN_FLAGS = (_HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM, _ROPE_THETA,
-              _COMPUTE_DTYPE, _CURRICULUM, _REPLAY_FRACTION, _TOKENS_PER_STEP, _NUM_RECORDS, _NUM_QUERIES,
+              _COMPUTE_DTYPE, _CURRICULUM, _REPLAY_FRACTION, _PLACED_FRACTION, _TOKENS_PER_STEP, _NUM_RECORDS, _NUM_QUERIES,
               _FILLER, _FILLER_LOSS_WEIGHT, _LOOKBACK_TOKENS, _LOOKBACK_LOSS_WEIGHT, _LEARNING_RATE, _WARMUP_STEPS,
               _WEIGHT_DECAY, _SEED)
 
@@ -122,8 +127,8 @@ GRADIENT_CLIP_NORM = 1.0  # guards the updates at each jump to a longer length
 FINAL_LEARNING_RATE_FRACTION = 0.1
 PARAM_DTYPE = "float32"
 # Random streams under --seed: (seed, 0, step) training batches, (seed, 1, ...) evaluation sequences, (seed, 4,
-# step) replay draws (experiments/retrieval_eval.py uses (seed, 2 or 3, ...)).
-_REPLAY_STREAM = 4
+# step) replay draws, (seed, 5, step) placement draws (experiments/retrieval_eval.py uses (seed, 2 or 3, ...)).
+_REPLAY_STREAM, _PLACEMENT_STREAM = 4, 5
 _STATE_FILE, _OPTIMIZER_FILE, _PROBE_FILE, _LOG_FILE, _EVAL_FILE = (
     "train_state.json", "optimizer_state.npz", "lookback_probe.npz", "train_log.jsonl", "eval.json")
 
@@ -172,6 +177,16 @@ def length_at(curriculum: list[tuple[int, int]], step: int, replay_fraction: flo
         if rng.random() < replay_fraction:
             return curriculum[rng.integers(stage)][0]
     return length
+
+
+def depth_at(step: int, placed_fraction: float, seed: int) -> float | None:
+    """Where the step's queried records sit (`retrieval_task.sequence`'s depth): None (scattered), or with
+    probability `placed_fraction` a depth drawn from `seed` and the step alone (a resumed run draws the same)."""
+    if placed_fraction:
+        rng = np.random.default_rng((seed, _PLACEMENT_STREAM, step))
+        if rng.random() < placed_fraction:
+            return float(rng.integers(2)) if rng.random() < 0.5 else float(rng.random())
+    return None
 
 
 def batch_size_for(length: int, tokens_per_step: int) -> int:
@@ -382,7 +397,7 @@ def main(argv):
     def batch_arguments(step):
         length = length_at(curriculum, step, _REPLAY_FRACTION.value, _SEED.value)
         return ((_SEED.value, 0, step), batch_size_for(length, _TOKENS_PER_STEP.value), length, num_records,
-                num_queries, None, _FILLER.value)
+                num_queries, depth_at(step, _PLACED_FRACTION.value, _SEED.value), _FILLER.value)
 
     def save_now(step):
         stage, length = stage_at(curriculum, step - 1)

@@ -202,8 +202,20 @@ def test_replay_trains_some_steps_at_earlier_lengths_the_same_on_every_call():
         [128] * 50 + [256] * 50 + [512] * 400)
 
 
+def test_placement_puts_some_steps_queried_records_together_at_a_depth_the_same_on_every_call():
+    depths = [train_retrieval.depth_at(step, 0.4, seed=3) for step in range(2000)]
+    assert depths == [train_retrieval.depth_at(step, 0.4, seed=3) for step in range(2000)]
+    placed = np.array([depth for depth in depths if depth is not None])
+    assert 0.35 < len(placed) / len(depths) < 0.45
+    assert np.all((placed >= 0) & (placed <= 1))
+    at_ends = np.isin(placed, (0.0, 1.0))
+    assert 0.4 < np.mean(at_ends) < 0.6 and 0.4 < np.mean(placed[at_ends]) < 0.6  # half at the ends, both ends
+    assert len(set(placed[~at_ends])) == np.sum(~at_ends)  # the rest drawn from a continuum
+    assert all(train_retrieval.depth_at(step, 0.0, seed=3) is None for step in range(100))
+
+
 def test_training_without_the_lookback_probe(tmp_path):
-    _train(tmp_path, "--lookback_tokens=0")
+    _train(tmp_path, "--lookback_tokens=0", "--placed_fraction=0.5")
     log = _log(tmp_path)
     assert len(log) == 5 and all(entry["lookback_loss"] == 0 for entry in log)
     assert not (tmp_path / "lookback_probe.npz").exists()
