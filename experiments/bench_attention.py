@@ -7,7 +7,8 @@ Inputs come from the LLM-like workload generator, so each threshold gives a real
 every time. Per length: cuDNN dense, JAX's Pallas-Triton `mha` (K/V repeated), our computation pass with every
 block kept; per threshold: quantization, quantization + selection, computation on the selected layout, and the
 whole `sale_attention` call. Medians of --repeats after warm-up. Writes bench_attention.json and
-bench_attention.png (speedup over cuDNN against density, and against length).
+bench_attention.png (speedup over cuDNN against density, and against length). --backend=pallas_mosaic times the
+selection with its Mosaic GPU estimate (Hopper).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16"], "Input dtype.")
 _TAUS = flags.DEFINE_list("taus", ["0.1", "0.03", "0.008", "0.002"], "Uniform thresholds (each gives a density).")
 _THRESHOLDS = flags.DEFINE_string("thresholds", None, "Optional thresholds file: layer 0's row is used too.")
+_BACKEND = flags.DEFINE_enum("backend", "pallas", ["pallas", "pallas_mosaic"],
+                             "SaleConfig.backend of the SALE calls (pallas_mosaic: Hopper only).")
+_BLOCK_Q = flags.DEFINE_integer("block_q", 64, "SaleConfig.block_q (query rows per block).")
+_BASELINES = flags.DEFINE_bool("baselines", True, "Also time Pallas-Triton mha and the all-kept computation pass.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the JSON and the PNG.", required=True)
 
@@ -39,18 +44,20 @@ def bench_length(length: int) -> dict:
     hq, hkv, d = _Q_HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
     work = workloads.llm_like_qkv(length, 1, length, hq, hkv, d, dtype=jnp.dtype(_DTYPE.value))
     q, k, v = work.q, work.k, work.v
-    config = sale_jax.SaleConfig(backend="pallas", dense_below=0)  # the kernels at every length
-    grid = sale_jax.BlockGrid(length, length, config.block_q, config.block_k)
+    # The kernels at every length.
+    config = sale_jax.SaleConfig(backend=_BACKEND.value, block_q=_BLOCK_Q.value, dense_below=0)
 
     def ms(fn):
         return median_seconds(fn, _REPEATS.value) * 1e3
 
     result = {"cudnn_ms": ms(lambda: cudnn_attention(q, k, v))}
-    group = hq // hkv
-    k_rep, v_rep = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    result["pallas_triton_mha_ms"] = ms(lambda: pallas_triton_mha(q, k_rep, v_rep, d ** -0.5))
-    all_kept = sale_jax.BlockLayout.all_visible(1, hq, grid)
-    result["computation_all_kept_ms"] = ms(lambda: sale_jax.block_sparse_attention(q, k, v, all_kept, config))
+    if _BASELINES.value:
+        group = hq // hkv
+        k_rep, v_rep = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        result["pallas_triton_mha_ms"] = ms(lambda: pallas_triton_mha(q, k_rep, v_rep, d ** -0.5))
+        grid = sale_jax.BlockGrid(length, length, config.block_q, config.block_k)
+        all_kept = sale_jax.BlockLayout.all_visible(1, hq, grid)
+        result["computation_all_kept_ms"] = ms(lambda: sale_jax.block_sparse_attention(q, k, v, all_kept, config))
     result["quantization_ms"] = ms(lambda: quantize_only(q, k, config))
 
     thresholds = {f"tau={t}": jnp.full((hq,), float(t), jnp.float32) for t in _TAUS.value}
@@ -107,6 +114,7 @@ def main(argv):
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     with open(os.path.join(_OUTPUT_DIR.value, "bench_attention.json"), "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "repeats": _REPEATS.value,
+                   "backend": _BACKEND.value, "block_q": _BLOCK_Q.value,
                    "shape": {"batch": 1, "q_heads": _Q_HEADS.value, "kv_heads": _KV_HEADS.value,
                              "head_dim": _HEAD_DIM.value, "dtype": _DTYPE.value, "causal": True},
                    "lengths": results}, f, indent=1)

@@ -32,11 +32,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (medi
 _BLOCK_Q = flags.DEFINE_integer("block_q", 128, "Query rows per CTA (64 or 128).")
 _BLOCK_K = flags.DEFINE_integer("block_k", 32, "Keys per flag.")
 _TILE_K = flags.DEFINE_integer("tile_k", 128, "Keys per wgmma (128 or 256; block_q * tile_k <= 16384).")
-_STAGES = flags.DEFINE_integer("max_concurrent_steps", 3, "Key tiles in flight (TMA pipeline depth).")
+_STAGES = flags.DEFINE_integer("max_concurrent_steps", 2, "Key tiles in flight (TMA pipeline depth).")
 _SINK = flags.DEFINE_integer("sink_tokens", 128, "Leading keys never estimated.")
 _LOCAL = flags.DEFINE_integer("local_tokens", 1024, "Keys before each q block's diagonal never estimated.")
 _HIT_FRACTION = flags.DEFINE_float("hit_fraction", 0.1, "Target fraction of estimated blocks that hit.")
 _FLIP_TOLERANCE = flags.DEFINE_float("flip_tolerance", 1e-2, "Largest |reference margin| at which a flip is allowed.")
+_CODES = flags.DEFINE_enum("codes", "float8_e4m3fn", ["int8", "float8_e4m3fn"],
+                           "Code dtype the kernel multiplies.")
 _SKIP_CUDNN = flags.DEFINE_bool("skip_cudnn", False, "Time the estimate kernel alone.")
 _OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_mosaic_estimate_h200/results.json",
                               "JSON file for the results.")
@@ -64,7 +66,8 @@ def random_inputs(length: int, seed: int, thresholds: np.ndarray | None = None) 
     else:
         row_threshold = (thresholds[None, :, None] + rng.normal(0.0, 0.1, (1, hq, length))).astype(np.float32)
     arrays = (q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end(length))
-    return tuple(jax.device_put(a) for a in arrays)
+    arrays = tuple(jax.device_put(a) for a in arrays)
+    return tuple(a.astype(_CODES.value) if a.dtype == jnp.int8 else a for a in arrays)
 
 
 def calibrated_thresholds(length: int) -> np.ndarray:
@@ -131,10 +134,11 @@ def main(argv):
                          f"{jax.default_backend()!r}. Run it on an H100/H200.")
     lengths = sorted(int(n) for n in _LENGTHS.value)
     thresholds = calibrated_thresholds(min(4096, lengths[0]))
-    print(f"device {jax.devices()[0].device_kind}; knobs {kernel_knobs()}; thresholds per head "
-          f"{np.round(thresholds[:4], 3).tolist()}...", flush=True)
-    results = {"device": jax.devices()[0].device_kind, "knobs": kernel_knobs(), "q_heads": _Q_HEADS.value,
-               "kv_heads": _KV_HEADS.value, "head_dim": _HEAD_DIM.value, "local_tokens": _LOCAL.value,
+    print(f"device {jax.devices()[0].device_kind}; knobs {kernel_knobs()}, {_CODES.value} codes; thresholds "
+          f"per head {np.round(thresholds[:4], 3).tolist()}...", flush=True)
+    results = {"device": jax.devices()[0].device_kind, "knobs": kernel_knobs(), "codes": _CODES.value,
+               "q_heads": _Q_HEADS.value, "kv_heads": _KV_HEADS.value, "head_dim": _HEAD_DIM.value,
+               "local_tokens": _LOCAL.value,
                "repeats": _REPEATS.value, "lengths": {}}
     for length in lengths:
         inputs = random_inputs(length, seed=length, thresholds=thresholds)

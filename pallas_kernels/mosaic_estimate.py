@@ -1,31 +1,35 @@
 """SALE's low-bit score estimate as a Pallas Mosaic GPU kernel (Hopper): one hit flag per (q block, key block).
 
-For batch b, q head h (kv head h // G), q block i and key block j, with int8 codes and f32 factors,
+For batch b, q head h (kv head h // G), q block i and key block j, with 4-bit codes (int8 or float8_e4m3fn, which
+holds them exactly) and f32 factors,
 
-    dots[r, c]   = sum_d q_codes[b, r, h, d] * k_codes[b, c, h // G, d]                       (exact int32)
+    dots[r, c]   = sum_d q_codes[b, r, h, d] * k_codes[b, c, h // G, d]                       (exact)
     excess[r, c] = k_scale[b, h // G, c] * f32(dots[r, c])
                    + (column_bias[b, h, c] * row_factor[b, h, r] - row_threshold[b, h, r])
     hits[b, h, i, j] = max over the block's rows r and keys c of excess > 0,
 
 for middle_start // block_k <= j < middle_end[i] // block_k, and 0 for every other key block. It is the hot loop of
-the selection pass (`middle_tile` in `selection.py`), without the compaction into a kept-block list.
+the selection pass (`middle_tile` in `selection.py`); `sale_jax`'s `pallas_mosaic` backend runs it between the
+Triton kernels `row_thresholds` and `compact_hits`.
 
-Why Mosaic GPU rather than Triton: Triton issues the int8 MMA and the f32 epilogue of a tile one after the other.
-Here the MMA is Hopper's asynchronous `wgmma` (s8 x s8 -> s32) reading both operands from shared memory, keys arrive
-by TMA a few tiles ahead (`plgpu.emit_pipeline`), and each CTA is a single warpgroup with a modest shared-memory
-footprint (85 KB for 128K keys, block_q = tile_k = 128 and three stages), so that two CTAs share an SM and one's
-epilogue (convert, scale, threshold, reduce) can run while the other's wgmma occupies the tensor cores.
+Why Mosaic GPU rather than Triton: Triton issues the MMA and the f32 epilogue of a tile one after the other. Here
+the MMA is Hopper's asynchronous `wgmma` reading both operands from shared memory, keys arrive by TMA a tile or
+two ahead (`plgpu.emit_pipeline`), and each CTA is a single warpgroup with a modest shared-memory footprint, so that
+several CTAs share an SM and one's epilogue (scale, threshold, reduce) runs while another's wgmma occupies the
+tensor cores. With fp8 codes the accumulator is f32 already: no int-to-float conversion in the epilogue (measured
+10-15% faster than int8 on the H200, at the same MMA rate).
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows once, walks the key tiles of `tile_k` keys that
 hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag per `block_k` keys
 and keeps the row of flags in shared memory, written out by one TMA copy at the end (so every output element is
-written, zeros included).
+written, zeros included). The reduction goes over each block's keys first (in-warp) and then its rows (across
+warps).
 
-Status: prototype, not yet wired into `sale_jax`'s API and not yet run on a GPU. tests/test_mosaic_estimate.py
-checks it against `estimate_hits_reference` in Mosaic GPU interpret mode and runs Mosaic GPU's lowering for sm_90
-on a CPU (everything short of ptxas); experiments/bench_mosaic_estimate.py checks and times it on a GPU. There the
-compiler may fuse the multiply-adds, so a block whose best excess is within f32 rounding of 0 can flip relative to
-the reference.
+tests/test_mosaic_estimate.py checks it against `estimate_hits_reference` in Mosaic GPU interpret mode and runs
+Mosaic GPU's lowering for sm_90 on a CPU (everything short of ptxas), and natively on a GPU;
+experiments/bench_mosaic_estimate.py checks and times it there (experiments/results/PERF_NOTES.md). The GPU may
+fuse the multiply-adds, so a block whose best excess is within f32 rounding of 0 can flip relative to the
+reference.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 _MAX_ACC_ELEMENTS = 64 * 256  # int32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
 _MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
-_EPILOGUE_KEYS = 128  # keys per epilogue chunk
+_EPILOGUE_KEYS = 128  # keys per epilogue chunk (64 and 32 measured 4% and 11% slower at 128K)
+# int8 codes: s32 accumulators, converted for the f32 epilogue; float8_e4m3fn codes: f32 accumulators straight away
+# (Hopper's fp8 wgmma runs at the int8 rate; sums of code products stay far below 2**13, exact either way).
+CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 def _check_inputs(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q,
@@ -48,8 +55,9 @@ def _check_inputs(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if q_codes.ndim != 4 or k_codes.ndim != 4:
         raise ValueError(f"q_codes and k_codes must be [B, T, Hq, D] and [B, S, Hkv, D], got {q_codes.shape} and "
                          f"{k_codes.shape}")
-    if q_codes.dtype != jnp.int8 or k_codes.dtype != jnp.int8:
-        raise ValueError(f"q_codes and k_codes must be int8, got {q_codes.dtype} and {k_codes.dtype}")
+    if q_codes.dtype != k_codes.dtype or q_codes.dtype not in CODE_DTYPES:
+        raise ValueError(f"q_codes and k_codes must both be int8 or both float8_e4m3fn (4-bit codes are exact in "
+                         f"either), got {q_codes.dtype} and {k_codes.dtype}")
     batch, q_len, q_heads, head_dim = q_codes.shape
     kv_batch, kv_len, kv_heads, kv_dim = k_codes.shape
     if kv_batch != batch or kv_dim != head_dim:
@@ -103,7 +111,8 @@ def estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_sc
 
     def one_q_block(args):
         q, factor, threshold = args  # [B, rows, Hkv, G, D], [B, Hkv, G, rows] twice
-        dots = jnp.einsum("brkgd,bskd->bkgrs", q, k_codes, preferred_element_type=jnp.int32)
+        dots = jnp.einsum("brkgd,bskd->bkgrs", q.astype(jnp.int8), k_codes.astype(jnp.int8),
+                          preferred_element_type=jnp.int32)
         excess = k_scale[:, :, None, None, :] * dots.astype(jnp.float32) + (
             column_bias[:, :, :, None, :] * factor[..., None] - threshold[..., None])
         return jnp.max(excess.reshape(*excess.shape[:4], num_k_blocks, block_k), axis=(3, 5))
@@ -161,19 +170,23 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
             plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # keys stay D-major in smem: int8 wgmma takes no transposes
             return acc_ref[...]
 
-        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.int32))
+        float_codes = q_smem.dtype != jnp.int8
+        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32 if float_codes else jnp.int32))
         # The epilogue walks the tile in chunks so the per-key factors of only one chunk are live in registers
         # beside the accumulator.
         chunk = min(tile_k, _EPILOGUE_KEYS)
         for start in range(0, tile_k, chunk):
             keys = slice(start, start + chunk)
-            excess = k_scale_smem[keys][None, :] * dots[:, keys].astype(jnp.float32) + (
+            chunk_dots = dots[:, keys] if float_codes else dots[:, keys].astype(jnp.float32)
+            excess = k_scale_smem[keys][None, :] * chunk_dots + (
                 bias_smem[keys][None, :] * row_factor[:, None] - row_threshold[:, None])
-            # Rows first: one cross-warp reduction per chunk, then in-warp reductions over each block's keys.
-            key_best = jnp.max(excess, axis=0)
-            for offset in range(0, chunk, block_k):
+            # Each block's keys first, per row (in-warp shuffles), then its rows (across the warps): reducing the
+            # rows of the whole chunk first measured 1.6x slower for the kernel.
+            block_best = [jnp.max(jnp.max(excess[:, offset:offset + block_k], axis=1))
+                          for offset in range(0, chunk, block_k)]
+            for offset, best in zip(range(0, chunk, block_k), block_best):
                 block = (tile * tile_k + start + offset) // block_k
-                hit = (jnp.max(key_best[offset:offset + block_k]) > 0) & (block >= first_block) & (block < end_block)
+                hit = (best > 0) & (block >= first_block) & (block < end_block)
                 hits_smem[block] = hit.astype(jnp.int32)
 
     key_tiles = lambda t: (first_tile + t,)
@@ -196,7 +209,8 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
                                              "interpret"))
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
-                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 3, interpret=False):
+                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
+                  interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); `interpret` is False or a
     `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs).
 
@@ -232,7 +246,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         kernel,
         out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
         scratch_types=[
-            plgpu.SMEM((block_q, head_dim), jnp.int8, transforms=_mma_transforms(head_dim)),
+            plgpu.SMEM((block_q, head_dim), q_codes.dtype, transforms=_mma_transforms(head_dim)),
             # A whole number of 128-flag rows: one zero per thread and register at the start.
             plgpu.SMEM((pl.cdiv(num_k_blocks, 128) * 128,), jnp.int32),
             plgpu.Barrier(num_barriers=1),

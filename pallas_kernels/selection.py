@@ -27,23 +27,26 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref, k_scale_ref, bias_ref, tau_ref,
-                      row_offsets_ref, indices_ref, counts_ref, *, q_len, kv_len, block_q, block_k, sink_tokens,
-                      local_tokens, scale, estimate_tile, num_q_blocks):
-    q_block = num_q_blocks - 1 - pl.program_id(0)  # QBlockGrid's order: longest rows first
-    head = pl.program_id(1)
-    offset = kv_len - q_len
-    rows = q_block * block_q + jnp.arange(block_q)
-    row_is_real = rows < q_len
-    row_pos = rows + offset
-    first_pos = q_block * block_q + offset
-    last_pos = jnp.minimum(q_block * block_q + block_q, q_len) - 1 + offset
-    num_visible = last_pos // block_k + 1
-    num_sink = jnp.minimum(-(-sink_tokens // block_k), num_visible)
-    local_start = jnp.maximum(jnp.maximum(first_pos - local_tokens + 1, 0) // block_k, num_sink)
+class _Regions:
+    """Where this program's q block sits and which of its key blocks are sink, middle and local."""
 
-    # Exact statistics over the sink and local blocks, online over key blocks.
-    q = q_ref[...]
+    def __init__(self, q_block, *, q_len, kv_len, block_q, block_k, sink_tokens, local_tokens):
+        offset = kv_len - q_len
+        rows = q_block * block_q + jnp.arange(block_q)
+        self.row_is_real = rows < q_len
+        self.row_pos = rows + offset
+        first_pos = q_block * block_q + offset
+        last_pos = jnp.minimum(q_block * block_q + block_q, q_len) - 1 + offset
+        self.num_visible = last_pos // block_k + 1
+        self.num_sink = jnp.minimum(-(-sink_tokens // block_k), self.num_visible)
+        self.local_start = jnp.maximum(jnp.maximum(first_pos - local_tokens + 1, 0) // block_k, self.num_sink)
+
+
+def _row_thresholds(q, row_scale, k_smooth_ref, tau, regions: _Regions, *, kv_len, block_k, scale):
+    """Exact statistics over the sink and local blocks, turned into each row's threshold on the estimate:
+    `(row_threshold, inverse_row_scale)` with a key hitting iff `sk_j * dot + c_j * inverse_row_scale -
+    row_threshold > 0`."""
+    row_pos = regions.row_pos
 
     def reference_block(block, carry):
         row_max, row_sum = carry
@@ -58,41 +61,87 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
         row_sum = row_sum * jnp.exp(row_max - safe_max) + jnp.sum(jnp.exp(s - safe_max[:, None]), axis=1)
         return new_max, row_sum
 
+    block_q = q.shape[0]
     stats = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-    stats = jax.lax.fori_loop(0, num_sink, reference_block, stats)
-    row_max, row_sum = jax.lax.fori_loop(local_start, num_visible, reference_block, stats)
-    row_max = jnp.where(row_is_real, row_max, 0.0)
+    stats = jax.lax.fori_loop(0, regions.num_sink, reference_block, stats)
+    row_max, row_sum = jax.lax.fori_loop(regions.local_start, regions.num_visible, reference_block, stats)
+    row_max = jnp.where(regions.row_is_real, row_max, 0.0)
 
-    tau = tau_ref[head]
     log_tau = jnp.log(jnp.where(tau > 0, tau, 1.0))
     threshold = jnp.where(tau > 0, row_max + log_tau + jnp.log(row_sum), -jnp.inf)
     # scale * (sq_i * sk_j * dot + c_j) > threshold_i  <=>  sk_j * dot + c_j / sq_i - threshold_i / (scale * sq_i) > 0
     # (sq_i > 0): two fused multiply-adds per score instead of four operations. Rounding differs from the
     # reference's order only in the last bits, which can flip blocks whose best margin is within rounding of the
     # threshold. The floor keeps dense heads (-inf) finite, so masked keys (-inf) never meet -inf - -inf = NaN.
-    row_scale = q_scale_ref[...]
     inverse_row_scale = 1.0 / row_scale
     row_threshold = jnp.maximum(threshold * (inverse_row_scale / scale), _THRESHOLD_FLOOR)
-    row_threshold = jnp.where(row_is_real, row_threshold, jnp.inf)  # padding rows select nothing
+    row_threshold = jnp.where(regions.row_is_real, row_threshold, jnp.inf)  # padding rows select nothing
+    return row_threshold, inverse_row_scale
 
-    slot_base = row_offsets_ref[q_block]
-    index_dtype = indices_ref.dtype
 
-    def write_slots(slots, values, valid):
+class _ListWriter:
+    """Writes one q block's kept-block list: sink ids, then middle hits as they are found, then local ids and the
+    padding tail (the last kept id repeated, so a kernel prefetching one past the end reads a valid id)."""
+
+    def __init__(self, indices_ref, slot_base, regions: _Regions, *, block_q, block_k, sink_tokens, local_tokens):
+        self.indices_ref, self.slot_base, self.regions = indices_ref, slot_base, regions
+        self.max_sink = _next_power_of_two(max(-(-sink_tokens // block_k), 1))
+        self.max_local = _next_power_of_two(-(-(local_tokens + block_q - 1) // block_k) + 1)
+
+    def write(self, slots, values, valid):
         """Stores block ids at positions `slots` of this q block's list where `valid`."""
-        pltriton.store(indices_ref.at[slot_base + slots], values.astype(index_dtype), mask=valid)
+        pltriton.store(self.indices_ref.at[self.slot_base + slots], values.astype(self.indices_ref.dtype),
+                       mask=valid)
 
-    sink_ids = jnp.arange(_next_power_of_two(max(-(-sink_tokens // block_k), 1)))
-    write_slots(sink_ids, sink_ids, sink_ids < num_sink)
+    def sink(self):
+        """Writes the sink ids; returns the count so far."""
+        sink_ids = jnp.arange(self.max_sink)
+        self.write(sink_ids, sink_ids, sink_ids < self.regions.num_sink)
+        return self.regions.num_sink
+
+    def middle_hits(self, count, first_block, block_hit):
+        """Appends blocks `first_block + j` where `block_hit[j]` (int32 0/1, ascending j); returns the count."""
+        position = count + jnp.cumsum(block_hit) - block_hit
+        self.write(position, first_block + jnp.arange(block_hit.shape[0]), block_hit > 0)
+        return count + jnp.sum(block_hit)
+
+    def local_and_tail(self, count):
+        """Writes the local ids and the padding tail; returns the final count."""
+        regions = self.regions
+        local_ids = jnp.arange(self.max_local)
+        self.write(count + local_ids, regions.local_start + local_ids,
+                   local_ids < regions.num_visible - regions.local_start)
+        count = count + regions.num_visible - regions.local_start
+
+        def pad_chunk(chunk, carry):
+            slots = count + chunk * _PAD_CHUNK + jnp.arange(_PAD_CHUNK)
+            self.write(slots, jnp.full((_PAD_CHUNK,), regions.num_visible - 1), slots < regions.num_visible)
+            return carry
+
+        jax.lax.fori_loop(0, pl.cdiv(regions.num_visible - count, _PAD_CHUNK), pad_chunk, 0)
+        return count
+
+
+def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref, k_scale_ref, bias_ref, tau_ref,
+                      row_offsets_ref, indices_ref, counts_ref, *, q_len, kv_len, block_q, block_k, sink_tokens,
+                      local_tokens, scale, estimate_tile, num_q_blocks):
+    q_block = num_q_blocks - 1 - pl.program_id(0)  # QBlockGrid's order: longest rows first
+    head = pl.program_id(1)
+    regions = _Regions(q_block, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
+                       sink_tokens=sink_tokens, local_tokens=local_tokens)
+    row_threshold, inverse_row_scale = _row_thresholds(q_ref[...], q_scale_ref[...], k_smooth_ref, tau_ref[head],
+                                                       regions, kv_len=kv_len, block_k=block_k, scale=scale)
+    writer = _ListWriter(indices_ref, row_offsets_ref[q_block], regions, block_q=block_q, block_k=block_k,
+                         sink_tokens=sink_tokens, local_tokens=local_tokens)
+    count = writer.sink()
 
     # Middle keys: low-bit estimate, one flag per key block, compacted into the list as we go.
     q_codes = q_codes_ref[...]
-    middle_start, middle_end = num_sink * block_k, local_start * block_k
+    middle_start, middle_end = regions.num_sink * block_k, regions.local_start * block_k
     # Tiles are aligned to `estimate_tile` so the last one ends inside the padded keys (the caller pads them to a
     # multiple of the tile); the first one may start among the sink keys, which are masked like the local ones.
     first_tile_start = middle_start // estimate_tile * estimate_tile
     blocks_per_tile = estimate_tile // block_k
-    tile_block_ids = jnp.arange(blocks_per_tile)
 
     def middle_tile(tile, count):
         start = first_tile_start + tile * estimate_tile
@@ -109,27 +158,11 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
         # Reduce within each key block first (along the fast axis), then over rows: reducing over rows first costs
         # a layout change of the whole tile (measured 1.7x slower for the whole kernel).
         block_best = jnp.max(jnp.max(excess.reshape(block_q, blocks_per_tile, block_k), axis=2), axis=0)
-        block_hit = (block_best > 0).astype(jnp.int32)
-        position = count + jnp.cumsum(block_hit) - block_hit
-        write_slots(position, start // block_k + tile_block_ids, block_hit > 0)
-        return count + jnp.sum(block_hit)
+        return writer.middle_hits(count, start // block_k, (block_best > 0).astype(jnp.int32))
 
     num_tiles = jnp.where(middle_end > middle_start, pl.cdiv(middle_end - first_tile_start, estimate_tile), 0)
-    count = jax.lax.fori_loop(0, num_tiles, middle_tile, num_sink)
-
-    max_local = _next_power_of_two(-(-(local_tokens + block_q - 1) // block_k) + 1)
-    local_ids = jnp.arange(max_local)
-    write_slots(count + local_ids, local_start + local_ids, local_ids < num_visible - local_start)
-    count = count + num_visible - local_start
-
-    # Tail: repeat the last kept block (the diagonal one) so a kernel prefetching one past the end reads a valid id.
-    def pad_chunk(chunk, carry):
-        slots = count + chunk * _PAD_CHUNK + jnp.arange(_PAD_CHUNK)
-        write_slots(slots, jnp.full((_PAD_CHUNK,), num_visible - 1), slots < num_visible)
-        return carry
-
-    jax.lax.fori_loop(0, pl.cdiv(num_visible - count, _PAD_CHUNK), pad_chunk, 0)
-    counts_ref[q_block] = count
+    count = jax.lax.fori_loop(0, num_tiles, middle_tile, count)
+    counts_ref[q_block] = writer.local_and_tail(count)
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots", "q_len", "kv_len", "block_q", "block_k", "sink_tokens",
@@ -189,3 +222,106 @@ def select_blocks(q, q_codes, q_scale, k_smooth, k_codes, k_scale, column_bias, 
         name="sale_select_blocks",
     )
 
+
+
+# The selection pass in three launches, for an estimate kernel of another lowering (`mosaic_estimate`): the rows'
+# thresholds, then the estimate's hit flags (by the caller), then their compaction into the kept-block lists.
+
+COMPACTION_CHUNK = 128  # flags read per step of the compaction; the flag rows must be a multiple of it
+
+
+def _threshold_kernel(q_ref, q_scale_ref, k_smooth_ref, tau_ref, threshold_ref, *, q_len, kv_len, block_q, block_k,
+                      sink_tokens, local_tokens, scale, num_q_blocks):
+    q_block = num_q_blocks - 1 - pl.program_id(0)
+    regions = _Regions(q_block, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
+                       sink_tokens=sink_tokens, local_tokens=local_tokens)
+    threshold_ref[...], _ = _row_thresholds(q_ref[...], q_scale_ref[...], k_smooth_ref, tau_ref[pl.program_id(1)],
+                                            regions, kv_len=kv_len, block_k=block_k, scale=scale)
+
+
+@functools.partial(jax.jit, static_argnames=("q_len", "kv_len", "block_q", "block_k", "sink_tokens", "local_tokens",
+                                             "scale", "num_warps", "num_stages", "interpret"))
+def row_thresholds(q, q_scale, k_smooth, tau, *, q_len: int, kv_len: int, block_q: int, block_k: int,
+                   sink_tokens: int, local_tokens: int, scale: float, num_warps: int = 4, num_stages: int = 2,
+                   interpret: bool = False, initial_outputs=None):
+    """Each query row's threshold on the low-bit estimate, f32 `[B, Hq, T_pad]`: key `j` hits row `i` iff
+    `k_scale_j * dot(q_codes_i, k_codes_j) + column_bias_j / q_scale_i - threshold_i > 0` (what `select_blocks`
+    tests; +inf on padding rows, -1e30 for heads with `tau <= 0`). Shapes as in `select_blocks`."""
+    batch, padded_q_len, q_heads, head_dim = q.shape
+    padded_kv_len, kv_heads = k_smooth.shape[1], k_smooth.shape[2]
+    num_q_blocks = padded_q_len // block_q
+    grid = QBlockGrid(num_q_blocks, q_heads, kv_heads, batch)
+    row_spec = pl.BlockSpec((None, None, block_q), lambda i, h, b: (b, h, grid.q_block(i)))
+    kernel = functools.partial(
+        _threshold_kernel, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, sink_tokens=sink_tokens,
+        local_tokens=local_tokens, scale=scale, num_q_blocks=num_q_blocks)
+    (thresholds,) = pallas_call_with_initial_outputs(
+        kernel,
+        inputs=(q, q_scale, k_smooth, tau),
+        initial_outputs=initial_outputs,
+        grid=grid.shape,
+        in_specs=[grid.q_rows_spec(block_q, head_dim), row_spec, grid.kv_spec(padded_kv_len, head_dim),
+                  pl.BlockSpec((q_heads,), lambda i, h, b: (0,))],
+        out_specs=[row_spec],
+        out_shape=[jax.ShapeDtypeStruct((batch, q_heads, padded_q_len), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="sale_row_thresholds",
+    )
+    return thresholds
+
+
+def _compaction_kernel(hits_ref, row_offsets_ref, indices_ref, counts_ref, *, q_len, kv_len, block_q, block_k,
+                       sink_tokens, local_tokens, num_q_blocks):
+    q_block = num_q_blocks - 1 - pl.program_id(0)
+    regions = _Regions(q_block, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
+                       sink_tokens=sink_tokens, local_tokens=local_tokens)
+    writer = _ListWriter(indices_ref, row_offsets_ref[q_block], regions, block_q=block_q, block_k=block_k,
+                         sink_tokens=sink_tokens, local_tokens=local_tokens)
+    count = writer.sink()
+    first_middle, end_middle = regions.num_sink, regions.local_start
+    # Chunks aligned to COMPACTION_CHUNK, so every read stays inside the (padded) row of flags.
+    first_chunk = first_middle // COMPACTION_CHUNK
+
+    def chunk_body(chunk, count):
+        start = (first_chunk + chunk) * COMPACTION_CHUNK
+        ids = start + jnp.arange(COMPACTION_CHUNK)
+        in_middle = (ids >= first_middle) & (ids < end_middle)
+        block_hit = jnp.where(in_middle & (hits_ref[pl.ds(start, COMPACTION_CHUNK)] > 0), 1, 0).astype(jnp.int32)
+        return writer.middle_hits(count, start, block_hit)
+
+    num_chunks = jnp.where(end_middle > first_middle, pl.cdiv(end_middle, COMPACTION_CHUNK) - first_chunk, 0)
+    count = jax.lax.fori_loop(0, num_chunks, chunk_body, count)
+    counts_ref[q_block] = writer.local_and_tail(count)
+
+
+@functools.partial(jax.jit, static_argnames=("num_slots", "q_len", "kv_len", "block_q", "block_k", "sink_tokens",
+                                             "local_tokens", "index_dtype", "interpret"))
+def compact_hits(hits, row_offsets, *, num_slots: int, q_len: int, kv_len: int, block_q: int, block_k: int,
+                 sink_tokens: int, local_tokens: int, index_dtype=jnp.int16, interpret: bool = False,
+                 initial_outputs=None):
+    """The kept-block lists of `select_blocks` from per-block hit flags `hits [B, Hq, nQ, nK_pad]` (nonzero = a
+    middle block some row's estimate selects; flags outside each q block's middle region are ignored; nK_pad a
+    multiple of COMPACTION_CHUNK): sink blocks, middle hits and local blocks, packed as `select_blocks` packs them.
+    Returns `indices [B, Hq, num_slots]` and `counts [B, Hq, nQ]`."""
+    batch, q_heads, num_q_blocks, padded_k_blocks = hits.shape
+    if padded_k_blocks % COMPACTION_CHUNK:
+        raise ValueError(f"hits rows ({padded_k_blocks} flags) must be padded to a multiple of {COMPACTION_CHUNK}")
+    grid = QBlockGrid(num_q_blocks, q_heads, q_heads, batch)
+    kernel = functools.partial(
+        _compaction_kernel, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, sink_tokens=sink_tokens,
+        local_tokens=local_tokens, num_q_blocks=num_q_blocks)
+    return pallas_call_with_initial_outputs(
+        kernel,
+        inputs=(hits, row_offsets),
+        initial_outputs=initial_outputs,
+        grid=grid.shape,
+        in_specs=[pl.BlockSpec((None, None, None, padded_k_blocks), lambda i, h, b: (b, h, grid.q_block(i), 0)),
+                  pl.BlockSpec((num_q_blocks + 1,), lambda i, h, b: (0,))],
+        out_specs=[pl.BlockSpec((None, None, num_slots), lambda i, h, b: (b, h, 0)),
+                   pl.BlockSpec((None, None, num_q_blocks), lambda i, h, b: (b, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((batch, q_heads, num_slots), index_dtype),
+                   jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks), jnp.int32)],
+        interpret=interpret,
+        name="sale_compact_hits",
+    )

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from sale_jax import checks
-from sale_jax.config import SaleConfig
+from sale_jax.config import PALLAS_BACKENDS, SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
-from sale_jax.pallas_backend import block_sparse_attention_pallas, check_supported, select_blocks_pallas
+from sale_jax.pallas_backend import (block_sparse_attention_pallas, check_supported, select_blocks_mosaic,
+                                     select_blocks_pallas)
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
 
 _DEFAULT_CONFIG = SaleConfig()
@@ -20,9 +21,9 @@ def _grid_for(q, k, config: SaleConfig) -> BlockGrid:
     return BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
 
 
-def _check_backend(q, config: SaleConfig) -> None:
-    if config.resolved_backend() == "pallas":
-        check_supported(q, config)
+def _check_backend(q, k, config: SaleConfig) -> None:
+    if config.resolved_backend() in PALLAS_BACKENDS:
+        check_supported(q, k, config)
 
 
 def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG) -> BlockLayout:
@@ -36,13 +37,16 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
     """
     checks.check_qkv(q, k, k)
     tau = checks.check_tau(tau, q.shape[2])
-    _check_backend(q, config)
+    _check_backend(q, k, config)
     return _select_blocks(q, k, tau, config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _select_blocks(q, k, tau, config: SaleConfig) -> BlockLayout:
-    if config.resolved_backend() == "pallas":
+    backend = config.resolved_backend()
+    if backend == "pallas_mosaic":
+        return select_blocks_mosaic(q, k, tau, config)
+    if backend == "pallas":
         return select_blocks_pallas(q, k, tau, config)
     return select_blocks_reference(q, k, tau, config)
 
@@ -55,13 +59,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Blo
     """
     checks.check_qkv(q, k, v)
     checks.check_layout(layout, q.shape[0], q.shape[2], _grid_for(q, k, config))
-    _check_backend(q, config)
+    _check_backend(q, k, config)
     return _block_sparse_attention(q, k, v, layout, config, return_lse)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_lse"))
 def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: bool):
-    if config.resolved_backend() == "pallas":
+    if config.resolved_backend() in PALLAS_BACKENDS:
         out, lse = block_sparse_attention_pallas(q, k, v, layout, config)
     else:
         out, lse = block_sparse_attention_reference(q, k, v, layout, config.softmax_scale(q.shape[-1]))
@@ -78,7 +82,7 @@ def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, con
     """
     checks.check_qkv(q, k, v)
     tau = checks.check_tau(tau, q.shape[2])
-    _check_backend(q, config)
+    _check_backend(q, k, config)
     return _sale_attention(q, k, v, tau, config, return_lse, return_layout)
 
 

@@ -8,7 +8,8 @@ import math
 import jax
 
 QUANT_GRANULARITIES = ("per_token", "per_block")
-BACKENDS = ("auto", "reference", "pallas")
+BACKENDS = ("auto", "reference", "pallas", "pallas_mosaic")
+PALLAS_BACKENDS = ("pallas", "pallas_mosaic")
 DEFAULT_DENSE_BELOW = 65536  # measured crossover; see SaleConfig.dense_below
 
 
@@ -27,7 +28,9 @@ class SaleConfig:
       local_tokens: key blocks intersecting `[p_first - local_tokens + 1, p_last]` of a query block are always kept
         and feed the reference statistics; at least 1, so the diagonal block is always local.
       quant_granularity: `"per_token"` (one 4-bit scale per query row / key) or `"per_block"` (one per block).
-      backend: `"reference"` (pure jnp), `"pallas"` (GPU kernels) or `"auto"` (Pallas on GPU, reference elsewhere).
+      backend: `"reference"` (pure jnp), `"pallas"` (GPU kernels, Triton lowering), `"pallas_mosaic"` (the same,
+        but the selection's low-bit estimate runs as a Mosaic GPU kernel: fp8 wgmma, Hopper only; block_q 64 or
+        128, head_dim 64, 128 or 256) or `"auto"` (`"pallas"` on GPU, the reference elsewhere).
       interpret: run Pallas kernels in interpret mode (for CPU testing).
       scale: softmax scale; `None` means `head_dim ** -0.5`.
       dense_below: `sale_attention` runs dense attention for key sequences shorter than this, where the

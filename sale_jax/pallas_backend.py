@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_kernels
 from sale_jax.config import SaleConfig
@@ -16,16 +18,38 @@ from sale_jax.reference.quantize import column_bias, smoothing_means
 ESTIMATE_TILE = 128  # keys per low-bit estimate tile; int8 dots run the tensor cores far better at 128 than at 32
 MIN_TILE = 16  # Triton's smallest dot operand dimension
 MIN_HEAD_DIM = 32  # int8 tensor-core dots contract over at least 32 (Hopper's int8 MMA k); 16 gave wrong estimates
+# The Mosaic GPU estimate (pallas_kernels/mosaic_estimate.py) and its best measured knobs on the H200: fp8 codes,
+# 128-key tiles, two tiles in flight (experiments/results/PERF_NOTES.md).
+MOSAIC_HEAD_DIMS = (64, 128, 256)
+MOSAIC_BLOCK_QS = (64, 128)
+MOSAIC_ESTIMATE_TILE = 128
+MOSAIC_STAGES = 2
+MOSAIC_MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory
 
 
-def check_supported(q: jax.Array, config: SaleConfig) -> None:
+def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig) -> None:
     """The kernels' shape limits, as errors that say what is accepted."""
-    head_dim = q.shape[-1]
+    backend, head_dim = config.resolved_backend(), q.shape[-1]
     if head_dim < MIN_HEAD_DIM or head_dim & (head_dim - 1):
-        raise ValueError(f"backend='pallas' needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}")
+        raise ValueError(f"backend={backend!r} needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}")
     for name in ("block_q", "block_k"):
         if getattr(config, name) < MIN_TILE:
-            raise ValueError(f"backend='pallas' needs {name} >= {MIN_TILE}, got {getattr(config, name)}")
+            raise ValueError(f"backend={backend!r} needs {name} >= {MIN_TILE}, got {getattr(config, name)}")
+    if backend != "pallas_mosaic":
+        return
+    if head_dim not in MOSAIC_HEAD_DIMS:
+        raise ValueError(f"backend='pallas_mosaic' needs head_dim in {MOSAIC_HEAD_DIMS}, got {head_dim}")
+    if config.block_q not in MOSAIC_BLOCK_QS:
+        raise ValueError(f"backend='pallas_mosaic' needs block_q in {MOSAIC_BLOCK_QS} (wgmma rows), got "
+                         f"{config.block_q}")
+    if config.block_k > MOSAIC_ESTIMATE_TILE:
+        raise ValueError(f"backend='pallas_mosaic' needs block_k <= {MOSAIC_ESTIMATE_TILE}, got {config.block_k}")
+    key_padding = _mosaic_key_padding(config)
+    padded_k_blocks = key_padding * _cdiv(k.shape[1], key_padding) // config.block_k
+    if padded_k_blocks > MOSAIC_MAX_K_BLOCKS:
+        raise ValueError(f"backend='pallas_mosaic' holds a q block's key-block flags in shared memory: at most "
+                         f"{MOSAIC_MAX_K_BLOCKS} (key length <= {MOSAIC_MAX_K_BLOCKS * config.block_k} at "
+                         f"block_k={config.block_k}), got key length {k.shape[1]} ({padded_k_blocks} blocks)")
 
 
 def estimate_tile(config: SaleConfig) -> int:
@@ -53,6 +77,58 @@ def select_blocks_pallas(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
         block_k=config.block_k, sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
         scale=config.softmax_scale(q.shape[-1]), estimate_tile=estimate_tile(config),
         index_dtype=grid.index_dtype(), interpret=config.interpret)
+    return BlockLayout(indices=indices, counts=counts, grid=grid)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _mosaic_key_padding(config: SaleConfig) -> int:
+    """Keys pad to whole estimate tiles and to whole compaction chunks of flags."""
+    return max(MOSAIC_ESTIMATE_TILE, pallas_kernels.COMPACTION_CHUNK * config.block_k)
+
+
+def _middle_ends(grid: BlockGrid, config: SaleConfig) -> np.ndarray:
+    """Per q block, the first key of its local region (where its estimated middle keys end), as the selection
+    kernel computes it."""
+    q_blocks = np.arange(grid.num_q_blocks)
+    first_pos = q_blocks * grid.block_q + grid.query_offset
+    num_sink = np.minimum(-(-config.sink_tokens // grid.block_k), grid.visible_counts)
+    local_start = np.maximum(np.maximum(first_pos - config.local_tokens + 1, 0) // grid.block_k, num_sink)
+    return (local_start * grid.block_k).astype(np.int32)
+
+
+def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
+    """The selection in three launches: row thresholds (Triton), the low-bit estimate's hit flags (Mosaic GPU,
+    fp8 codes, which hold the 4-bit codes exactly), their compaction into the kept-block lists (Triton). The same
+    decisions as `select_blocks_pallas` up to float rounding at the threshold."""
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    per_block = config.quant_granularity == "per_block"
+    q_mean, k_mean = smoothing_means(q, k)
+    q_rows = pad_axis(q, 1, config.block_q)
+    k_rows = pad_axis(k, 1, _mosaic_key_padding(config))
+    q_codes, q_scale = pallas_kernels.quantize_rows(
+        q_rows, q_mean[:, 0], length=grid.q_len, tile=config.block_q, per_tile_scale=per_block,
+        return_smooth=False, interpret=config.interpret)
+    k_codes, k_scale, k_smooth = pallas_kernels.quantize_rows(
+        k_rows, k_mean[:, 0], length=grid.kv_len, tile=config.block_k, per_tile_scale=per_block,
+        return_smooth=True, interpret=config.interpret)
+    bias = pad_axis(column_bias(q_mean, k.astype(jnp.float32) - k_mean), 2, _mosaic_key_padding(config))
+    regions = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q, block_k=config.block_k,
+                   sink_tokens=config.sink_tokens, local_tokens=config.local_tokens)
+    row_threshold = pallas_kernels.row_thresholds(
+        q_rows, q_scale, k_smooth, tau, **regions, scale=config.softmax_scale(q.shape[-1]),
+        interpret=config.interpret)
+    middle_start = min(-(-config.sink_tokens // config.block_k) * config.block_k, k_rows.shape[1])
+    hits = pallas_kernels.estimate_hits(
+        q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn), 1.0 / q_scale, row_threshold,
+        k_scale, bias, jnp.asarray(_middle_ends(grid, config)), block_q=config.block_q, block_k=config.block_k,
+        tile_k=MOSAIC_ESTIMATE_TILE, middle_start=middle_start, max_concurrent_steps=MOSAIC_STAGES,
+        interpret=plgpu.InterpretGPUParams() if config.interpret else False)
+    indices, counts = pallas_kernels.compact_hits(
+        hits, jnp.asarray(grid.row_offsets), num_slots=grid.num_slots, **regions, index_dtype=grid.index_dtype(),
+        interpret=config.interpret)
     return BlockLayout(indices=indices, counts=counts, grid=grid)
 
 

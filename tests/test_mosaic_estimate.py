@@ -63,8 +63,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("codes", ["int8", "float8_e4m3fn"])
 @pytest.mark.parametrize("name", CASES)
-def test_kernel_hits_equal_reference(rng, name):
+def test_kernel_hits_equal_reference(rng, name, codes):
     case = dict(CASES[name])
     tile_k = case.pop("tile_k")
     knobs = dict(block_q=case["block_q"], block_k=32, middle_start=case["middle_start"])
@@ -75,6 +76,7 @@ def test_kernel_hits_equal_reference(rng, name):
     assert np.abs(margins[estimated]).min() > 1e-3, "thresholds too close to a margin for an exact comparison"
     assert 0 < want.sum() < estimated.sum(), "the case should have blocks that hit and blocks that miss"
 
+    inputs[Q_CODES], inputs[K_CODES] = (jnp.asarray(inputs[i], codes) for i in (Q_CODES, K_CODES))
     got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, interpret=INTERPRET))
     assert got.shape == want.shape and got.dtype == np.int32
     assert np.isin(got, (0, 1)).all(), f"unwritten or invalid flags: {np.unique(got)}"
@@ -90,7 +92,8 @@ def valid_inputs():
 
 
 @pytest.mark.parametrize("input_changes, knob_changes, message", [
-    ({Q_CODES: lambda x: x.astype(np.float32)}, {}, "must be int8"),
+    ({Q_CODES: lambda x: x.astype(np.float32)}, {}, "must both be int8 or both float8_e4m3fn"),
+    ({K_CODES: lambda x: jnp.asarray(x, jnp.float8_e4m3fn)}, {}, "must both be int8 or both float8_e4m3fn"),
     ({ROW_FACTOR: lambda x: x[:, :, :64]}, {}, "row_factor must be float32"),
     ({K_SCALE: lambda x: x.astype(np.float16)}, {}, "k_scale must be float32"),
     ({MIDDLE_END: lambda x: x[:1]}, {}, "middle_end must be int32"),
@@ -119,12 +122,14 @@ def test_accumulator_too_large_for_registers_is_refused():
         estimate_hits(*inputs, **knobs | {"block_q": 128, "tile_k": 256}, interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("block_q, tile_k, head_dim", [(128, 128, 128), (64, 256, 128), (64, 128, 64)])
-def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim):
+@pytest.mark.parametrize("block_q, tile_k, head_dim, codes", [
+    (128, 128, 128, jnp.int8), (64, 256, 128, jnp.int8), (64, 128, 64, jnp.int8), (128, 128, 128, jnp.float8_e4m3fn),
+    (64, 256, 128, jnp.float8_e4m3fn)])
+def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas (it assumes sm_90 when no GPU is present)."""
     batch, length, q_heads, kv_heads = 1, 2048, 4, 2
-    shapes = [((batch, length, q_heads, head_dim), jnp.int8), ((batch, length, kv_heads, head_dim), jnp.int8),
+    shapes = [((batch, length, q_heads, head_dim), codes), ((batch, length, kv_heads, head_dim), codes),
               ((batch, q_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((length // block_q,), jnp.int32)]

@@ -71,21 +71,27 @@ def test_quantize_kernel_equals_reference(rng, dtype, granularity):
 
 
 def _kernel_layout(q, k, tau, config):
-    """The selection kernel's layout, from poisoned buffers, through the same glue the API uses."""
+    """The selection kernels' layout, from poisoned buffers, through the same glue the API uses."""
     from sale_jax import pallas_backend
     grid = sale_jax.BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    initial = [poisoned((q.shape[0], q.shape[2], grid.num_slots), grid.index_dtype()),
-               poisoned((q.shape[0], q.shape[2], grid.num_q_blocks), jnp.int32)]
-    original = pallas_kernels.select_blocks
+    lists = [poisoned((q.shape[0], q.shape[2], grid.num_slots), grid.index_dtype()),
+             poisoned((q.shape[0], q.shape[2], grid.num_q_blocks), jnp.int32)]
+    thresholds = [poisoned((q.shape[0], q.shape[2], grid.num_q_blocks * config.block_q), jnp.float32)]
+    poisoned_kernels = {"select_blocks": lists, "compact_hits": lists, "row_thresholds": thresholds}
+    originals = {name: getattr(pallas_kernels, name) for name in poisoned_kernels}
 
-    def with_poison(*args, **kwargs):
-        return original(*args, **kwargs, initial_outputs=initial)
+    def with_poison(name):
+        return lambda *args, **kwargs: originals[name](*args, **kwargs, initial_outputs=poisoned_kernels[name])
 
-    pallas_backend.pallas_kernels.select_blocks = with_poison
+    for name in poisoned_kernels:
+        setattr(pallas_backend.pallas_kernels, name, with_poison(name))
     try:
-        return pallas_backend.select_blocks_pallas(q, k, jnp.asarray(tau, jnp.float32), config)
+        select = (pallas_backend.select_blocks_mosaic if config.backend == "pallas_mosaic"
+                  else pallas_backend.select_blocks_pallas)
+        return select(q, k, jnp.asarray(tau, jnp.float32), config)
     finally:
-        pallas_backend.pallas_kernels.select_blocks = original
+        for name, original in originals.items():
+            setattr(pallas_backend.pallas_kernels, name, original)
 
 
 @pytest.mark.parametrize("trial", range(3))
@@ -142,6 +148,31 @@ def _check_selection_kernel(case, q, k, tau):
     assert np.all(undecided[mask != want]), f"{(mask != want).sum()} blocks differ from the reference"
 
 
+def draw_mosaic_case(rng):
+    """A case for backend='pallas_mosaic': block_q 64 or 128, head_dim 64 or 128."""
+    case = draw_kernel_case(rng, backend="pallas_mosaic", block_q=int(rng.choice([64, 128])))
+    return dataclasses.replace(case, head_dim=int(rng.choice([64, 128])))
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_mosaic_selection_matches_reference_and_oracle(rng, trial):
+    """Row thresholds (Triton), the Mosaic GPU estimate (interpret mode on a CPU) and the compaction (Triton)."""
+    case = draw_mosaic_case(rng)
+    case = dataclasses.replace(case, q_heads=case.kv_heads * (1 if trial == 0 else int(rng.choice([2, 3]))))
+    q, k, _ = cases.draw_structured_qkv(rng, case, [jnp.float32, jnp.bfloat16][trial])
+    _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads))
+
+
+def test_sale_attention_mosaic_backend_matches_oracle(rng):
+    case = draw_mosaic_case(rng)
+    q, k, v = cases.draw_structured_qkv(rng, case, jnp.bfloat16)
+    tau = cases.draw_tau(rng, case.q_heads)
+    out, layout = sale_jax.sale_attention(q, k, v, tau, case.config, return_layout=True)
+    want_out, _ = oracle.attention(q, k, v, np.asarray(layout.to_mask()), bq=case.config.block_q,
+                                   bk=case.config.block_k, scale=case.scale)
+    np.testing.assert_allclose(oracle.as_f64(out), want_out, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_attention_kernel_matches_oracle(rng, dtype):
     case = draw_kernel_case(rng)
@@ -183,9 +214,20 @@ def test_sale_attention_pallas_backend_matches_reference(rng):
     (dict(block_q=8), 32, "block_q >= 16"),
     (dict(block_k=8), 32, "block_k >= 16"),
     (dict(), 24, "head_dim to be a power of two"),
+    (dict(backend="pallas_mosaic", block_q=32), 64, r"block_q in \(64, 128\)"),
+    (dict(backend="pallas_mosaic"), 32, r"head_dim in \(64, 128, 256\)"),
+    (dict(backend="pallas_mosaic", block_k=256), 64, "block_k <= 128"),
 ])
 def test_pallas_backend_rejects_unsupported_shapes(overrides, head_dim, message):
-    config = sale_jax.SaleConfig(dense_below=0, backend="pallas", interpret=INTERPRET, **overrides)
+    config = sale_jax.SaleConfig(**{"dense_below": 0, "backend": "pallas", "interpret": INTERPRET, **overrides})
     q = jnp.ones((1, 64, 2, head_dim), jnp.bfloat16)
     with pytest.raises(ValueError, match=message):
         sale_jax.sale_attention(q, q, q, jnp.zeros(2), config)
+
+
+def test_mosaic_backend_rejects_keys_beyond_its_shared_memory():
+    config = sale_jax.SaleConfig(dense_below=0, backend="pallas_mosaic", block_k=16, interpret=INTERPRET)
+    q = jnp.ones((1, 64, 1, 64), jnp.bfloat16)
+    k = jnp.ones((1, 16384 * 16 + 1, 1, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="at most 16384"):
+        sale_jax.select_blocks(q, k, jnp.zeros(1), config)
