@@ -30,6 +30,8 @@ _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "Key/value heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
 _BLOCK_Q = flags.DEFINE_integer("block_q", 128, "Query rows per CTA (64 or 128).")
+_PACKED_REDUCTION = flags.DEFINE_bool("packed_reduction", False,
+                                      "One cross-warp reduction per four blocks (packed row counts).")
 _BLOCK_K = flags.DEFINE_integer("block_k", 32, "Keys per flag.")
 _TILE_K = flags.DEFINE_integer("tile_k", 128, "Keys per wgmma (128 or 256; block_q * tile_k <= 16384).")
 _STAGES = flags.DEFINE_integer("max_concurrent_steps", 2, "Key tiles in flight (TMA pipeline depth).")
@@ -85,7 +87,8 @@ def reference_knobs() -> dict:
 
 
 def kernel_knobs() -> dict:
-    return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value)
+    return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
+                packed_reduction=_PACKED_REDUCTION.value)
 
 
 def check(inputs) -> dict:

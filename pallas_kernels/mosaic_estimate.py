@@ -133,6 +133,24 @@ def estimate_hits_reference(q_codes, k_codes, row_factor, row_threshold, k_scale
     return (margins > 0).astype(jnp.int32)
 
 
+_COUNT_BITS = 8  # a field holds how many of a block's rows hit: at most 128 < 2**8
+_FIELDS_PER_WORD = 32 // _COUNT_BITS
+
+
+def _packed_row_counts(row_best):
+    """Per block, whether any row's best excess is > 0, from per-row maxima `row_best` (a list of [rows] vectors):
+    each row's hit bits are packed into 8-bit fields of one int32 word per four blocks, so one cross-warp sum per
+    word counts the hitting rows of four blocks at once (instead of one cross-warp max per block)."""
+    hits = []
+    for first in range(0, len(row_best), _FIELDS_PER_WORD):
+        group = row_best[first:first + _FIELDS_PER_WORD]
+        word = functools.reduce(jnp.add, [(best > 0).astype(jnp.int32) << (_COUNT_BITS * field)
+                                          for field, best in enumerate(group)])
+        total = jnp.sum(word)
+        hits += [((total >> (_COUNT_BITS * field)) & ((1 << _COUNT_BITS) - 1)) > 0 for field in range(len(group))]
+    return hits
+
+
 def _mma_transforms(head_dim: int):
     """Shared-memory layout wgmma reads int8 rows of `head_dim` bytes from: 8-row tiles, swizzled."""
     swizzle = plgpu.find_swizzle(head_dim * 8)
@@ -141,7 +159,7 @@ def _mma_transforms(head_dim: int):
 
 def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scale_gmem, bias_gmem, middle_end_gmem,
                      hits_gmem, q_smem, hits_smem, q_barrier, *, block_q, block_k, tile_k, middle_start, group,
-                     max_concurrent_steps):
+                     max_concurrent_steps, packed_reduction):
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
     # Later q blocks see more keys: launch them first so the short ones fill the tail.
@@ -182,11 +200,15 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
                 bias_smem[keys][None, :] * row_factor[:, None] - row_threshold[:, None])
             # Each block's keys first, per row (in-warp shuffles), then its rows (across the warps): reducing the
             # rows of the whole chunk first measured 1.6x slower for the kernel.
-            block_best = [jnp.max(jnp.max(excess[:, offset:offset + block_k], axis=1))
-                          for offset in range(0, chunk, block_k)]
-            for offset, best in zip(range(0, chunk, block_k), block_best):
+            offsets = range(0, chunk, block_k)
+            row_best = [jnp.max(excess[:, offset:offset + block_k], axis=1) for offset in offsets]
+            if packed_reduction:
+                block_hit = _packed_row_counts(row_best)
+            else:
+                block_hit = [jnp.max(best) > 0 for best in row_best]
+            for offset, hit in zip(offsets, block_hit):
                 block = (tile * tile_k + start + offset) // block_k
-                hit = (best > 0) & (block >= first_block) & (block < end_block)
+                hit = hit & (block >= first_block) & (block < end_block)
                 hits_smem[block] = hit.astype(jnp.int32)
 
     key_tiles = lambda t: (first_tile + t,)
@@ -207,12 +229,13 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
-                                             "interpret"))
+                                             "packed_reduction", "interpret"))
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
                   block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
-                  interpret=False):
+                  packed_reduction: bool = False, interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); `interpret` is False or a
-    `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs).
+    `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs). `packed_reduction` combines the rows of four
+    blocks in one cross-warp reduction (`_packed_row_counts`; not yet timed on a GPU).
 
     Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
     """
@@ -241,7 +264,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
 
     kernel = functools.partial(
         _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps)
+        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, packed_reduction=packed_reduction)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),

@@ -60,16 +60,19 @@ CASES = {
                                   tile_k=128, middle_start=0),
     "batch2_tile256_odd_sink": dict(batch=2, q_len=256, kv_len=512, q_heads=2, kv_heads=2, head_dim=128,
                                     block_q=64, tile_k=256, middle_start=40),
+    "blocks_of_16": dict(batch=1, q_len=256, kv_len=512, q_heads=2, kv_heads=1, head_dim=64, block_q=128,
+                         tile_k=128, middle_start=16, block_k=16),  # 8 blocks per chunk: two packed words
 }
 
 
-@pytest.mark.parametrize("codes", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("codes, packed_reduction", [("int8", False), ("float8_e4m3fn", False),
+                                                     ("float8_e4m3fn", True)])
 @pytest.mark.parametrize("name", CASES)
-def test_kernel_hits_equal_reference(rng, name, codes):
+def test_kernel_hits_equal_reference(rng, name, codes, packed_reduction):
     case = dict(CASES[name])
-    tile_k = case.pop("tile_k")
-    knobs = dict(block_q=case["block_q"], block_k=32, middle_start=case["middle_start"])
-    inputs = set_thresholds(rng, draw_inputs(rng, **case, block_k=32), knobs)
+    tile_k, block_k = case.pop("tile_k"), case.pop("block_k", 32)
+    knobs = dict(block_q=case["block_q"], block_k=block_k, middle_start=case["middle_start"])
+    inputs = set_thresholds(rng, draw_inputs(rng, **case, block_k=block_k), knobs)
     margins = np.asarray(estimate_margins_reference(*inputs, **knobs))
     want = np.asarray(estimate_hits_reference(*inputs, **knobs))
     estimated = np.isfinite(margins)
@@ -77,7 +80,8 @@ def test_kernel_hits_equal_reference(rng, name, codes):
     assert 0 < want.sum() < estimated.sum(), "the case should have blocks that hit and blocks that miss"
 
     inputs[Q_CODES], inputs[K_CODES] = (jnp.asarray(inputs[i], codes) for i in (Q_CODES, K_CODES))
-    got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, interpret=INTERPRET))
+    got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, packed_reduction=packed_reduction,
+                                   interpret=INTERPRET))
     assert got.shape == want.shape and got.dtype == np.int32
     assert np.isin(got, (0, 1)).all(), f"unwritten or invalid flags: {np.unique(got)}"
     np.testing.assert_array_equal(got, want)
@@ -122,10 +126,11 @@ def test_accumulator_too_large_for_registers_is_refused():
         estimate_hits(*inputs, **knobs | {"block_q": 128, "tile_k": 256}, interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("block_q, tile_k, head_dim, codes", [
-    (128, 128, 128, jnp.int8), (64, 256, 128, jnp.int8), (64, 128, 64, jnp.int8), (128, 128, 128, jnp.float8_e4m3fn),
-    (64, 256, 128, jnp.float8_e4m3fn)])
-def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes):
+@pytest.mark.parametrize("block_q, tile_k, head_dim, codes, packed_reduction", [
+    (128, 128, 128, jnp.int8, False), (64, 256, 128, jnp.int8, False), (64, 128, 64, jnp.int8, False),
+    (128, 128, 128, jnp.float8_e4m3fn, False), (64, 256, 128, jnp.float8_e4m3fn, False),
+    (128, 128, 128, jnp.float8_e4m3fn, True), (64, 256, 128, jnp.int8, True)])
+def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, packed_reduction):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas (it assumes sm_90 when no GPU is present)."""
     batch, length, q_heads, kv_heads = 1, 2048, 4, 2
@@ -133,6 +138,7 @@ def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes):
               ((batch, q_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((length // block_q,), jnp.int32)]
-    kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128))
+    kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128,
+                                       packed_reduction=packed_reduction))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
