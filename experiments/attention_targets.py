@@ -5,25 +5,14 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
-import pallas_kernels
 from sale_jax import pallas_backend
-from sale_jax.reference.common import pad_axis
-from sale_jax.reference.quantize import column_bias, smoothing_means
 
 
 def quantize_only(q, k, config):
     """The quantization half of select_blocks_pallas (means, kernels, column correction)."""
-    tile = pallas_backend.estimate_tile(config)
-    q_mean, k_mean = smoothing_means(q, k)
-    per_block = config.quant_granularity == "per_block"
-    qc = pallas_kernels.quantize_rows(pad_axis(q, 1, config.block_q), q_mean[:, 0], length=q.shape[1],
-                                      tile=config.block_q, per_tile_scale=per_block, return_smooth=False)
-    kc = pallas_kernels.quantize_rows(pad_axis(k, 1, tile), k_mean[:, 0], length=k.shape[1], tile=config.block_k,
-                                      per_tile_scale=per_block, return_smooth=True)
-    return qc, kc, column_bias(q_mean, k.astype(jnp.float32) - k_mean)
+    return pallas_backend.quantize(q, k, config, pallas_backend.estimate_tile(config))
 
 
 @jax.jit

@@ -4,6 +4,8 @@ backends quantize around bit-identical means."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,26 +59,40 @@ def estimate_tile(config: SaleConfig) -> int:
     return max(ESTIMATE_TILE, config.block_k)
 
 
-def select_blocks_pallas(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
-    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+class _Quantized(NamedTuple):
+    """Pass 1 on the kernels, lengths padded: q rows to block_q, keys to `key_padding`."""
+    q_rows: jax.Array
+    q_codes: jax.Array
+    q_scale: jax.Array
+    k_codes: jax.Array
+    k_scale: jax.Array
+    k_smooth: jax.Array
+    bias: jax.Array
+
+
+def quantize(q: jax.Array, k: jax.Array, config: SaleConfig, key_padding: int) -> _Quantized:
     per_block = config.quant_granularity == "per_block"
     q_mean, k_mean = smoothing_means(q, k)
     q_rows = pad_axis(q, 1, config.block_q)
-    k_rows = pad_axis(k, 1, estimate_tile(config))
     q_codes, q_scale = pallas_kernels.quantize_rows(
-        q_rows, q_mean[:, 0], length=grid.q_len, tile=config.block_q, per_tile_scale=per_block,
+        q_rows, q_mean[:, 0], length=q.shape[1], tile=config.block_q, per_tile_scale=per_block,
         return_smooth=False, interpret=config.interpret)
     k_codes, k_scale, k_smooth = pallas_kernels.quantize_rows(
-        k_rows, k_mean[:, 0], length=grid.kv_len, tile=config.block_k, per_tile_scale=per_block,
-        return_smooth=True, interpret=config.interpret)
-    bias = column_bias(q_mean, k.astype(jnp.float32) - k_mean)
-    bias = pad_axis(bias, 2, estimate_tile(config))
+        pad_axis(k, 1, key_padding), k_mean[:, 0], length=k.shape[1], tile=config.block_k,
+        per_tile_scale=per_block, return_smooth=True, interpret=config.interpret)
+    bias = pad_axis(column_bias(q_mean, k.astype(jnp.float32) - k_mean), 2, key_padding)
+    return _Quantized(q_rows, q_codes, q_scale, k_codes, k_scale, k_smooth, bias)
+
+
+def select_blocks_pallas(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    quant = quantize(q, k, config, estimate_tile(config))
     indices, counts = pallas_kernels.select_blocks(
-        q_rows, q_codes, q_scale, k_smooth, k_codes, k_scale, bias, tau, jnp.asarray(grid.row_offsets),
-        num_slots=grid.num_slots, q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q,
-        block_k=config.block_k, sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
-        scale=config.softmax_scale(q.shape[-1]), estimate_tile=estimate_tile(config),
-        index_dtype=grid.index_dtype(), interpret=config.interpret)
+        quant.q_rows, quant.q_codes, quant.q_scale, quant.k_smooth, quant.k_codes, quant.k_scale, quant.bias, tau,
+        jnp.asarray(grid.row_offsets), num_slots=grid.num_slots, q_len=grid.q_len, kv_len=grid.kv_len,
+        block_q=config.block_q, block_k=config.block_k, sink_tokens=config.sink_tokens,
+        local_tokens=config.local_tokens, scale=config.softmax_scale(q.shape[-1]),
+        estimate_tile=estimate_tile(config), index_dtype=grid.index_dtype(), interpret=config.interpret)
     return BlockLayout(indices=indices, counts=counts, grid=grid)
 
 
@@ -104,26 +120,16 @@ def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
     fp8 codes, which hold the 4-bit codes exactly), their compaction into the kept-block lists (Triton). The same
     decisions as `select_blocks_pallas` up to float rounding at the threshold."""
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    per_block = config.quant_granularity == "per_block"
-    q_mean, k_mean = smoothing_means(q, k)
-    q_rows = pad_axis(q, 1, config.block_q)
-    k_rows = pad_axis(k, 1, _mosaic_key_padding(config))
-    q_codes, q_scale = pallas_kernels.quantize_rows(
-        q_rows, q_mean[:, 0], length=grid.q_len, tile=config.block_q, per_tile_scale=per_block,
-        return_smooth=False, interpret=config.interpret)
-    k_codes, k_scale, k_smooth = pallas_kernels.quantize_rows(
-        k_rows, k_mean[:, 0], length=grid.kv_len, tile=config.block_k, per_tile_scale=per_block,
-        return_smooth=True, interpret=config.interpret)
-    bias = pad_axis(column_bias(q_mean, k.astype(jnp.float32) - k_mean), 2, _mosaic_key_padding(config))
+    quant = quantize(q, k, config, _mosaic_key_padding(config))
     regions = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q, block_k=config.block_k,
                    sink_tokens=config.sink_tokens, local_tokens=config.local_tokens)
     row_threshold = pallas_kernels.row_thresholds(
-        q_rows, q_scale, k_smooth, tau, **regions, scale=config.softmax_scale(q.shape[-1]),
+        quant.q_rows, quant.q_scale, quant.k_smooth, tau, **regions, scale=config.softmax_scale(q.shape[-1]),
         interpret=config.interpret)
-    middle_start = min(-(-config.sink_tokens // config.block_k) * config.block_k, k_rows.shape[1])
+    middle_start = min(-(-config.sink_tokens // config.block_k) * config.block_k, quant.k_codes.shape[1])
     hits = pallas_kernels.estimate_hits(
-        q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn), 1.0 / q_scale, row_threshold,
-        k_scale, bias, jnp.asarray(_middle_ends(grid, config)), block_q=config.block_q, block_k=config.block_k,
+        quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn), 1.0 / quant.q_scale,
+        row_threshold, quant.k_scale, quant.bias, jnp.asarray(_middle_ends(grid, config)), block_q=config.block_q, block_k=config.block_k,
         tile_k=MOSAIC_ESTIMATE_TILE, middle_start=middle_start, max_concurrent_steps=MOSAIC_STAGES,
         interpret=plgpu.InterpretGPUParams() if config.interpret else False)
     indices, counts = pallas_kernels.compact_hits(
