@@ -32,6 +32,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (medi
 _BLOCK_Q = flags.DEFINE_integer("block_q", 128, "Query rows per CTA (64 or 128).")
 _PACKED_REDUCTION = flags.DEFINE_bool("packed_reduction", False,
                                       "One cross-warp reduction per four blocks (packed row counts).")
+_OVERLAP_EPILOGUE = flags.DEFINE_bool("overlap_epilogue", False,
+                                      "Issue each tile's wgmma before the previous tile's epilogue.")
 _BLOCK_K = flags.DEFINE_integer("block_k", 32, "Keys per flag.")
 _TILE_K = flags.DEFINE_integer("tile_k", 128, "Keys per wgmma (128 or 256; block_q * tile_k <= 16384).")
 _STAGES = flags.DEFINE_integer("max_concurrent_steps", 2, "Key tiles in flight (TMA pipeline depth).")
@@ -88,7 +90,7 @@ def reference_knobs() -> dict:
 
 def kernel_knobs() -> dict:
     return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
-                packed_reduction=_PACKED_REDUCTION.value)
+                packed_reduction=_PACKED_REDUCTION.value, overlap_epilogue=_OVERLAP_EPILOGUE.value)
 
 
 def check(inputs) -> dict:

@@ -159,7 +159,7 @@ def _mma_transforms(head_dim: int):
 
 def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scale_gmem, bias_gmem, middle_end_gmem,
                      hits_gmem, q_smem, hits_smem, q_barrier, *, block_q, block_k, tile_k, middle_start, group,
-                     max_concurrent_steps, packed_reduction):
+                     max_concurrent_steps, packed_reduction, overlap_epilogue):
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
     # Later q blocks see more keys: launch them first so the short ones fill the tail.
@@ -181,23 +181,20 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
     num_tiles = jnp.maximum(pl.cdiv(end_block * block_k, tile_k) - first_tile, 0)
     plgpu.barrier_wait(q_barrier)
 
-    def tile_body(indices, k_smem, k_scale_smem, bias_smem):
-        tile = first_tile + indices[0]
+    float_codes = q_smem.dtype != jnp.int8
+    acc_dtype = jnp.float32 if float_codes else jnp.int32
 
-        def mma(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # keys stay D-major in smem: int8 wgmma takes no transposes
-            return acc_ref[...]
-
-        float_codes = q_smem.dtype != jnp.int8
-        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32 if float_codes else jnp.int32))
+    def flag_tile(dots, k_scale, bias, tile):
+        """Stores the flags of key tile `tile` from its dots; `k_scale` and `bias` are its [tile_k] factors (refs
+        or values)."""
         # The epilogue walks the tile in chunks so the per-key factors of only one chunk are live in registers
         # beside the accumulator.
         chunk = min(tile_k, _EPILOGUE_KEYS)
         for start in range(0, tile_k, chunk):
             keys = slice(start, start + chunk)
             chunk_dots = dots[:, keys] if float_codes else dots[:, keys].astype(jnp.float32)
-            excess = k_scale_smem[keys][None, :] * chunk_dots + (
-                bias_smem[keys][None, :] * row_factor[:, None] - row_threshold[:, None])
+            excess = k_scale[keys][None, :] * chunk_dots + (
+                bias[keys][None, :] * row_factor[:, None] - row_threshold[:, None])
             # Each block's keys first, per row (in-warp shuffles), then its rows (across the warps): reducing the
             # rows of the whole chunk first measured 1.6x slower for the kernel.
             offsets = range(0, chunk, block_k)
@@ -211,9 +208,33 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
                 hit = hit & (block >= first_block) & (block < end_block)
                 hits_smem[block] = hit.astype(jnp.int32)
 
+    def tile_body(indices, k_smem, k_scale_smem, bias_smem):
+        def mma(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # keys stay D-major in smem: 8-bit wgmma takes no transposes
+            return acc_ref[...]
+
+        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), acc_dtype))
+        flag_tile(dots, k_scale_smem, bias_smem, first_tile + indices[0])
+
+    key_layout = plgpu.Layout.WGMMA.reduce(0)
+
+    def overlapped_tile_body(indices, k_smem, k_scale_smem, bias_smem, previous):
+        """Issues this tile's wgmma, then runs the previous tile's epilogue while the tensor cores work on it."""
+        previous_dots, previous_scale, previous_bias, previous_tile, has_previous = previous
+        k_scale = plgpu.load(k_scale_smem, layout=key_layout)
+        bias = plgpu.load(bias_smem, layout=key_layout)
+
+        def mma(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.T)
+            pl.when(has_previous)(lambda: flag_tile(previous_dots, previous_scale, previous_bias, previous_tile))
+            return acc_ref[...]
+
+        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), acc_dtype))
+        return dots, k_scale, bias, first_tile + indices[0], jnp.bool_(True)
+
     key_tiles = lambda t: (first_tile + t,)
-    plgpu.emit_pipeline(
-        tile_body,
+    pipeline = functools.partial(
+        plgpu.emit_pipeline,
         grid=(num_tiles,),
         in_specs=[
             plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
@@ -221,7 +242,18 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
             plgpu.BlockSpec((tile_k,), key_tiles),
         ],
         max_concurrent_steps=max_concurrent_steps,
-    )(k_gmem.at[batch, :, head // group], k_scale_gmem.at[batch, head // group], bias_gmem.at[batch, head])
+    )
+    operands = (k_gmem.at[batch, :, head // group], k_scale_gmem.at[batch, head // group], bias_gmem.at[batch, head])
+    if overlap_epilogue:
+        nothing_yet = (plgpu.layout_cast(jnp.zeros((block_q, tile_k), acc_dtype), plgpu.Layout.WGMMA),
+                       plgpu.layout_cast(jnp.zeros((tile_k,), jnp.float32), key_layout),
+                       plgpu.layout_cast(jnp.zeros((tile_k,), jnp.float32), key_layout),
+                       first_tile, jnp.bool_(False))
+        last_dots, last_scale, last_bias, last_tile, has_last = pipeline(
+            overlapped_tile_body, init_carry=nothing_yet)(*operands)
+        pl.when(has_last)(lambda: flag_tile(last_dots, last_scale, last_bias, last_tile))
+    else:
+        pipeline(tile_body)(*operands)
 
     plgpu.commit_smem()  # flags visible to the TMA engine
     plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
@@ -229,13 +261,14 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
-                                             "packed_reduction", "interpret"))
+                                             "packed_reduction", "overlap_epilogue", "interpret"))
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
                   block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
-                  packed_reduction: bool = False, interpret=False):
+                  packed_reduction: bool = False, overlap_epilogue: bool = False, interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); `interpret` is False or a
     `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs). `packed_reduction` combines the rows of four
-    blocks in one cross-warp reduction (`_packed_row_counts`; not yet timed on a GPU).
+    blocks in one cross-warp reduction (`_packed_row_counts`); `overlap_epilogue` issues each tile's wgmma before
+    the previous tile's epilogue, so that they overlap within the warpgroup (both not yet timed on a GPU).
 
     Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
     """
@@ -264,7 +297,8 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
 
     kernel = functools.partial(
         _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, packed_reduction=packed_reduction)
+        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, packed_reduction=packed_reduction,
+        overlap_epilogue=overlap_epilogue)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),

@@ -129,8 +129,9 @@ def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
     middle_start = min(-(-config.sink_tokens // config.block_k) * config.block_k, quant.k_codes.shape[1])
     hits = pallas_kernels.estimate_hits(
         quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn), 1.0 / quant.q_scale,
-        row_threshold, quant.k_scale, quant.bias, jnp.asarray(_middle_ends(grid, config)), block_q=config.block_q, block_k=config.block_k,
-        tile_k=MOSAIC_ESTIMATE_TILE, middle_start=middle_start, max_concurrent_steps=MOSAIC_STAGES,
+        row_threshold, quant.k_scale, quant.bias, jnp.asarray(_middle_ends(grid, config)), block_q=config.block_q,
+        block_k=config.block_k, tile_k=MOSAIC_ESTIMATE_TILE, middle_start=middle_start,
+        max_concurrent_steps=MOSAIC_STAGES,
         interpret=plgpu.InterpretGPUParams() if config.interpret else False)
     indices, counts = pallas_kernels.compact_hits(
         hits, jnp.asarray(grid.row_offsets), num_slots=grid.num_slots, **regions, index_dtype=grid.index_dtype(),
