@@ -1,10 +1,9 @@
 """SALE's low-bit score estimate as a Pallas Mosaic GPU kernel (Hopper): one hit flag per (q block, key block).
 
-For batch b, q head h (kv head h // G), q block i and key block j, with 4-bit codes (int8 or float8_e4m3fn, which
-holds them exactly) and f32 factors,
+For batch b, q head h (kv head h // G), q block i and key block j, with 4-bit codes and f32 factors,
 
     dots[r, c]   = sum_d q_codes[b, r, h, d] * k_codes[b, c, h // G, d]                       (exact)
-    excess[r, c] = k_scale[b, h // G, c] * f32(dots[r, c])
+    excess[r, c] = k_scale[b, h // G, c] * dots[r, c]
                    + (column_bias[b, h, c] * row_factor[b, h, r] - row_threshold[b, h, r])
     hits[b, h, i, j] = max over the block's rows r and keys c of excess > 0,
 
@@ -12,24 +11,30 @@ for middle_start // block_k <= j < middle_end[i] // block_k, and 0 for every oth
 the selection pass (`middle_tile` in `selection.py`); `sale_jax`'s `pallas_mosaic` backend runs it between the
 Triton kernels `row_thresholds` and `compact_hits`.
 
-Why Mosaic GPU rather than Triton: Triton issues the MMA and the f32 epilogue of a tile one after the other. Here
-the MMA is Hopper's asynchronous `wgmma` reading both operands from shared memory, keys arrive by TMA a tile or
-two ahead (`plgpu.emit_pipeline`), and each CTA is a single warpgroup with a modest shared-memory footprint, so that
-several CTAs share an SM and one's epilogue (scale, threshold, reduce) runs while another's wgmma occupies the
-tensor cores. With fp8 codes the accumulator is f32 already: no int-to-float conversion in the epilogue (measured
-10-15% faster than int8 on the H200, at the same MMA rate).
+How (each step measured on the H200, experiments/results/PERF_NOTES.md):
+- The codes go to the tensor cores as float8_e4m3fn, which holds 4-bit codes exactly: Hopper's fp8 `wgmma` runs
+  at the int8 rate into an f32 accumulator, whose code sums (|x| < 2**13) are exact.
+- The offsets go to the tensor cores too. Since k_scale > 0, `excess > 0` is `dots + offset > 0` with
+  `offset[r, c] = row_factor[r] * (column_bias[c] / k_scale[c]) - row_threshold[r] / k_scale[c]`, a rank-2
+  product: a tf32 `wgmma` of per-row and per-key terms (`offset_terms`, each factor split into tf32 halves so
+  the sum keeps ~2**-21 of f32) starts every tile's accumulator, and the epilogue is the block maxima alone.
+- Each block's keys are reduced first, per row (in-warp shuffles), then its rows across the warps, four blocks
+  per cross-warp sum (`_packed_row_counts`).
+- Keys arrive by TMA two tiles ahead (`plgpu.emit_pipeline`); each CTA is one warpgroup with a modest
+  shared-memory footprint, so several CTAs share an SM and one's epilogue runs while another's wgmma occupies
+  the tensor cores. Two consumer warpgroups taking turns (FA3's ping-pong) measured slower: their epilogues
+  must not overlap (Mosaic GPU's cross-warp reductions share one scratch), and this epilogue is latency-bound.
 
-Structure: grid (q block, q head, batch); a CTA loads its q rows once, walks the key tiles of `tile_k` keys that
-hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag per `block_k` keys
-and keeps the row of flags in shared memory, written out by one TMA copy at the end (so every output element is
-written, zeros included). The reduction goes over each block's keys first (in-warp) and then its rows (across
-warps).
+Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
+`tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag
+per `block_k` keys and keeps the row of flags in shared memory, written out by one TMA copy at the end (so every
+output element is written, zeros included).
 
 tests/test_mosaic_estimate.py checks it against `estimate_hits_reference` in Mosaic GPU interpret mode and runs
 Mosaic GPU's lowering for sm_90 on a CPU (everything short of ptxas), and natively on a GPU;
-experiments/bench_mosaic_estimate.py checks and times it there (experiments/results/PERF_NOTES.md). The GPU may
-fuse the multiply-adds, so a block whose best excess is within f32 rounding of 0 can flip relative to the
-reference.
+experiments/bench_mosaic_estimate.py checks and times it there. The kernel's float operations differ from the
+reference's (tf32 halves, the excess divided by k_scale), so a block whose best excess is within f32 rounding of 0
+can flip relative to the reference.
 """
 
 from __future__ import annotations
@@ -41,12 +46,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_MAX_ACC_ELEMENTS = 64 * 256  # int32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
+_MAX_ACC_ELEMENTS = 64 * 256  # f32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
 _MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
-_EPILOGUE_KEYS = 128  # keys per epilogue chunk (64 and 32 measured 4% and 11% slower at 128K)
-# int8 codes: s32 accumulators, converted for the f32 epilogue; float8_e4m3fn codes: f32 accumulators straight away
-# (Hopper's fp8 wgmma runs at the int8 rate; sums of code products stay far below 2**13, exact either way).
-CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))  # accepted; the kernel runs on fp8
 
 
 def _check_inputs(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q,
@@ -96,7 +98,8 @@ def estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_sc
                                block_q: int, block_k: int, middle_start: int):
     """Best excess of each block, f32 [B, Hq, nQ, nK] (-inf where not estimated): the hit test is `margin > 0`.
 
-    The float operations are the kernel's, in the kernel's order. One q block at a time, so long sequences fit.
+    In f32 as the formula is written (the kernel's order differs, see the module docstring). One q block at a
+    time, so long sequences fit.
     """
     batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
         q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
@@ -152,108 +155,90 @@ def _packed_row_counts(row_best):
 
 
 def _mma_transforms(head_dim: int):
-    """Shared-memory layout wgmma reads int8 rows of `head_dim` bytes from: 8-row tiles, swizzled."""
+    """Shared-memory layout wgmma reads 8-bit rows of `head_dim` bytes from: 8-row tiles, swizzled."""
     swizzle = plgpu.find_swizzle(head_dim * 8)
     return plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle)
 
 
-def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scale_gmem, bias_gmem, middle_end_gmem,
-                     hits_gmem, q_smem, hits_smem, q_barrier, *, block_q, block_k, tile_k, middle_start, group,
-                     max_concurrent_steps, packed_reduction, overlap_epilogue):
+_OFFSET_TERMS = 8  # K of the tf32 wgmma that adds the per-row and per-key offsets (its smallest)
+_TF32_DROPPED_BITS = 13  # tf32 keeps the top 10 of f32's 23 mantissa bits
+_FINITE_THRESHOLD = 1e30  # +-inf thresholds (select nothing / everything) clipped, so hi/lo splits stay finite
+
+
+def _tf32_split(x):
+    """x = hi + lo with hi exact in tf32; the tensor cores keep lo to 10 bits, so x is carried to ~2**-21."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(~((1 << _TF32_DROPPED_BITS) - 1) & 0xFFFFFFFF)
+    hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return hi, x - hi
+
+
+def offset_terms(row_factor, row_threshold, k_scale, column_bias):
+    """The folded kernel's f32 [B, Hq, T, 8] row terms and [B, Hq, S, 8] key terms: their product over the last
+    axis is `excess / k_scale - dots = column_bias / k_scale * row_factor - row_threshold / k_scale`, each factor
+    split into tf32 halves (hi*hi + hi*lo + lo*hi), so one tf32 wgmma adds it to the accumulator."""
+    group = column_bias.shape[1] // k_scale.shape[1]
+    scale = jnp.repeat(k_scale, group, axis=1)
+    inverse = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)  # padded keys have no scale
+    factor_hi, factor_lo = _tf32_split(row_factor)
+    neg_hi, neg_lo = _tf32_split(-jnp.clip(row_threshold, -_FINITE_THRESHOLD, _FINITE_THRESHOLD))
+    bias_hi, bias_lo = _tf32_split(column_bias * inverse)
+    inverse_hi, inverse_lo = _tf32_split(inverse)
+    row_zero, key_zero = jnp.zeros_like(factor_hi), jnp.zeros_like(bias_hi)
+    rows = jnp.stack([factor_hi, factor_hi, factor_lo, neg_hi, neg_hi, neg_lo, row_zero, row_zero], axis=-1)
+    keys = jnp.stack([bias_hi, bias_lo, bias_hi, inverse_hi, inverse_lo, inverse_hi, key_zero, key_zero], axis=-1)
+    return rows, keys
+
+
+def _terms_transforms():
+    """wgmma's tf32 operand layout for rows of 8 f32 (32 bytes): 8 x 8 tiles, 32-byte swizzle."""
+    return plgpu.TilingTransform((8, _OFFSET_TERMS)), plgpu.SwizzleTransform(4 * _OFFSET_TERMS)
+
+
+def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
+                     row_terms_smem, hits_smem, q_barriers, *, block_q, block_k, tile_k, middle_start, group,
+                     max_concurrent_steps):
+    """One CTA: q block `q_block` of `head` against the key tiles of its middle blocks."""
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
-    # Later q blocks see more keys: launch them first so the short ones fill the tail.
-    q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")
+    q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")  # longest rows first
     head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
     rows = pl.ds(q_block * block_q, block_q)
 
-    plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem, q_barrier)
+    plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem, q_barriers.at[0])
+    plgpu.copy_gmem_to_smem(row_terms_gmem.at[batch, head, rows], row_terms_smem, q_barriers.at[1])
     hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
     plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
-    # Straight from GMEM into the accumulator's row layout (once per CTA; `optimized` transfers are SMEM-only).
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    row_factor = plgpu.load(row_factor_gmem.at[batch, head, rows], layout=row_layout, optimized=False)
-    row_threshold = plgpu.load(row_threshold_gmem.at[batch, head, rows], layout=row_layout, optimized=False)
     first_block, end_block = _block_range(middle_end_gmem[q_block], block_k=block_k, middle_start=middle_start,
                                           num_k_blocks=num_k_blocks)
     # Tiles are aligned to tile_k, so the first and last may hold sink or local blocks: masked below.
     first_tile = first_block * block_k // tile_k
     num_tiles = jnp.maximum(pl.cdiv(end_block * block_k, tile_k) - first_tile, 0)
-    plgpu.barrier_wait(q_barrier)
+    plgpu.barrier_wait(q_barriers.at[0])
+    plgpu.barrier_wait(q_barriers.at[1])
 
-    float_codes = q_smem.dtype != jnp.int8
-    acc_dtype = jnp.float32 if float_codes else jnp.int32
-
-    def flag_tile(dots, k_scale, bias, tile):
-        """Stores the flags of key tile `tile` from its dots; `k_scale` and `bias` are its [tile_k] factors (refs
-        or values)."""
-        # The epilogue walks the tile in chunks so the per-key factors of only one chunk are live in registers
-        # beside the accumulator.
-        chunk = min(tile_k, _EPILOGUE_KEYS)
-        for start in range(0, tile_k, chunk):
-            keys = slice(start, start + chunk)
-            chunk_dots = dots[:, keys] if float_codes else dots[:, keys].astype(jnp.float32)
-            excess = k_scale[keys][None, :] * chunk_dots + (
-                bias[keys][None, :] * row_factor[:, None] - row_threshold[:, None])
-            # Each block's keys first, per row (in-warp shuffles), then its rows (across the warps): reducing the
-            # rows of the whole chunk first measured 1.6x slower for the kernel.
-            offsets = range(0, chunk, block_k)
-            row_best = [jnp.max(excess[:, offset:offset + block_k], axis=1) for offset in offsets]
-            if packed_reduction:
-                block_hit = _packed_row_counts(row_best)
-            else:
-                block_hit = [jnp.max(best) > 0 for best in row_best]
-            for offset, hit in zip(offsets, block_hit):
-                block = (tile * tile_k + start + offset) // block_k
-                hit = hit & (block >= first_block) & (block < end_block)
-                hits_smem[block] = hit.astype(jnp.int32)
-
-    def tile_body(indices, k_smem, k_scale_smem, bias_smem):
+    def tile_body(indices, k_smem, key_terms_smem):
         def mma(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # keys stay D-major in smem: 8-bit wgmma takes no transposes
+            plgpu.wgmma(acc_ref, row_terms_smem, key_terms_smem.T)  # the offsets (tf32)
+            plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # + the dots (fp8); both operands K-major, as wgmma needs
             return acc_ref[...]
 
-        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), acc_dtype))
-        flag_tile(dots, k_scale_smem, bias_smem, first_tile + indices[0])
+        excess = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32))
+        offsets = range(0, tile_k, block_k)
+        row_best = [jnp.max(excess[:, offset:offset + block_k], axis=1) for offset in offsets]
+        tile = first_tile + indices[0]
+        for offset, hit in zip(offsets, _packed_row_counts(row_best)):
+            block = (tile * tile_k + offset) // block_k
+            hits_smem[block] = (hit & (block >= first_block) & (block < end_block)).astype(jnp.int32)
 
-    key_layout = plgpu.Layout.WGMMA.reduce(0)
-
-    def overlapped_tile_body(indices, k_smem, k_scale_smem, bias_smem, previous):
-        """Issues this tile's wgmma, then runs the previous tile's epilogue while the tensor cores work on it."""
-        previous_dots, previous_scale, previous_bias, previous_tile, has_previous = previous
-        k_scale = plgpu.load(k_scale_smem, layout=key_layout)
-        bias = plgpu.load(bias_smem, layout=key_layout)
-
-        def mma(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.T)
-            pl.when(has_previous)(lambda: flag_tile(previous_dots, previous_scale, previous_bias, previous_tile))
-            return acc_ref[...]
-
-        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), acc_dtype))
-        return dots, k_scale, bias, first_tile + indices[0], jnp.bool_(True)
-
-    key_tiles = lambda t: (first_tile + t,)
-    pipeline = functools.partial(
-        plgpu.emit_pipeline,
+    plgpu.emit_pipeline(
+        tile_body,
         grid=(num_tiles,),
         in_specs=[
             plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
-            plgpu.BlockSpec((tile_k,), key_tiles),
-            plgpu.BlockSpec((tile_k,), key_tiles),
+            plgpu.BlockSpec((tile_k, _OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
         ],
         max_concurrent_steps=max_concurrent_steps,
-    )
-    operands = (k_gmem.at[batch, :, head // group], k_scale_gmem.at[batch, head // group], bias_gmem.at[batch, head])
-    if overlap_epilogue:
-        nothing_yet = (plgpu.layout_cast(jnp.zeros((block_q, tile_k), acc_dtype), plgpu.Layout.WGMMA),
-                       plgpu.layout_cast(jnp.zeros((tile_k,), jnp.float32), key_layout),
-                       plgpu.layout_cast(jnp.zeros((tile_k,), jnp.float32), key_layout),
-                       first_tile, jnp.bool_(False))
-        last_dots, last_scale, last_bias, last_tile, has_last = pipeline(
-            overlapped_tile_body, init_carry=nothing_yet)(*operands)
-        pl.when(has_last)(lambda: flag_tile(last_dots, last_scale, last_bias, last_tile))
-    else:
-        pipeline(tile_body)(*operands)
+    )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
 
     plgpu.commit_smem()  # flags visible to the TMA engine
     plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
@@ -261,14 +246,11 @@ def _estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scal
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
-                                             "packed_reduction", "overlap_epilogue", "interpret"))
+                                             "interpret"))
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
-                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
-                  packed_reduction: bool = False, overlap_epilogue: bool = False, interpret=False):
-    """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); `interpret` is False or a
-    `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs). `packed_reduction` combines the rows of four
-    blocks in one cross-warp reduction (`_packed_row_counts`); `overlap_epilogue` issues each tile's wgmma before
-    the previous tile's epilogue, so that they overlap within the warpgroup (both not yet timed on a GPU).
+                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2, interpret=False):
+    """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
+    False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs).
 
     Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
     """
@@ -279,7 +261,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if block_k <= 0 or block_k % 8 or tile_k % block_k:
         raise ValueError(f"block_k {block_k} must be a multiple of 8 that divides tile_k {tile_k}")
     if block_q * tile_k > _MAX_ACC_ELEMENTS:
-        raise ValueError(f"block_q * tile_k = {block_q * tile_k} exceeds {_MAX_ACC_ELEMENTS}: the int32 "
+        raise ValueError(f"block_q * tile_k = {block_q * tile_k} exceeds {_MAX_ACC_ELEMENTS}: the f32 "
                          f"accumulator would not fit in registers (use block_q=64 or tile_k=128)")
     if max_concurrent_steps < 1:
         raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
@@ -289,26 +271,27 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if kv_len % tile_k:
         raise ValueError(f"key length {kv_len} must be a multiple of tile_k {tile_k} (pad it)")
     if head_dim not in (64, 128, 256):
-        raise ValueError(f"head_dim must be 64, 128 or 256 (swizzled int8 rows for wgmma), got {head_dim}")
+        raise ValueError(f"head_dim must be 64, 128 or 256 (swizzled fp8 rows for wgmma), got {head_dim}")
     num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
     if num_k_blocks % 4 or pl.cdiv(num_k_blocks, 128) * 128 * 4 > _MAX_HITS_SMEM_BYTES:
         raise ValueError(f"{num_k_blocks} key blocks: the int32 row of flags is copied out whole, so it must be a "
                          f"multiple of 16 bytes and fit in {_MAX_HITS_SMEM_BYTES} bytes of shared memory")
 
+    row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
     kernel = functools.partial(
         _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, packed_reduction=packed_reduction,
-        overlap_epilogue=overlap_epilogue)
+        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
         scratch_types=[
-            plgpu.SMEM((block_q, head_dim), q_codes.dtype, transforms=_mma_transforms(head_dim)),
+            plgpu.SMEM((block_q, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim)),
+            plgpu.SMEM((block_q, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
             # A whole number of 128-flag rows: one zero per thread and register at the start.
             plgpu.SMEM((pl.cdiv(num_k_blocks, 128) * 128,), jnp.int32),
-            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_barriers=2),  # the q codes and the row terms
         ],
         grid=(num_q_blocks, q_heads, batch),
         grid_names=("q_block", "head", "batch"),
         interpret=interpret or None,
-    )(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end)
+    )(q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn), row_terms, key_terms, middle_end)

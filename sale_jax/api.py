@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from sale_jax import checks
 from sale_jax.config import PALLAS_BACKENDS, SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
-from sale_jax.pallas_backend import (block_sparse_attention_pallas, check_supported, select_blocks_mosaic,
-                                     select_blocks_pallas)
+from sale_jax.pallas_backend import (block_sparse_attention_pallas, check_supported, fits_mosaic,
+                                     select_blocks_mosaic, select_blocks_pallas)
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
 
 _DEFAULT_CONFIG = SaleConfig()
@@ -21,9 +21,20 @@ def _grid_for(q, k, config: SaleConfig) -> BlockGrid:
     return BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
 
 
+def _backend_for(q, k, config: SaleConfig) -> str:
+    """The backend this call runs: `auto` falls back from the Mosaic GPU selection to the Triton one where the
+    Mosaic kernel's limits (block sizes, head_dim, key length) rule it out; an explicit choice is kept (and
+    checked)."""
+    backend = config.resolved_backend()
+    if backend == "pallas_mosaic" and config.backend == "auto" and not fits_mosaic(q, k, config):
+        return "pallas"
+    return backend
+
+
 def _check_backend(q, k, config: SaleConfig) -> None:
-    if config.resolved_backend() in PALLAS_BACKENDS:
-        check_supported(q, k, config)
+    backend = _backend_for(q, k, config)
+    if backend in PALLAS_BACKENDS:
+        check_supported(q, k, config, backend)
 
 
 def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG) -> BlockLayout:
@@ -43,7 +54,7 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _select_blocks(q, k, tau, config: SaleConfig) -> BlockLayout:
-    backend = config.resolved_backend()
+    backend = _backend_for(q, k, config)
     if backend == "pallas_mosaic":
         return select_blocks_mosaic(q, k, tau, config)
     if backend == "pallas":

@@ -17,6 +17,12 @@ def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
+def _on_hopper() -> bool:
+    """Whether JAX's default device is an sm_90 GPU, where the Mosaic GPU estimate (wgmma, TMA) runs."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9.")
+
+
 @dataclasses.dataclass(frozen=True)
 class SaleConfig:
     """Everything about a SALE call that is fixed at compile time (hashable, so it can be a static jit argument).
@@ -30,7 +36,9 @@ class SaleConfig:
       quant_granularity: `"per_token"` (one 4-bit scale per query row / key) or `"per_block"` (one per block).
       backend: `"reference"` (pure jnp), `"pallas"` (GPU kernels, Triton lowering), `"pallas_mosaic"` (the same,
         but the selection's low-bit estimate runs as a Mosaic GPU kernel: fp8 wgmma, Hopper only; block_q 64 or
-        128, head_dim 64, 128 or 256) or `"auto"` (`"pallas"` on GPU, the reference elsewhere).
+        128, head_dim 64, 128 or 256) or `"auto"`: `"pallas_mosaic"` on Hopper (its selection measured 20-25% faster
+        than the Triton one on the H200; calls it cannot take run `"pallas"`), `"pallas"` on other GPUs, the
+        reference elsewhere.
       interpret: run Pallas kernels in interpret mode (for CPU testing).
       scale: softmax scale; `None` means `head_dim ** -0.5`.
       dense_below: `sale_attention` runs dense attention for key sequences shorter than this, where the
@@ -75,10 +83,14 @@ class SaleConfig:
         return self.scale if self.scale is not None else head_dim ** -0.5
 
     def resolved_backend(self) -> str:
-        """The backend a call runs: `auto` picks the Pallas kernels on GPU and the reference elsewhere."""
+        """The backend calls run: `auto` picks the Pallas kernels on GPU (the Mosaic GPU selection on Hopper) and
+        the reference elsewhere. `sale_jax.api` narrows an `auto` `pallas_mosaic` to `pallas` for the shapes and
+        block sizes the Mosaic kernel does not take."""
         if self.backend != "auto":
             return self.backend
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        if jax.default_backend() != "gpu":
+            return "reference"
+        return "pallas_mosaic" if _on_hopper() else "pallas"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -29,9 +29,10 @@ MOSAIC_STAGES = 2
 MOSAIC_MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory
 
 
-def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig) -> None:
-    """The kernels' shape limits, as errors that say what is accepted."""
-    backend, head_dim = config.resolved_backend(), q.shape[-1]
+def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str) -> None:
+    """The kernels' shape limits for `backend` ("pallas" or "pallas_mosaic"), as errors that say what is
+    accepted."""
+    head_dim = q.shape[-1]
     if head_dim < MIN_HEAD_DIM or head_dim & (head_dim - 1):
         raise ValueError(f"backend={backend!r} needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}")
     for name in ("block_q", "block_k"):
@@ -52,6 +53,15 @@ def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig) -> None:
         raise ValueError(f"backend='pallas_mosaic' holds a q block's key-block flags in shared memory: at most "
                          f"{MOSAIC_MAX_K_BLOCKS} (key length <= {MOSAIC_MAX_K_BLOCKS * config.block_k} at "
                          f"block_k={config.block_k}), got key length {k.shape[1]} ({padded_k_blocks} blocks)")
+
+
+def fits_mosaic(q: jax.Array, k: jax.Array, config: SaleConfig) -> bool:
+    """Whether the `pallas_mosaic` backend takes these shapes and block sizes."""
+    try:
+        check_supported(q, k, config, "pallas_mosaic")
+    except ValueError:
+        return False
+    return True
 
 
 def estimate_tile(config: SaleConfig) -> int:

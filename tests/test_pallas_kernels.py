@@ -13,6 +13,8 @@ import pytest
 
 import pallas_kernels
 import sale_jax
+import sale_jax.config
+from sale_jax import api
 from sale_jax.reference import block_sparse_attention_reference, quantize_reference
 from sale_jax.reference.common import pad_axis
 from sale_jax.reference.quantize import smoothing_means
@@ -231,3 +233,19 @@ def test_mosaic_backend_rejects_keys_beyond_its_shared_memory():
     k = jnp.ones((1, 16384 * 16 + 1, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="at most 16384"):
         sale_jax.select_blocks(q, k, jnp.zeros(1), config)
+
+
+def test_auto_takes_the_mosaic_selection_on_hopper_where_it_fits(monkeypatch):
+    """`auto` on an sm_90 GPU: the Mosaic GPU selection, except for shapes and blocks only the Triton one takes."""
+    monkeypatch.setattr(sale_jax.config.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(sale_jax.config, "_on_hopper", lambda: True)
+    q = jnp.ones((1, 64, 2, 128), jnp.bfloat16)
+    auto = sale_jax.SaleConfig()
+    assert auto.resolved_backend() == "pallas_mosaic"
+    assert api._backend_for(q, q, auto) == "pallas_mosaic"
+    assert api._backend_for(q[..., :32], q[..., :32], auto) == "pallas"  # head_dim 32
+    assert api._backend_for(q, q, sale_jax.SaleConfig(block_q=32)) == "pallas"
+    explicit = sale_jax.SaleConfig(backend="pallas_mosaic", block_q=32)
+    assert api._backend_for(q, q, explicit) == "pallas_mosaic"  # kept, so that the checks name what is wrong
+    monkeypatch.setattr(sale_jax.config, "_on_hopper", lambda: False)
+    assert auto.resolved_backend() == "pallas"
