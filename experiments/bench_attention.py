@@ -14,6 +14,7 @@ selection with its Mosaic GPU estimate (Hopper).
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -31,6 +32,8 @@ _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "Key/value heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16"], "Input dtype.")
 _TAUS = flags.DEFINE_list("taus", ["0.1", "0.03", "0.008", "0.002"], "Uniform thresholds (each gives a density).")
+_DENSITIES = flags.DEFINE_list("densities", [], "Target densities: each gets the uniform tau that keeps about that "
+                                "fraction of the visible blocks (bisection on log tau).")
 _THRESHOLDS = flags.DEFINE_string("thresholds", None, "Optional thresholds file: layer 0's row is used too.")
 _BACKEND = flags.DEFINE_enum("backend", "pallas", ["pallas", "pallas_mosaic"],
                              "SaleConfig.backend of the SALE calls (pallas_mosaic: Hopper only).")
@@ -38,6 +41,20 @@ _BLOCK_Q = flags.DEFINE_integer("block_q", 64, "SaleConfig.block_q (query rows p
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also time Pallas-Triton mha and the all-kept computation pass.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the JSON and the PNG.", required=True)
+
+
+def tau_for_density(q, k, config, target: float, steps: int = 16) -> float:
+    """The uniform tau whose layout keeps about `target` of the visible blocks: density falls as tau rises, so
+    bisect on log tau over [1e-6, 1]."""
+    low, high = math.log(1e-6), 0.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        tau = jnp.full((q.shape[2],), math.exp(middle), jnp.float32)
+        if float(sale_jax.select_blocks(q, k, tau, config).density()) > target:
+            low = middle
+        else:
+            high = middle
+    return math.exp((low + high) / 2)
 
 
 def bench_length(length: int) -> dict:
@@ -61,6 +78,9 @@ def bench_length(length: int) -> dict:
     result["quantization_ms"] = ms(lambda: quantize_only(q, k, config))
 
     thresholds = {f"tau={t}": jnp.full((hq,), float(t), jnp.float32) for t in _TAUS.value}
+    for target in _DENSITIES.value:
+        tau = tau_for_density(q, k, config, float(target))
+        thresholds[f"density~{target} (tau={tau:.3g})"] = jnp.full((hq,), tau, jnp.float32)
     if _THRESHOLDS.value:
         thresholds["calibrated layer 0"] = sale_jax.Thresholds.load(_THRESHOLDS.value).layer(0)
     result["sale"] = []
