@@ -7,8 +7,8 @@ Inputs are random int8 codes in [-7, 7] with f32 factors, a sink of --sink_token
 the block margins of a small calibration problem so that about --hit_fraction of the estimated blocks hit. At the
 smallest length the kernel's hits are checked against `estimate_hits_reference`: a flip is tolerated only where the
 reference's best excess is within --flip_tolerance of zero (the kernel adds the offsets in another order, as
-tf32 halves on the tensor cores). Then medians of --repeats timed calls after warm-up: the estimate kernel and, for scale,
-`jax.nn.dot_product_attention(implementation="cudnn")` on bf16 q/k/v [1, L, Hq, D] / [1, L, Hkv, D], causal.
+tf32 halves on the tensor cores). Then medians of --repeats timed calls after warm-up: the estimate kernel and, for
+scale, `jax.nn.dot_product_attention(implementation="cudnn")` on bf16 q/k/v [1, L, Hq, D] / [1, L, Hkv, D], causal.
 """
 
 from __future__ import annotations

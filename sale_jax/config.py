@@ -43,8 +43,9 @@ class SaleConfig:
       scale: softmax scale; `None` means `head_dim ** -0.5`.
       dense_below: `sale_attention` runs dense attention for key sequences shorter than this, where the
         selection pass would cost more than the blocks it skips. The default is the shortest length at which SALE
-        at the default threshold beat cuDNN on the H200 (Hq 32 / Hkv 8 / D 128, bf16, LLM-like inputs): 0.84x at
-        32K, 1.08x at 64K (experiments/results/bench_attention_h200). 0 runs SALE at every length.
+        at the default threshold (0.008) beat cuDNN on the H200 (Hq 32 / Hkv 8 / D 128, bf16, LLM-like inputs):
+        0.89x at 32K, 1.20x at 64K with `auto`'s Mosaic GPU selection (0.83x / 1.10x with the Triton one;
+        experiments/results/bench_attention_h200_mosaic). 0 runs SALE at every length.
     """
 
     block_q: int = 64
