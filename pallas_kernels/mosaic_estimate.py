@@ -17,7 +17,8 @@ How (each step measured on the H200, experiments/results/PERF_NOTES.md):
 - The offsets go to the tensor cores too. Since k_scale > 0, `excess > 0` is `dots + offset > 0` with
   `offset[r, c] = row_factor[r] * (column_bias[c] / k_scale[c]) - row_threshold[r] / k_scale[c]`, a rank-2
   product: a tf32 `wgmma` of per-row and per-key terms (`offset_terms`, each factor split into tf32 halves so
-  the sum keeps ~2**-21 of f32) starts every tile's accumulator, and the epilogue is the block maxima alone.
+  the sum keeps about 2**-20 of its size) starts every tile's accumulator, and the epilogue is the block maxima
+  alone.
 - Each block's keys are reduced first, per row (in-warp shuffles), then its rows across the warps, four blocks
   per cross-warp sum (`_packed_row_counts`).
 - Keys arrive by TMA two tiles ahead (`plgpu.emit_pipeline`); each CTA is one warpgroup with a modest
@@ -166,14 +167,14 @@ _FINITE_THRESHOLD = 1e30  # +-inf thresholds (select nothing / everything) clipp
 
 
 def _tf32_split(x):
-    """x = hi + lo with hi exact in tf32; the tensor cores keep lo to 10 bits, so x is carried to ~2**-21."""
+    """x = hi + lo with hi exact in tf32; the tensor cores keep lo to 10 bits, so x is carried to about 2**-20."""
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(~((1 << _TF32_DROPPED_BITS) - 1) & 0xFFFFFFFF)
     hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
     return hi, x - hi
 
 
 def offset_terms(row_factor, row_threshold, k_scale, column_bias):
-    """The folded kernel's f32 [B, Hq, T, 8] row terms and [B, Hq, S, 8] key terms: their product over the last
+    """The kernel's f32 [B, Hq, T, 8] row terms and [B, Hq, S, 8] key terms: their product over the last
     axis is `excess / k_scale - dots = column_bias / k_scale * row_factor - row_threshold / k_scale`, each factor
     split into tf32 halves (hi*hi + hi*lo + lo*hi), so one tf32 wgmma adds it to the accumulator."""
     group = column_bias.shape[1] // k_scale.shape[1]
@@ -222,9 +223,9 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
             plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # + the dots (fp8); both operands K-major, as wgmma needs
             return acc_ref[...]
 
-        excess = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32))
+        excess_over_scale = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32))  # excess's sign
         offsets = range(0, tile_k, block_k)
-        row_best = [jnp.max(excess[:, offset:offset + block_k], axis=1) for offset in offsets]
+        row_best = [jnp.max(excess_over_scale[:, offset:offset + block_k], axis=1) for offset in offsets]
         tile = first_tile + indices[0]
         for offset, hit in zip(offsets, _packed_row_counts(row_best)):
             block = (tile * tile_k + offset) // block_k

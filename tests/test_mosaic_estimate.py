@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_estimate import estimate_hits, estimate_hits_reference, estimate_margins_reference
+from pallas_kernels.mosaic_estimate import (estimate_hits, estimate_hits_reference, estimate_margins_reference,
+                                            offset_terms)
 
 INTERPRET = False if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams(uninitialized_memory="nan")
 Q_CODES, K_CODES, ROW_FACTOR, ROW_THRESHOLD, K_SCALE, COLUMN_BIAS, MIDDLE_END = range(7)  # estimate_hits' inputs
@@ -138,3 +139,36 @@ def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes):
     kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_offset_terms_carry_the_offsets_through_tf32(rng):
+    """The tensor cores read tf32 (f32 with the low 13 mantissa bits dropped): the hi halves must be exact in it,
+    and the three hi/lo products must give the offsets to within 2**-18 of their size even with the lo halves
+    truncated too. Interpret mode multiplies in full f32, so this is what stands for the hardware's rounding."""
+    batch, q_heads, kv_heads, q_len, kv_len = 1, 4, 2, 64, 96
+    row_factor = rng.uniform(0.5, 40.0, (batch, q_heads, q_len)).astype(np.float32)
+    row_threshold = rng.normal(0.0, 20.0, (batch, q_heads, q_len)).astype(np.float32)
+    row_threshold[0, 0, :2] = [np.inf, -np.inf]  # rows that select nothing / everything
+    k_scale = rng.uniform(0.01, 0.2, (batch, kv_heads, kv_len)).astype(np.float32)
+    k_scale[..., -3:] = 0.0  # padded keys
+    column_bias = rng.normal(0.0, 5.0, (batch, q_heads, kv_len)).astype(np.float32)
+    rows, keys = (np.asarray(t) for t in offset_terms(*map(jnp.asarray, (row_factor, row_threshold, k_scale,
+                                                                          column_bias))))
+    assert rows.shape == (batch, q_heads, q_len, 8) and keys.shape == (batch, q_heads, kv_len, 8)
+    assert np.isfinite(rows).all() and np.isfinite(keys).all()
+    hi_columns = [0, 1, 3, 4]
+    assert not (rows[..., hi_columns].view(np.uint32) & 0x1FFF).any()
+    assert not (keys[..., [0, 2, 3, 5]].view(np.uint32) & 0x1FFF).any()
+    as_tf32 = lambda x: (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
+    got = np.einsum("bhrt,bhct->bhrc", as_tf32(rows), as_tf32(keys))
+    scale = np.repeat(k_scale, q_heads // kv_heads, axis=1).astype(np.float64)[:, :, None, :]
+    inverse = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0)
+    threshold = np.clip(row_threshold, -1e30, 1e30).astype(np.float64)[..., None]
+    want = row_factor.astype(np.float64)[..., None] * column_bias[:, :, None, :] * inverse - threshold * inverse
+    size = np.abs(row_factor[..., None] * column_bias[:, :, None, :] * inverse) + np.abs(threshold * inverse)
+    finite = np.abs(threshold) < 1e30
+    np.testing.assert_array_less(np.abs(got - want)[np.broadcast_to(finite, got.shape)],
+                                 (2.0 ** -18 * size + 1e-30)[np.broadcast_to(finite, got.shape)])
+    padded = np.broadcast_to(scale == 0, got.shape)
+    assert (got[padded] == 0).all()
+    assert (got[0, 0, 0, :-3] < -1e29).all() and (got[0, 0, 1, :-3] > 1e29).all()
