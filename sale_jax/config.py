@@ -45,7 +45,8 @@ class SaleConfig:
         selection pass would cost more than the blocks it skips. The default is the shortest length at which SALE
         at the default threshold (0.008) beat cuDNN on the H200 (Hq 32 / Hkv 8 / D 128, bf16, LLM-like inputs):
         0.89x at 32K, 1.20x at 64K with `auto`'s Mosaic GPU selection (0.83x / 1.10x with the Triton one;
-        experiments/results/bench_attention_h200_mosaic). 0 runs SALE at every length.
+        experiments/results/bench_attention_h200_mosaic/bq64 and .../same_run_triton_vs_mosaic). 0 runs SALE at
+        every length.
     """
 
     block_q: int = 64
