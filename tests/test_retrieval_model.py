@@ -51,12 +51,13 @@ def test_retrieval_eval_writes_every_cell_method_and_threshold(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.retrieval_eval", f"--checkpoint={MODEL}", f"--output_dir={tmp_path}",
          "--lengths=512", "--depths=0,1", "--sequences=2", "--calibration_samples=1", "--calibration_length=512",
-         "--uniform_taus=0.008,0.1"],
+         "--uniform_taus=0.008,0.1", "--block_q=128"],
         capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "retrieval_eval.json") as f:
         results = json.load(f)
     methods = {"dense", "sale_calibrated_theta=0.4", "sale_uniform_tau=0.008", "sale_uniform_tau=0.1"}
+    assert results["sale_config"]["block_q"] == 128
     cells = results["cells"]["512"]
     assert len(cells) == 2 and all(set(cell) == methods for cell in cells)
     for cell in cells:
