@@ -8,6 +8,7 @@ kernel on an all-kept layout and on a random layout of density 0.1. Medians of -
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -18,6 +19,7 @@ import pallas_kernels
 import sale_jax
 from experiments.layouts import random_layout
 from experiments.timing import median_seconds
+from pallas_kernels.mosaic_sparse_attention import mosaic_block_sparse_attention
 from sale_jax import workloads
 from sale_jax.reference.common import pad_axis
 from sale_jax.reference.quantize import column_bias, smoothing_means
@@ -26,6 +28,10 @@ _LENGTHS = flags.DEFINE_list("lengths", ["32768"], "Sequence lengths.")
 _SELECTION = flags.DEFINE_list("selection", ["128:4:2", "128:4:3", "256:4:2", "64:4:2"],
                                "Selection variants estimate_tile:num_warps:num_stages.")
 _ATTENTION = flags.DEFINE_list("attention", ["4:2", "4:3"], "Attention variants num_warps:num_stages.")
+_MOSAIC_ATTENTION = flags.DEFINE_list(
+    "mosaic_attention", [], "Mosaic GPU computation variants keys_per_step:stages:p (p: r = P from registers, s = "
+    "P through shared memory), timed beside the Triton ones on the same layouts.")
+_ATTENTION_BLOCK_Q = flags.DEFINE_integer("attention_block_q", 64, "Query rows per block of the timed layouts.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
 
@@ -70,13 +76,29 @@ def sweep(length: int) -> dict:
             *args, num_slots=grid.num_slots, q_len=length, kv_len=length, block_q=64, block_k=32, sink_tokens=32,
             local_tokens=128, scale=d ** -0.5, estimate_tile=tile, num_warps=warps, num_stages=stages))
 
+    block_q = _ATTENTION_BLOCK_Q.value
+    attention_grid = sale_jax.BlockGrid(length, length, block_q, 32)
+    attention_offsets = jnp.asarray(attention_grid.row_offsets)
     for density in (1.0, 0.1, 0.02):
-        layout = random_layout(7, batch, hq, grid, density)
+        layout = random_layout(7, batch, hq, attention_grid, density)
+        arrays = (q, k, v, layout.indices, layout.counts, attention_offsets)
+        shape = dict(q_len=length, kv_len=length, block_q=block_q, block_k=32, scale=d ** -0.5)
         for variant in _ATTENTION.value:
             warps, stages = map(int, variant.split(":"))
-            record(f"attend/density{density}_w{warps}_s{stages}", lambda: pallas_kernels.block_sparse_attention(
-                q, k, v, layout.indices, layout.counts, offsets, q_len=length, kv_len=length, block_q=64, block_k=32,
-                scale=d ** -0.5, num_warps=warps, num_stages=stages))
+            record(f"attend/bq{block_q}_density{density}_w{warps}_s{stages}",
+                   lambda: pallas_kernels.block_sparse_attention(*arrays, **shape, num_warps=warps,
+                                                                 num_stages=stages))
+        triton_out = pallas_kernels.block_sparse_attention(*arrays, **shape)[0].astype(jnp.float32)
+        for variant in _MOSAIC_ATTENTION.value:
+            keys, stages, p = variant.split(":")
+            mosaic = functools.partial(mosaic_block_sparse_attention, *arrays, **shape, keys_per_step=int(keys),
+                                       stages=int(stages), p_in_smem=p == "s")
+            name = f"attend_mosaic/bq{block_q}_density{density}_keys{keys}_s{stages}_p{p}"
+            # Checked against the Triton kernel on the same layout before it is timed.
+            difference = float(jnp.max(jnp.abs(mosaic()[0].astype(jnp.float32) - triton_out)))
+            results[f"{name}/max_abs_difference_to_triton"] = difference
+            print(f"{length:>7} {name:<40} max |mosaic - triton| = {difference:.2e}", flush=True)
+            record(name, mosaic)
     return results
 
 

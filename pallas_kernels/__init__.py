@@ -1,5 +1,5 @@
-"""Pallas GPU kernels for the three SALE passes: Triton lowering, plus the selection's low-bit estimate as a
-Mosaic GPU kernel (Hopper).
+"""Pallas GPU kernels for the three SALE passes: Triton lowering, plus the selection's low-bit estimate and the
+computation pass as Mosaic GPU kernels (Hopper).
 
 A leaf package: arrays and static ints in, arrays out. It imports nothing from `sale_jax`; the API in
 `sale_jax.pallas_backend` pads the inputs, calls these kernels and assembles the results.
@@ -7,8 +7,9 @@ A leaf package: arrays and static ints in, arrays out. It imports nothing from `
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.mosaic_estimate import estimate_hits
+from pallas_kernels.mosaic_sparse_attention import mosaic_block_sparse_attention
 from pallas_kernels.quantize import quantize_rows
 from pallas_kernels.selection import COMPACTION_CHUNK, compact_hits, row_thresholds, select_blocks
 
 __all__ = ["COMPACTION_CHUNK", "block_sparse_attention", "compact_hits", "estimate_hits", "quantize_rows",
-           "row_thresholds", "select_blocks"]
+           "mosaic_block_sparse_attention", "row_thresholds", "select_blocks"]

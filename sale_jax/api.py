@@ -76,8 +76,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Blo
 
 @functools.partial(jax.jit, static_argnames=("config", "return_lse"))
 def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: bool):
-    if config.resolved_backend() in PALLAS_BACKENDS:
-        out, lse = block_sparse_attention_pallas(q, k, v, layout, config)
+    backend = _backend_for(q, k, config)
+    if backend in PALLAS_BACKENDS:
+        out, lse = block_sparse_attention_pallas(q, k, v, layout, config, backend)
     else:
         out, lse = block_sparse_attention_reference(q, k, v, layout, config.softmax_scale(q.shape[-1]))
     return (out, lse) if return_lse else out

@@ -12,6 +12,7 @@ import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_kernels
+from pallas_kernels import mosaic_sparse_attention
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
 from sale_jax.reference.common import pad_axis
@@ -27,6 +28,10 @@ MOSAIC_BLOCK_QS = (64, 128)
 MOSAIC_ESTIMATE_TILE = 128
 MOSAIC_STAGES = 2
 MOSAIC_MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory
+# The Mosaic GPU computation pass (pallas_kernels/mosaic_sparse_attention.py): kept blocks gathered into 64-key
+# steps, two in flight, so two 64-row CTAs share an SM. Not yet timed on the H200 (PERF_NOTES, session 8).
+MOSAIC_KEYS_PER_STEP = 64
+MOSAIC_ATTENTION_STAGES = 2
 
 
 def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str) -> None:
@@ -149,11 +154,24 @@ def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
     return BlockLayout(indices=indices, counts=counts, grid=grid)
 
 
-def block_sparse_attention_pallas(q, k, v, layout: BlockLayout, config: SaleConfig):
+def fits_mosaic_attention(q: jax.Array, config: SaleConfig) -> bool:
+    """Whether the Mosaic GPU computation pass takes these inputs (16-bit, head_dim 64 or 128, whole wgmma row
+    groups); the Triton kernel runs the rest."""
+    return (q.dtype in mosaic_sparse_attention.DTYPES and q.shape[-1] in mosaic_sparse_attention.HEAD_DIMS
+            and config.block_q % mosaic_sparse_attention.ROWS == 0 and MOSAIC_KEYS_PER_STEP % config.block_k == 0)
+
+
+def block_sparse_attention_pallas(q, k, v, layout: BlockLayout, config: SaleConfig, backend: str):
+    """The computation pass: the Mosaic GPU kernel under the `pallas_mosaic` backend where it fits, else Triton."""
     grid = layout.grid
-    out, lse = pallas_kernels.block_sparse_attention(
-        pad_axis(q, 1, config.block_q), pad_axis(k, 1, config.block_k), pad_axis(v, 1, config.block_k),
-        layout.indices, layout.counts, jnp.asarray(grid.row_offsets), q_len=grid.q_len, kv_len=grid.kv_len,
-        block_q=config.block_q, block_k=config.block_k, scale=config.softmax_scale(q.shape[-1]),
-        interpret=config.interpret)
+    arrays = (pad_axis(q, 1, config.block_q), pad_axis(k, 1, config.block_k), pad_axis(v, 1, config.block_k),
+              layout.indices, layout.counts, jnp.asarray(grid.row_offsets))
+    shape = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q, block_k=config.block_k,
+                 scale=config.softmax_scale(q.shape[-1]))
+    if backend == "pallas_mosaic" and fits_mosaic_attention(q, config):
+        out, lse = pallas_kernels.mosaic_block_sparse_attention(
+            *arrays, **shape, keys_per_step=MOSAIC_KEYS_PER_STEP, stages=MOSAIC_ATTENTION_STAGES,
+            interpret=plgpu.InterpretGPUParams() if config.interpret else False)
+    else:
+        out, lse = pallas_kernels.block_sparse_attention(*arrays, **shape, interpret=config.interpret)
     return out[:, :grid.q_len], lse[..., :grid.q_len]
