@@ -1,12 +1,15 @@
 """SALE's computation pass as a Pallas Mosaic GPU kernel (Hopper): block-sparse flash attention over kept key
 blocks, with the same inputs and outputs as `block_sparse_attention.py` (the Triton kernel, the portable path).
 
-One CTA is one warpgroup and 64 query rows (wgmma's rows; a 128-row q block runs as two CTAs that read the same
-kept-block list). Each step gathers `keys_per_step // block_k` kept blocks of K and V into one shared-memory tile by
-TMA (one copy per block, `stages` steps in flight), so the tensor cores see `keys_per_step`-key wgmmas however small
-`block_k` is:
+A warpgroup owns 64 query rows (wgmma's M). Each step gathers `keys_per_step // block_k` kept blocks of K and V
+into one shared-memory tile by TMA (one copy per block, `stages` steps in flight), so the tensor cores see
+`keys_per_step`-key wgmmas however small `block_k` is:
 
     S = Q K^T (wgmma, f32)  ->  online softmax in registers  ->  O += P V (wgmma, P from registers).
+
+Two schedules (`consumers`): one warpgroup per CTA that issues its own copies (a 128-row q block runs as two CTAs
+reading the same list; several CTAs share an SM), or FlashAttention-3's: per 128-row q block, two consumer
+warpgroups share the tiles a producer warpgroup loads and take turns on the tensor cores.
 
 Kept blocks come in ascending order, so only the steps at a row's end can reach past its first query position:
 the leading steps run without the causal mask (a lower bound on how many, computed from the layout's row), the
@@ -18,8 +21,10 @@ natively on a GPU, and runs its lowering for sm_90 on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,121 +46,258 @@ def _transforms():
     return plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
 
 
-def _attention_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_offsets_gmem, out_gmem, lse_gmem,
-                      q_smem, k_smem, v_smem, lse_smem, q_barrier, k_barriers, v_barriers, *p_smem, q_len,
-                      kv_len, block_q, block_k, keys_per_step, stages, scale, group):
-    p_smem = p_smem[0] if p_smem else None
-    gather = keys_per_step // block_k
-    num_slices = q_gmem.shape[1] // ROWS
-    q_slice = num_slices - 1 - jax.lax.axis_index("q_slice")  # longest rows first
-    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
-    kv_head = head // group
-    q_block = q_slice * ROWS // block_q
-    first_row = q_slice * ROWS
-    first_pos = first_row + (kv_len - q_len)
+@dataclasses.dataclass(frozen=True)
+class _KeptList:
+    """One q block's kept key blocks as a kernel streams them: `gather` blocks per step into one K and one V tile."""
+    indices_gmem: Any
+    batch: Any
+    head: Any
+    slot_base: Any
+    visible: Any  # the row's slots: its causally visible key blocks
+    count: Any  # its kept blocks, the first `count` slots
+    gather: int
+    block_k: int
+
+    @property
+    def num_steps(self):
+        return pl.cdiv(self.count, self.gather)
+
+    def block(self, position):
+        """The kept key block at `position`; past the list's end its last slot (a valid block, masked out)."""
+        return self.indices_gmem[self.batch, self.head,
+                                 self.slot_base + jnp.minimum(position, self.visible - 1)].astype(jnp.int32)
+
+    def fetch(self, step, source_gmem, tile_smem, barrier):
+        """Copies step `step`'s blocks of `source_gmem` ([S, D] of one kv head) into `tile_smem` (one arrival on
+        `barrier` per block)."""
+        for j in range(self.gather):
+            keys = pl.ds(self.block(step * self.gather + j) * self.block_k, self.block_k)
+            plgpu.copy_gmem_to_smem(source_gmem.at[keys], tile_smem.at[pl.ds(j * self.block_k, self.block_k)],
+                                    barrier)
+
+    def unmasked_steps(self, first_pos):
+        """Leading steps whose keys all precede `first_pos`: kept blocks at or past `(first_pos + 1) // block_k`
+        may not, and SALE's layouts keep all of them (the local window), so at least `count - (visible -
+        that)` leading blocks need no causal mask (fewer if a hand-made layout drops some: masking them is then
+        merely redundant)."""
+        first_full_end = (first_pos + 1) // self.block_k
+        return jnp.maximum(self.count - (self.visible - first_full_end), 0) // self.gather
+
+
+def _kept_list(indices_gmem, counts_gmem, row_offsets_gmem, batch, head, q_block, *, gather, block_k):
     slot_base = row_offsets_gmem[q_block]
-    last_slot = row_offsets_gmem[q_block + 1] - 1
-    visible = last_slot - slot_base + 1
-    count = counts_gmem[batch, head, q_block]
-    num_steps = pl.cdiv(count, gather)
+    return _KeptList(indices_gmem, batch, head, slot_base, row_offsets_gmem[q_block + 1] - slot_base,
+                     counts_gmem[batch, head, q_block], gather, block_k)
 
-    plgpu.copy_gmem_to_smem(q_gmem.at[batch, pl.ds(first_row, ROWS), head], q_smem, q_barrier.at[0])
 
-    def kept_block(position):
-        """The kept key block at `position` of the row's list; past the list's end its last slot (a valid block,
-        masked out by the caller)."""
-        return indices_gmem[batch, head, slot_base + jnp.minimum(position, visible - 1)].astype(jnp.int32)
+class _RowState(NamedTuple):
+    """A slice's online softmax: output accumulator, running max (log2 units) and sum of exponentials."""
+    acc: Any
+    row_max: Any
+    row_sum: Any
 
-    def fetch(step):
-        slot = step % stages
-        for j in range(gather):
-            keys = pl.ds(kept_block(step * gather + j) * block_k, block_k)
-            rows = pl.ds(j * block_k, block_k)
-            plgpu.copy_gmem_to_smem(k_gmem.at[batch, keys, kv_head], k_smem.at[slot, rows], k_barriers.at[slot])
-            plgpu.copy_gmem_to_smem(v_gmem.at[batch, keys, kv_head], v_smem.at[slot, rows], v_barriers.at[slot])
 
-    for step in range(stages):
-        pl.when(step < num_steps)(functools.partial(fetch, step))
+def _initial_state(head_dim):
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    return _RowState(plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+                     plgpu.layout_cast(jnp.full((ROWS,), _MASKED, jnp.float32), row_layout),
+                     plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout))
 
-    # Kept blocks at or past block `first_full_end` may reach past the slice's first query position; the row keeps
-    # all of them in SALE's layouts (its local window), so at least `count - (visible - first_full_end)` leading
-    # blocks need no causal mask (fewer if a hand-made layout drops some: masking them is then merely redundant).
-    first_full_end = (first_pos + 1) // block_k
-    unmasked_steps = jnp.maximum(count - (visible - first_full_end), 0) // gather
 
-    head_dim = q_smem.shape[-1]
-    rows_pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, keys_per_step), 0, layout=plgpu.Layout.WGMMA) + first_pos
-    columns = plgpu.broadcasted_iota(jnp.int32, (ROWS, keys_per_step), 1, layout=plgpu.Layout.WGMMA)
+def _scores(q_smem, k_tile, keys_per_step, scale, after_issue=None):
+    """S = Q K^T in log2 units; `after_issue` runs while the wgmma is in flight."""
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_tile.T)
+        if after_issue is not None:
+            after_issue()
+        return acc_ref[...]
 
-    def attend(step, carry, *, masked):
-        acc, row_max, row_sum = carry
-        slot = step % stages
-        plgpu.barrier_wait(k_barriers.at[slot])
+    return pl.run_scoped(mma, plgpu.ACC((ROWS, keys_per_step), jnp.float32)) * (scale * _LOG2_E)
 
-        def scores(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-            return acc_ref[...]
 
-        s = pl.run_scoped(scores, plgpu.ACC((ROWS, keys_per_step), jnp.float32)) * (scale * _LOG2_E)
-        if masked:
-            key_pos = jnp.zeros_like(columns)
-            visible_key = jnp.zeros_like(columns, dtype=jnp.bool_)
-            for j in range(gather):
-                in_block = (columns >= j * block_k) & (columns < (j + 1) * block_k)
-                position = step * gather + j
-                key_pos = jnp.where(in_block, kept_block(position) * block_k + columns - j * block_k, key_pos)
-                visible_key = jnp.where(in_block, position < count, visible_key)
-            s = jnp.where(visible_key & (key_pos <= rows_pos), s, _MASKED)
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        correction = jnp.exp2(row_max - new_max)
-        p = jnp.exp2(s - jax.lax.broadcast_in_dim(new_max, s.shape, [0]))
-        row_sum = row_sum * correction + jnp.sum(p, axis=1)
-        p = p.astype(v_smem.dtype)
-        if p_smem is not None:
-            p_smem[...] = p
-            plgpu.commit_smem()  # visible to the tensor cores' reads
-            p = p_smem
-        plgpu.barrier_wait(v_barriers.at[slot])
+def _causal_mask(s, step, kept: _KeptList, first_pos):
+    """Scores of keys after their row's position, or in gather slots past the list's end, set to _MASKED."""
+    shape = s.shape
+    rows_pos = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + first_pos
+    columns = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    key_pos = jnp.zeros_like(columns)
+    kept_key = jnp.zeros_like(columns, dtype=jnp.bool_)
+    for j in range(kept.gather):
+        in_block = (columns >= j * kept.block_k) & (columns < (j + 1) * kept.block_k)
+        position = step * kept.gather + j
+        key_pos = jnp.where(in_block, kept.block(position) * kept.block_k + columns - j * kept.block_k, key_pos)
+        kept_key = jnp.where(in_block, position < kept.count, kept_key)
+    return jnp.where(kept_key & (key_pos <= rows_pos), s, _MASKED)
 
-        def values(acc_ref):
-            plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-            return acc_ref[...]
 
-        pv = pl.run_scoped(values, plgpu.ACC((ROWS, head_dim), jnp.float32))
-        # Both wgmmas of this step are done (reading their accumulators waited for them): refill the slot.
-        pl.when(step + stages < num_steps)(functools.partial(fetch, step + stages))
-        return acc * jax.lax.broadcast_in_dim(correction, acc.shape, [0]) + pv, new_max, row_sum
+def _softmax(s, state: _RowState):
+    """The step's probabilities P (f32) and the state with its rows rescaled to the new max (P V not yet added)."""
+    new_max = jnp.maximum(state.row_max, jnp.max(s, axis=1))
+    correction = jnp.exp2(state.row_max - new_max)
+    p = jnp.exp2(s - jax.lax.broadcast_in_dim(new_max, s.shape, [0]))
+    row_sum = state.row_sum * correction + jnp.sum(p, axis=1)
+    return p, _RowState(state.acc * jax.lax.broadcast_in_dim(correction, state.acc.shape, [0]), new_max, row_sum)
 
-    carry = (plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-             plgpu.layout_cast(jnp.full((ROWS,), _MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-    plgpu.barrier_wait(q_barrier.at[0])
-    carry = jax.lax.fori_loop(0, unmasked_steps, functools.partial(attend, masked=False), carry)
-    acc, row_max, row_sum = jax.lax.fori_loop(unmasked_steps, num_steps, functools.partial(attend, masked=True),
-                                              carry)
 
+def _values(p, v_tile, p_smem, before_issue=None):
+    """P V from registers, or through `p_smem` when given; `before_issue` runs just before the wgmma."""
+    p = p.astype(v_tile.dtype)
+    if p_smem is not None:
+        p_smem[...] = p
+        plgpu.commit_smem()  # visible to the tensor cores' reads
+        p = p_smem
+    if before_issue is not None:
+        before_issue()
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_tile)
+        return acc_ref[...]
+
+    return pl.run_scoped(mma, plgpu.ACC((ROWS, v_tile.shape[-1]), jnp.float32))
+
+
+def _store_outputs(state: _RowState, out_smem, lse_smem, out_gmem, lse_gmem):
     # A row that saw no kept key (hand-made layouts only) keeps the masked max: output 0, log-sum-exp -inf.
-    saw_key = row_max > _MASKED / 2
-    safe_sum = jnp.where(saw_key, row_sum, 1.0)
-    out = acc / jax.lax.broadcast_in_dim(safe_sum, acc.shape, [0])
-    q_smem[...] = jnp.where(jax.lax.broadcast_in_dim(saw_key, acc.shape, [0]), out, 0.0).astype(q_smem.dtype)
-    lse_smem[...] = jnp.where(saw_key, (row_max + jnp.log2(safe_sum)) / _LOG2_E, -jnp.inf)
+    saw_key = state.row_max > _MASKED / 2
+    safe_sum = jnp.where(saw_key, state.row_sum, 1.0)
+    out = state.acc / jax.lax.broadcast_in_dim(safe_sum, state.acc.shape, [0])
+    out_smem[...] = jnp.where(jax.lax.broadcast_in_dim(saw_key, out.shape, [0]), out, 0.0).astype(out_smem.dtype)
+    lse_smem[...] = jnp.where(saw_key, state.row_max / _LOG2_E + jnp.log(safe_sum), -jnp.inf)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, out_gmem.at[batch, pl.ds(first_row, ROWS), head])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[batch, head, pl.ds(first_row, ROWS)])
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem)
+    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)
     plgpu.wait_smem_to_gmem(0)
 
 
+def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_offsets_gmem, out_gmem, lse_gmem,
+                          q_smem, k_smem, v_smem, lse_smem, q_barrier, k_barriers, v_barriers, *p_smem, q_len,
+                          kv_len, block_q, block_k, keys_per_step, stages, scale, group):
+    """One CTA, one warpgroup: 64 query rows; its own TMA copies `stages` steps ahead."""
+    p_smem = p_smem[0] if p_smem else None
+    q_slice = q_gmem.shape[1] // ROWS - 1 - jax.lax.axis_index("q_slice")  # longest rows first
+    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
+    k_rows, v_rows = k_gmem.at[batch, :, head // group], v_gmem.at[batch, :, head // group]
+    first_row = q_slice * ROWS
+    first_pos = first_row + (kv_len - q_len)
+    kept = _kept_list(indices_gmem, counts_gmem, row_offsets_gmem, batch, head, first_row // block_q,
+                      gather=keys_per_step // block_k, block_k=block_k)
+    plgpu.copy_gmem_to_smem(q_gmem.at[batch, pl.ds(first_row, ROWS), head], q_smem, q_barrier.at[0])
+
+    def fetch(step):
+        slot = step % stages
+        kept.fetch(step, k_rows, k_smem.at[slot], k_barriers.at[slot])
+        kept.fetch(step, v_rows, v_smem.at[slot], v_barriers.at[slot])
+
+    for step in range(stages):
+        pl.when(step < kept.num_steps)(functools.partial(fetch, step))
+
+    def attend(step, state, *, masked):
+        slot = step % stages
+        plgpu.barrier_wait(k_barriers.at[slot])
+        s = _scores(q_smem, k_smem.at[slot], keys_per_step, scale)
+        if masked:
+            s = _causal_mask(s, step, kept, first_pos)
+        p, state = _softmax(s, state)
+        plgpu.barrier_wait(v_barriers.at[slot])
+        pv = _values(p, v_smem.at[slot], p_smem)
+        # Both wgmmas of this step are done (reading their accumulators waited for them): refill the slot.
+        pl.when(step + stages < kept.num_steps)(functools.partial(fetch, step + stages))
+        return state._replace(acc=state.acc + pv)
+
+    plgpu.barrier_wait(q_barrier.at[0])
+    unmasked = kept.unmasked_steps(first_pos)
+    state = jax.lax.fori_loop(0, unmasked, functools.partial(attend, masked=False), _initial_state(q_smem.shape[-1]))
+    state = jax.lax.fori_loop(unmasked, kept.num_steps, functools.partial(attend, masked=True), state)
+    _store_outputs(state, q_smem, lse_smem, out_gmem.at[batch, pl.ds(first_row, ROWS), head],
+                   lse_gmem.at[batch, head, pl.ds(first_row, ROWS)])
+
+
+def _ping_pong_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_offsets_gmem, out_gmem, lse_gmem,
+                      q_smem, k_smem, v_smem, lse_smem, q_barriers, k_barriers, v_barriers, k_consumed, v_consumed,
+                      schedule, *p_smem, q_len, kv_len, block_q, block_k, keys_per_step, stages, scale, group):
+    """One CTA per 128-row q block: two consumer warpgroups (64 rows each) share its K/V tiles, which a third
+    warpgroup loads; the consumers take turns on the tensor cores (FlashAttention-3's ping-pong), so one's softmax
+    runs under the other's wgmmas."""
+    q_block = q_gmem.shape[1] // block_q - 1 - jax.lax.axis_index("q_block")  # longest rows first
+    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
+    warpgroup = jax.lax.axis_index("warpgroup")
+    kept = _kept_list(indices_gmem, counts_gmem, row_offsets_gmem, batch, head, q_block,
+                      gather=keys_per_step // block_k, block_k=block_k)
+
+    @pl.when(warpgroup == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        k_rows, v_rows = k_gmem.at[batch, :, head // group], v_gmem.at[batch, :, head // group]
+
+        @pl.loop(0, kept.num_steps)
+        def _(step):
+            slot = step % stages
+            pl.when(step >= stages)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+            kept.fetch(step, k_rows, k_smem.at[slot], k_barriers.at[slot])
+            pl.when(step >= stages)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+            kept.fetch(step, v_rows, v_smem.at[slot], v_barriers.at[slot])
+
+        # The consumptions of the last steps, which no fetch waited for: every phase of a barrier is observed by
+        # each warpgroup that waits on it (what Mosaic GPU's interpret mode checks; free here, at the end).
+        @pl.loop(jnp.maximum(kept.num_steps - stages, 0), kept.num_steps)
+        def _(step):
+            plgpu.barrier_wait(k_consumed.at[step % stages])
+            plgpu.barrier_wait(v_consumed.at[step % stages])
+
+    @pl.when(warpgroup < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        first_row = q_block * block_q + warpgroup * ROWS
+        first_pos = first_row + (kv_len - q_len)
+        my_q, my_lse = q_smem.at[warpgroup], lse_smem.at[warpgroup]
+        my_p = p_smem[0].at[warpgroup] if p_smem else None
+        plgpu.copy_gmem_to_smem(q_gmem.at[batch, pl.ds(first_row, ROWS), head], my_q, q_barriers.at[warpgroup])
+
+        def take_turn():
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+        def attend(step, state, *, masked):
+            slot = step % stages
+            plgpu.barrier_wait(k_barriers.at[slot])
+            s = _scores(my_q, k_smem.at[slot], keys_per_step, scale, after_issue=take_turn)
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if masked:
+                s = _causal_mask(s, step, kept, first_pos)
+            p, state = _softmax(s, state)
+
+            def wait_for_the_tensor_cores():
+                plgpu.barrier_arrive(schedule)  # this softmax is done
+                plgpu.barrier_wait(v_barriers.at[slot])
+                plgpu.barrier_wait(schedule)  # the other warpgroup has issued its wgmmas
+
+            pv = _values(p, v_smem.at[slot], my_p, before_issue=wait_for_the_tensor_cores)
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return state._replace(acc=state.acc + pv)
+
+        plgpu.barrier_wait(q_barriers.at[warpgroup])
+        pl.when(warpgroup == 1)(take_turn)  # the second warpgroup starts half a step behind
+        unmasked = kept.unmasked_steps(first_pos)
+        state = jax.lax.fori_loop(0, unmasked, functools.partial(attend, masked=False),
+                                  _initial_state(q_smem.shape[-1]))
+        state = jax.lax.fori_loop(unmasked, kept.num_steps, functools.partial(attend, masked=True), state)
+        pl.when(warpgroup == 0)(take_turn)  # the first balances the second's extra turn
+        _store_outputs(state, my_q, my_lse, out_gmem.at[batch, pl.ds(first_row, ROWS), head],
+                       lse_gmem.at[batch, head, pl.ds(first_row, ROWS)])
+
+
 @functools.partial(jax.jit, static_argnames=("q_len", "kv_len", "block_q", "block_k", "scale", "keys_per_step",
-                                             "stages", "p_in_smem", "interpret"))
+                                             "stages", "consumers", "p_in_smem", "interpret"))
 def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int, kv_len: int, block_q: int,
                                   block_k: int, scale: float, keys_per_step: int = 128, stages: int = 2,
-                                  p_in_smem: bool = False, interpret=False):
+                                  consumers: int = 1, p_in_smem: bool = False, interpret=False):
     """`block_sparse_attention`'s contract on Hopper: out `[B, T_pad, Hq, D]` (input dtype) and the natural
     log-sum-exp f32 `[B, Hq, T_pad]`; `interpret` is False or a `plgpu.InterpretGPUParams`.
 
-    `p_in_smem` stages the probabilities P through shared memory for the P V wgmma instead of passing them from
-    registers; interpret mode models only shared-memory wgmma operands, so it always stages them.
+    `consumers`: 1, a warpgroup per 64 query rows that loads its own tiles; 2 (block_q 128 only), the two halves
+    of a q block as consumer warpgroups of one CTA, sharing tiles a producer warpgroup loads, in turns on the
+    tensor cores. `p_in_smem` stages the probabilities P through shared memory for the P V wgmma instead of
+    passing them from registers; interpret mode models only shared-memory wgmma operands, so it always stages them.
 
     Shapes: q `[B, T_pad, Hq, D]` (T_pad a multiple of block_q), k, v `[B, S_pad, Hkv, D]` (S_pad a multiple of
     block_k), indices `[B, Hq, slots]`, counts int32 `[B, Hq, nQ]`, row_offsets int32 `[nQ + 1]`. Query row `i`
@@ -177,9 +319,13 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
     if block_k % 8 or keys_per_step % block_k or keys_per_step not in KEYS_PER_STEP or padded_kv_len % block_k:
         raise ValueError(f"keys_per_step {keys_per_step} must be one of {KEYS_PER_STEP} and a multiple of block_k "
                          f"{block_k}, itself a multiple of 8 that divides the padded key length {padded_kv_len}")
+    if consumers not in (1, 2) or (consumers == 2 and block_q != 2 * ROWS):
+        raise ValueError(f"consumers must be 1, or 2 with block_q {2 * ROWS} (one warpgroup per 64-row half), got "
+                         f"consumers={consumers} at block_q {block_q}")
     p_in_smem = p_in_smem or bool(interpret)
     tile_bytes = 2 * keys_per_step * head_dim * q.dtype.itemsize  # K and V of one step
-    other_bytes = ROWS * (head_dim + keys_per_step * p_in_smem) * q.dtype.itemsize + ROWS * 4  # q, P, lse
+    # Per consumer: q (then the output), P, the log-sum-exp.
+    other_bytes = consumers * (ROWS * (head_dim + keys_per_step * p_in_smem) * q.dtype.itemsize + ROWS * 4)
     if stages < 1 or stages * tile_bytes + other_bytes > _MAX_SMEM_BYTES:
         raise ValueError(f"stages must be at least 1 and keep stages * {tile_bytes} bytes of K/V tiles and "
                          f"{other_bytes} other bytes within {_MAX_SMEM_BYTES} bytes of shared memory, got {stages}")
@@ -190,24 +336,31 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
     if indices.ndim != 3 or indices.shape[:2] != (batch, q_heads):
         raise ValueError(f"indices must be [B, Hq, slots], got {indices.shape}")
 
-    kernel = functools.partial(
-        _attention_kernel, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-        keys_per_step=keys_per_step, stages=stages, scale=scale, group=q_heads // kv_heads)
+    knobs = dict(q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, keys_per_step=keys_per_step,
+                 stages=stages, scale=scale, group=q_heads // kv_heads)
     gather = keys_per_step // block_k
+    tiles = [plgpu.SMEM((stages, keys_per_step, head_dim), q.dtype, transforms=_transforms())] * 2  # K, V
+    tile_barriers = [plgpu.Barrier(num_arrivals=gather, num_barriers=stages)] * 2  # an arrival per gathered block
+    per_consumer = (consumers,) if consumers > 1 else ()
+    q_tile = plgpu.SMEM((*per_consumer, ROWS, head_dim), q.dtype, transforms=_transforms())
+    lse_row = plgpu.SMEM((*per_consumer, ROWS), jnp.float32)
+    p_tile = [plgpu.SMEM((*per_consumer, ROWS, keys_per_step), q.dtype, transforms=_transforms())] * p_in_smem
+    if consumers == 1:
+        body = functools.partial(_one_warpgroup_kernel, **knobs)
+        scratch = [q_tile, *tiles, lse_row, plgpu.Barrier(num_barriers=1), *tile_barriers, *p_tile]
+        launch = dict(grid=(padded_q_len // ROWS, q_heads, batch), grid_names=("q_slice", "head", "batch"))
+    else:
+        body = functools.partial(_ping_pong_kernel, **knobs)
+        consumed = [plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)] * 2  # both consumers done
+        scratch = [q_tile, *tiles, lse_row, plgpu.Barrier(num_barriers=consumers), *tile_barriers, *consumed,
+                   plgpu.Barrier(num_arrivals=consumers), *p_tile]  # the turns on the tensor cores
+        launch = dict(grid=(num_q_blocks, q_heads, batch), grid_names=("q_block", "head", "batch"),
+                      num_threads=consumers + 1, thread_name="warpgroup")
     return plgpu.kernel(
-        kernel,
+        body,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                   jax.ShapeDtypeStruct((batch, q_heads, padded_q_len), jnp.float32)),
-        scratch_types=[
-            plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=_transforms()),  # q, then the output
-            plgpu.SMEM((stages, keys_per_step, head_dim), q.dtype, transforms=_transforms()),
-            plgpu.SMEM((stages, keys_per_step, head_dim), q.dtype, transforms=_transforms()),
-            plgpu.SMEM((ROWS,), jnp.float32),
-            plgpu.Barrier(num_barriers=1),
-            plgpu.Barrier(num_arrivals=gather, num_barriers=stages),  # one arrival per gathered K block
-            plgpu.Barrier(num_arrivals=gather, num_barriers=stages),
-        ] + [plgpu.SMEM((ROWS, keys_per_step), q.dtype, transforms=_transforms())] * p_in_smem,
-        grid=(padded_q_len // ROWS, q_heads, batch),
-        grid_names=("q_slice", "head", "batch"),
+        scratch_types=scratch,
         interpret=interpret or None,
+        **launch,
     )(q, k, v, indices, counts.astype(jnp.int32), row_offsets.astype(jnp.int32))
