@@ -171,8 +171,10 @@ def _store_outputs(state: _RowState, out_smem, lse_smem, out_gmem, lse_gmem):
 
 def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_offsets_gmem, out_gmem, lse_gmem,
                           q_smem, k_smem, v_smem, lse_smem, q_barrier, k_barriers, v_barriers, *p_smem, q_len,
-                          kv_len, block_q, block_k, keys_per_step, stages, scale, group):
-    """One CTA, one warpgroup: 64 query rows; its own TMA copies `stages` steps ahead."""
+                          kv_len, block_q, block_k, keys_per_step, stages, scale, group, overlap_softmax):
+    """One CTA, one warpgroup: 64 query rows; its own TMA copies `stages` steps ahead. With `overlap_softmax`, the
+    next step's Q K^T runs on the tensor cores during this step's softmax (FlashAttention-3's intra-warpgroup
+    pipelining)."""
     p_smem = p_smem[0] if p_smem else None
     q_slice = q_gmem.shape[1] // ROWS - 1 - jax.lax.axis_index("q_slice")  # longest rows first
     head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
@@ -204,10 +206,37 @@ def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row
         pl.when(step + stages < kept.num_steps)(functools.partial(fetch, step + stages))
         return state._replace(acc=state.acc + pv)
 
+    def attend_overlapped(step, carry, *, masked):
+        state, s = carry  # this step's scores, computed during the previous step
+        slot, next_slot = step % stages, (step + 1) % stages
+        if masked:
+            s = _causal_mask(s, step, kept, first_pos)
+
+        def overlapped(next_scores_ref):
+            # After the last step this multiplies a stale tile (stages >= 2: never one being refilled); discarded.
+            pl.when(step + 1 < kept.num_steps)(lambda: plgpu.barrier_wait(k_barriers.at[next_slot]))
+            plgpu.wgmma(next_scores_ref, q_smem, k_smem.at[next_slot].T)
+            p, new_state = _softmax(s, state)
+            plgpu.barrier_wait(v_barriers.at[slot])
+            pv = _values(p, v_smem.at[slot], p_smem)  # reading it waits for both wgmmas
+            return new_state._replace(acc=new_state.acc + pv), next_scores_ref[...] * (scale * _LOG2_E)
+
+        state, next_s = pl.run_scoped(overlapped, plgpu.ACC((ROWS, keys_per_step), jnp.float32))
+        pl.when(step + stages < kept.num_steps)(functools.partial(fetch, step + stages))
+        return state, next_s
+
     plgpu.barrier_wait(q_barrier.at[0])
     unmasked = kept.unmasked_steps(first_pos)
-    state = jax.lax.fori_loop(0, unmasked, functools.partial(attend, masked=False), _initial_state(q_smem.shape[-1]))
-    state = jax.lax.fori_loop(unmasked, kept.num_steps, functools.partial(attend, masked=True), state)
+    state = _initial_state(q_smem.shape[-1])
+    if overlap_softmax:
+        pl.when(kept.num_steps > 0)(lambda: plgpu.barrier_wait(k_barriers.at[0]))
+        carry = (state, _scores(q_smem, k_smem.at[0], keys_per_step, scale))
+        carry = jax.lax.fori_loop(0, unmasked, functools.partial(attend_overlapped, masked=False), carry)
+        state, _ = jax.lax.fori_loop(unmasked, kept.num_steps, functools.partial(attend_overlapped, masked=True),
+                                     carry)
+    else:
+        state = jax.lax.fori_loop(0, unmasked, functools.partial(attend, masked=False), state)
+        state = jax.lax.fori_loop(unmasked, kept.num_steps, functools.partial(attend, masked=True), state)
     _store_outputs(state, q_smem, lse_smem, out_gmem.at[batch, pl.ds(first_row, ROWS), head],
                    lse_gmem.at[batch, head, pl.ds(first_row, ROWS)])
 
@@ -287,16 +316,18 @@ def _ping_pong_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_off
 
 
 @functools.partial(jax.jit, static_argnames=("q_len", "kv_len", "block_q", "block_k", "scale", "keys_per_step",
-                                             "stages", "consumers", "p_in_smem", "interpret"))
+                                             "stages", "consumers", "overlap_softmax", "p_in_smem", "interpret"))
 def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_len: int, kv_len: int, block_q: int,
                                   block_k: int, scale: float, keys_per_step: int = 128, stages: int = 2,
-                                  consumers: int = 1, p_in_smem: bool = False, interpret=False):
+                                  consumers: int = 1, overlap_softmax: bool = False, p_in_smem: bool = False,
+                                  interpret=False):
     """`block_sparse_attention`'s contract on Hopper: out `[B, T_pad, Hq, D]` (input dtype) and the natural
     log-sum-exp f32 `[B, Hq, T_pad]`; `interpret` is False or a `plgpu.InterpretGPUParams`.
 
     `consumers`: 1, a warpgroup per 64 query rows that loads its own tiles; 2 (block_q 128 only), the two halves
     of a q block as consumer warpgroups of one CTA, sharing tiles a producer warpgroup loads, in turns on the
-    tensor cores. `p_in_smem` stages the probabilities P through shared memory for the P V wgmma instead of
+    tensor cores. `overlap_softmax` (one consumer, stages >= 2) issues each step's Q K^T before the previous
+    step's softmax. `p_in_smem` stages the probabilities P through shared memory for the P V wgmma instead of
     passing them from registers; interpret mode models only shared-memory wgmma operands, so it always stages them.
 
     Shapes: q `[B, T_pad, Hq, D]` (T_pad a multiple of block_q), k, v `[B, S_pad, Hkv, D]` (S_pad a multiple of
@@ -322,6 +353,9 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
     if consumers not in (1, 2) or (consumers == 2 and block_q != 2 * ROWS):
         raise ValueError(f"consumers must be 1, or 2 with block_q {2 * ROWS} (one warpgroup per 64-row half), got "
                          f"consumers={consumers} at block_q {block_q}")
+    if overlap_softmax and (consumers != 1 or stages < 2):
+        raise ValueError(f"overlap_softmax needs one consumer and stages >= 2 (the next step's tile is read while "
+                         f"this step's is in use), got consumers={consumers}, stages={stages}")
     p_in_smem = p_in_smem or bool(interpret)
     tile_bytes = 2 * keys_per_step * head_dim * q.dtype.itemsize  # K and V of one step
     # Per consumer: q (then the output), P, the log-sum-exp.
@@ -346,7 +380,7 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
     lse_row = plgpu.SMEM((*per_consumer, ROWS), jnp.float32)
     p_tile = [plgpu.SMEM((*per_consumer, ROWS, keys_per_step), q.dtype, transforms=_transforms())] * p_in_smem
     if consumers == 1:
-        body = functools.partial(_one_warpgroup_kernel, **knobs)
+        body = functools.partial(_one_warpgroup_kernel, **knobs, overlap_softmax=overlap_softmax)
         scratch = [q_tile, *tiles, lse_row, plgpu.Barrier(num_barriers=1), *tile_barriers, *p_tile]
         launch = dict(grid=(padded_q_len // ROWS, q_heads, batch), grid_names=("q_slice", "head", "batch"))
     else:

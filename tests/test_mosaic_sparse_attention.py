@@ -40,10 +40,12 @@ P_IN_SMEM = [True, pytest.param(False, marks=pytest.mark.skipif(
 
 @pytest.mark.parametrize("p_in_smem", P_IN_SMEM)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers", [
-    (64, 32, 64, 128, 2, 1), (128, 16, 128, 64, 3, 1), (128, 64, 64, 128, 1, 1), (64, 64, 128, 64, 2, 1),
-    (128, 32, 128, 64, 2, 2), (128, 16, 64, 128, 3, 2)])
-def test_kernel_matches_oracle(rng, dtype, block_q, block_k, head_dim, keys_per_step, stages, consumers, p_in_smem):
+@pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap", [
+    (64, 32, 64, 128, 2, 1, False), (128, 16, 128, 64, 3, 1, False), (128, 64, 64, 128, 1, 1, False),
+    (64, 64, 128, 64, 2, 1, False), (64, 32, 128, 64, 2, 1, True), (128, 16, 64, 128, 3, 1, True),
+    (128, 32, 128, 64, 2, 2, False), (128, 16, 64, 128, 3, 2, False)])
+def test_kernel_matches_oracle(rng, dtype, block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap,
+                               p_in_smem):
     kv_heads = int(rng.choice([1, 2]))
     q_heads = kv_heads * int(rng.choice([1, 2]))
     kv_len = int(rng.integers(200, 400))
@@ -59,8 +61,8 @@ def test_kernel_matches_oracle(rng, dtype, block_q, block_k, head_dim, keys_per_
     out, lse = mosaic_block_sparse_attention(
         pad_axis(q, 1, block_q), pad_axis(k, 1, block_k), pad_axis(v, 1, block_k), layout.indices, layout.counts,
         jnp.asarray(grid.row_offsets), q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-        scale=case.scale, keys_per_step=keys_per_step, stages=stages, consumers=consumers, p_in_smem=p_in_smem,
-        interpret=INTERPRET)
+        scale=case.scale, keys_per_step=keys_per_step, stages=stages, consumers=consumers, overlap_softmax=overlap,
+        p_in_smem=p_in_smem, interpret=INTERPRET)
     out, lse = out[:, :q_len], np.asarray(lse[..., :q_len])
     want_out, want_lse = oracle.attention(q, k, v, mask, bq=block_q, bk=block_k, scale=case.scale)
     tolerance = OUT_TOLERANCES[dtype]
@@ -106,6 +108,12 @@ def test_two_consumers_need_128_row_blocks():
         mosaic_block_sparse_attention(*arrays, **knobs, consumers=2, interpret=INTERPRET)
 
 
+def test_overlap_needs_one_consumer_and_two_stages():
+    arrays, knobs = inputs()
+    with pytest.raises(ValueError, match="overlap_softmax needs one consumer and stages >= 2"):
+        mosaic_block_sparse_attention(*arrays, **knobs, stages=1, overlap_softmax=True, interpret=INTERPRET)
+
+
 def test_counts_must_match_the_q_blocks():
     arrays, knobs = inputs()
     arrays[4] = arrays[4][..., :-1]
@@ -114,10 +122,11 @@ def test_counts_must_match_the_q_blocks():
 
 
 @pytest.mark.parametrize("p_in_smem", [False, True])
-@pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers", [
-    (128, 32, 128, 128, 2, 1), (64, 32, 128, 64, 3, 1), (128, 16, 64, 64, 6, 1), (64, 64, 128, 64, 2, 1),
-    (128, 32, 128, 128, 2, 2), (128, 32, 64, 64, 3, 2)])
-def test_kernel_lowers_for_hopper(block_q, block_k, head_dim, keys_per_step, stages, consumers, p_in_smem):
+@pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap", [
+    (128, 32, 128, 128, 2, 1, False), (64, 32, 128, 64, 3, 1, False), (128, 16, 64, 64, 6, 1, False),
+    (64, 64, 128, 64, 2, 1, True), (64, 32, 128, 128, 2, 1, True), (128, 32, 128, 128, 2, 2, False),
+    (128, 32, 64, 64, 3, 2, False)])
+def test_kernel_lowers_for_hopper(block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap, p_in_smem):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas."""
     length, q_heads, kv_heads = 2048, 4, 2
@@ -127,6 +136,6 @@ def test_kernel_lowers_for_hopper(block_q, block_k, head_dim, keys_per_step, sta
               ((1, q_heads, grid.num_q_blocks), jnp.int32), ((grid.num_q_blocks + 1,), jnp.int32)]
     kernel = jax.jit(functools.partial(mosaic_block_sparse_attention, q_len=length, kv_len=length, block_q=block_q,
                                        block_k=block_k, scale=0.1, keys_per_step=keys_per_step, stages=stages,
-                                       consumers=consumers, p_in_smem=p_in_smem))
+                                       consumers=consumers, overlap_softmax=overlap, p_in_smem=p_in_smem))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
