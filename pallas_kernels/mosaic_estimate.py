@@ -44,11 +44,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax._src.lib.mlir import ir  # inline_mgpu bodies are MLIR builders; jax has no public path to these modules
+from jax._src.lib.mlir.dialects import arith, memref, vector
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 _MAX_ACC_ELEMENTS = 64 * 256  # f32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
 _MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
+EPILOGUES = ("packed", "warp_or")  # array-level row counts; warp-level bits (inline Mosaic GPU)
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))  # accepted; the kernel runs on fp8
 
 
@@ -155,6 +160,55 @@ def _packed_row_counts(row_best):
     return hits
 
 
+def _balanced(op, values):
+    """op folded over `values` as a balanced tree (independent steps in flight, not one chain)."""
+    while len(values) > 1:
+        values = [op(a, b) for a, b in zip(values[::2], values[1::2])] + values[len(values) & ~1:]
+    return values[0]
+
+
+_WGMMA_COLUMN_GROUP = 8  # the wgmma accumulator layout's registers come in 8-column groups (its registers' axis 1)
+_WARP_SIZE = 32
+
+
+def _warp_or_hit_flags(*, block_k: int, tile_k: int):
+    """The epilogue below Pallas's array level: stores 1 into `flags[j]` for each of the tile's blocks j that has
+    an accumulator element > 0, leaving the others as they are.
+
+    Per thread, a maximum over the block's registers and one bit per block; per warp, one `redux.sync.or` of the
+    bits; lane j of each warp stores block j's flag. The warps never wait for each other (they store the same 1),
+    where the array-level epilogue needs cross-lane shuffles per row and a warpgroup barrier per tile."""
+    num_blocks = tile_k // block_k  # at most 256 // 8 = 32, one per lane
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store_flags(_, excess, flags):
+        i32 = ir.IntegerType.get_signless(32)
+        registers = excess.registers
+        if registers.shape[1] != tile_k // _WGMMA_COLUMN_GROUP:
+            raise NotImplementedError(f"unexpected wgmma register layout {registers.shape} for {tile_k} columns")
+        per_block = [[] for _ in range(num_blocks)]
+        for index in np.ndindex(registers.shape):
+            per_block[index[1] * _WGMMA_COLUMN_GROUP // block_k].append(registers[index])
+        bits = arith.constant(i32, 0)
+        for block, block_registers in enumerate(per_block):
+            best = _balanced(arith.maxnumf, block_registers)
+            [width] = ir.VectorType(best.type).shape
+            best = _balanced(arith.maxnumf, [
+                vector.extract(best, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+                for i in range(width)])
+            hit = arith.cmpf(arith.CmpFPredicate.OGT, best, arith.constant(best.type, 0.0))
+            bits = arith.ori(bits, arith.shli(arith.extui(i32, hit), arith.constant(i32, block)))
+        bits = mgpu_utils.redux(bits, arith.constant(i32, 0xFFFFFFFF), mgpu_utils.ReductionKind.OR)
+        lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, _WARP_SIZE))
+        lane_bit = arith.andi(arith.shrui(bits, lane), arith.constant(i32, 1))
+        stores = arith.andi(arith.cmpi(arith.CmpIPredicate.ult, lane, arith.constant(i32, num_blocks)),
+                            arith.cmpi(arith.CmpIPredicate.ne, lane_bit, arith.constant(i32, 0)))
+        with mgpu_utils.when(stores):
+            memref.store(arith.constant(i32, 1), flags, [arith.index_cast(ir.IndexType.get(), lane)])
+
+    return store_flags
+
+
 def _mma_transforms(head_dim: int):
     """Shared-memory layout wgmma reads 8-bit rows of `head_dim` bytes from: 8-row tiles, swizzled."""
     swizzle = plgpu.find_swizzle(head_dim * 8)
@@ -197,7 +251,7 @@ def _terms_transforms():
 
 def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
                      row_terms_smem, hits_smem, q_barriers, *, block_q, block_k, tile_k, middle_start, group,
-                     max_concurrent_steps):
+                     max_concurrent_steps, epilogue):
     """One CTA: q block `q_block` of `head` against the key tiles of its middle blocks."""
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
@@ -217,6 +271,9 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
     plgpu.barrier_wait(q_barriers.at[0])
     plgpu.barrier_wait(q_barriers.at[1])
 
+    blocks_per_tile = tile_k // block_k
+    warp_or_flags = _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)
+
     def tile_body(indices, k_smem, key_terms_smem):
         def mma(acc_ref):
             plgpu.wgmma(acc_ref, row_terms_smem, key_terms_smem.T)  # the offsets (tf32)
@@ -224,9 +281,12 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
             return acc_ref[...]
 
         excess_over_scale = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32))  # excess's sign
+        tile = first_tile + indices[0]
+        if epilogue == "warp_or":  # blocks outside [first_block, end_block) are cleared after the last tile
+            warp_or_flags(excess_over_scale, hits_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
+            return
         offsets = range(0, tile_k, block_k)
         row_best = [jnp.max(excess_over_scale[:, offset:offset + block_k], axis=1) for offset in offsets]
-        tile = first_tile + indices[0]
         for offset, hit in zip(offsets, _packed_row_counts(row_best)):
             block = (tile * tile_k + offset) // block_k
             hits_smem[block] = (hit & (block >= first_block) & (block < end_block)).astype(jnp.int32)
@@ -241,15 +301,29 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
         max_concurrent_steps=max_concurrent_steps,
     )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
 
+    if epilogue == "warp_or":
+        plgpu.commit_smem()  # every warp's flags stored before the edge tiles' outside blocks are cleared
+        for i in range(blocks_per_tile - 1):
+            before, after = first_tile * blocks_per_tile + i, end_block + i
+
+            @pl.when(before < first_block)
+            def _():
+                hits_smem[before] = 0
+
+            @pl.when(after < (first_tile + num_tiles) * blocks_per_tile)
+            def _():
+                hits_smem[after] = 0
+
     plgpu.commit_smem()  # flags visible to the TMA engine
     plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
     plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
-                                             "interpret"))
+                                             "epilogue", "interpret"))
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
-                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2, interpret=False):
+                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
+                  epilogue: str = "packed", interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
     False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs).
 
@@ -264,6 +338,10 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if block_q * tile_k > _MAX_ACC_ELEMENTS:
         raise ValueError(f"block_q * tile_k = {block_q * tile_k} exceeds {_MAX_ACC_ELEMENTS}: the f32 "
                          f"accumulator would not fit in registers (use block_q=64 or tile_k=128)")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if epilogue == "warp_or" and interpret:
+        raise ValueError("epilogue='warp_or' is Mosaic GPU inline code, which interpret mode does not run")
     if max_concurrent_steps < 1:
         raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
     batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
@@ -281,7 +359,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
     kernel = functools.partial(
         _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps)
+        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, epilogue=epilogue)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
