@@ -7,9 +7,11 @@ into one shared-memory tile by TMA (one copy per block, `stages` steps in flight
 
     S = Q K^T (wgmma, f32)  ->  online softmax in registers  ->  O += P V (wgmma, P from registers).
 
-Two schedules (`consumers`): one warpgroup per CTA that issues its own copies (a 128-row q block runs as two CTAs
-reading the same list; several CTAs share an SM), or FlashAttention-3's: per 128-row q block, two consumer
-warpgroups share the tiles a producer warpgroup loads and take turns on the tensor cores.
+Schedules: one warpgroup per CTA that issues its own copies (a 128-row q block runs as two CTAs reading the same
+list; several CTAs share an SM), optionally with the next step's Q K^T issued before this step's softmax
+(`overlap_softmax`); or FlashAttention-3's ping-pong (`consumers=2`): per 128-row q block, two consumer
+warpgroups share the tiles a producer warpgroup loads and take turns on the tensor cores. Exponentials use the
+hardware's approximate `ex2` (`approx_math`), as FlashAttention and the Triton kernel do.
 
 Kept blocks come in ascending order, so only the steps at a row's end can reach past its first query position:
 the leading steps run without the causal mask (a lower bound on how many, computed from the layout's row), the
@@ -395,6 +397,7 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                   jax.ShapeDtypeStruct((batch, q_heads, padded_q_len), jnp.float32)),
         scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
         **launch,
     )(q, k, v, indices, counts.astype(jnp.int32), row_offsets.astype(jnp.int32))
