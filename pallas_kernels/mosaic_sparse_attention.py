@@ -141,8 +141,12 @@ def _softmax(s, state: _RowState):
     return p, _RowState(state.acc * jax.lax.broadcast_in_dim(correction, state.acc.shape, [0]), new_max, row_sum)
 
 
-def _values(p, v_tile, p_smem, before_issue=None):
-    """P V from registers, or through `p_smem` when given; `before_issue` runs just before the wgmma."""
+def _add_values(acc, p, v_tile, p_smem, *, in_place, before_issue=None):
+    """acc + P V, with P from registers or through `p_smem` when given; `before_issue` runs just before the wgmma.
+
+    `in_place` accumulates into acc's own registers (`run_state`, as FlashAttention-3 does: no second 64 x D
+    accumulator); interpret mode lacks the primitive `run_state` turns wgmma into, so there the product goes to a
+    fresh accumulator and is added."""
     p = p.astype(v_tile.dtype)
     if p_smem is not None:
         p_smem[...] = p
@@ -153,9 +157,15 @@ def _values(p, v_tile, p_smem, before_issue=None):
 
     def mma(acc_ref):
         plgpu.wgmma(acc_ref, p, v_tile)
+
+    if in_place:
+        return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+    def product(acc_ref):
+        mma(acc_ref)
         return acc_ref[...]
 
-    return pl.run_scoped(mma, plgpu.ACC((ROWS, v_tile.shape[-1]), jnp.float32))
+    return acc + pl.run_scoped(product, plgpu.ACC(acc.shape, jnp.float32))
 
 
 def _store_outputs(state: _RowState, out_smem, lse_smem, out_gmem, lse_gmem):
@@ -173,7 +183,7 @@ def _store_outputs(state: _RowState, out_smem, lse_smem, out_gmem, lse_gmem):
 
 def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_offsets_gmem, out_gmem, lse_gmem,
                           q_smem, k_smem, v_smem, lse_smem, q_barrier, k_barriers, v_barriers, *p_smem, q_len,
-                          kv_len, block_q, block_k, keys_per_step, stages, scale, group, overlap_softmax):
+                          kv_len, block_q, block_k, keys_per_step, stages, scale, group, in_place, overlap_softmax):
     """One CTA, one warpgroup: 64 query rows; its own TMA copies `stages` steps ahead. With `overlap_softmax`, the
     next step's Q K^T runs on the tensor cores during this step's softmax (FlashAttention-3's intra-warpgroup
     pipelining)."""
@@ -203,10 +213,10 @@ def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row
             s = _causal_mask(s, step, kept, first_pos)
         p, state = _softmax(s, state)
         plgpu.barrier_wait(v_barriers.at[slot])
-        pv = _values(p, v_smem.at[slot], p_smem)
+        acc = _add_values(state.acc, p, v_smem.at[slot], p_smem, in_place=in_place)
         # Both wgmmas of this step are done (reading their accumulators waited for them): refill the slot.
         pl.when(step + stages < kept.num_steps)(functools.partial(fetch, step + stages))
-        return state._replace(acc=state.acc + pv)
+        return state._replace(acc=acc)
 
     def attend_overlapped(step, carry, *, masked):
         state, s = carry  # this step's scores, computed during the previous step
@@ -220,8 +230,8 @@ def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row
             plgpu.wgmma(next_scores_ref, q_smem, k_smem.at[next_slot].T)
             p, new_state = _softmax(s, state)
             plgpu.barrier_wait(v_barriers.at[slot])
-            pv = _values(p, v_smem.at[slot], p_smem)  # reading it waits for both wgmmas
-            return new_state._replace(acc=new_state.acc + pv), next_scores_ref[...] * (scale * _LOG2_E)
+            acc = _add_values(new_state.acc, p, v_smem.at[slot], p_smem, in_place=in_place)  # waits for both
+            return new_state._replace(acc=acc), next_scores_ref[...] * (scale * _LOG2_E)
 
         state, next_s = pl.run_scoped(overlapped, plgpu.ACC((ROWS, keys_per_step), jnp.float32))
         pl.when(step + stages < kept.num_steps)(functools.partial(fetch, step + stages))
@@ -245,7 +255,8 @@ def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row
 
 def _ping_pong_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_offsets_gmem, out_gmem, lse_gmem,
                       q_smem, k_smem, v_smem, lse_smem, q_barriers, k_barriers, v_barriers, k_consumed, v_consumed,
-                      schedule, *p_smem, q_len, kv_len, block_q, block_k, keys_per_step, stages, scale, group):
+                      schedule, *p_smem, q_len, kv_len, block_q, block_k, keys_per_step, stages, scale, group,
+                      in_place):
     """One CTA per 128-row q block: two consumer warpgroups (64 rows each) share its K/V tiles, which a third
     warpgroup loads; the consumers take turns on the tensor cores (FlashAttention-3's ping-pong), so one's softmax
     runs under the other's wgmmas."""
@@ -302,9 +313,10 @@ def _ping_pong_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_off
                 plgpu.barrier_wait(v_barriers.at[slot])
                 plgpu.barrier_wait(schedule)  # the other warpgroup has issued its wgmmas
 
-            pv = _values(p, v_smem.at[slot], my_p, before_issue=wait_for_the_tensor_cores)
+            acc = _add_values(state.acc, p, v_smem.at[slot], my_p, in_place=in_place,
+                              before_issue=wait_for_the_tensor_cores)
             plgpu.barrier_arrive(v_consumed.at[slot])
-            return state._replace(acc=state.acc + pv)
+            return state._replace(acc=acc)
 
         plgpu.barrier_wait(q_barriers.at[warpgroup])
         pl.when(warpgroup == 1)(take_turn)  # the second warpgroup starts half a step behind
@@ -373,7 +385,7 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
         raise ValueError(f"indices must be [B, Hq, slots], got {indices.shape}")
 
     knobs = dict(q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, keys_per_step=keys_per_step,
-                 stages=stages, scale=scale, group=q_heads // kv_heads)
+                 stages=stages, scale=scale, group=q_heads // kv_heads, in_place=not interpret)
     gather = keys_per_step // block_k
     tiles = [plgpu.SMEM((stages, keys_per_step, head_dim), q.dtype, transforms=_transforms())] * 2  # K, V
     tile_barriers = [plgpu.Barrier(num_arrivals=gather, num_barriers=stages)] * 2  # an arrival per gathered block
