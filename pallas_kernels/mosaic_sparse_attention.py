@@ -9,8 +9,9 @@ into one shared-memory tile by TMA (one copy per block, `stages` steps in flight
 
 Schedules: one warpgroup per CTA that issues its own copies (a 128-row q block runs as two CTAs reading the same
 list; several CTAs share an SM), optionally with the next step's Q K^T issued before this step's softmax
-(`overlap_softmax`); or FlashAttention-3's ping-pong (`consumers=2`): per 128-row q block, two consumer
-warpgroups share the tiles a producer warpgroup loads and take turns on the tensor cores. Exponentials use the
+(`overlap_softmax`); or FlashAttention-3's ping-pong (`consumers=2`): two consumer warpgroups take turns on the
+tensor cores while a producer warpgroup loads their tiles (the halves of a 128-row q block share them; two
+64-row q blocks each have their own). Exponentials use the
 hardware's approximate `ex2` (`approx_math`), as FlashAttention and the Triton kernel do.
 
 Kept blocks come in ascending order, so only the steps at a row's end can reach past its first query position:
@@ -257,76 +258,113 @@ def _ping_pong_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_off
                       q_smem, k_smem, v_smem, lse_smem, q_barriers, k_barriers, v_barriers, k_consumed, v_consumed,
                       schedule, *p_smem, q_len, kv_len, block_q, block_k, keys_per_step, stages, scale, group,
                       in_place):
-    """One CTA per 128-row q block: two consumer warpgroups (64 rows each) share its K/V tiles, which a third
-    warpgroup loads; the consumers take turns on the tensor cores (FlashAttention-3's ping-pong), so one's softmax
-    runs under the other's wgmmas."""
-    q_block = q_gmem.shape[1] // block_q - 1 - jax.lax.axis_index("q_block")  # longest rows first
+    """Two consumer warpgroups of 64 rows each and a producer warpgroup that loads their K/V tiles; the consumers
+    take turns on the tensor cores (FlashAttention-3's ping-pong), so one's softmax runs under the other's wgmmas.
+
+    At block_q 128 a CTA is one q block: its halves share one list and one set of tiles. At block_q 64 a CTA is
+    two neighbouring q blocks, each with its list and tiles (the second may be past the last q block: no work)."""
+    num_q_blocks = q_gmem.shape[1] // block_q
+    shared = block_q == 2 * ROWS
+    group_index = jax.lax.axis_index("q_group")
     head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
     warpgroup = jax.lax.axis_index("warpgroup")
-    kept = _kept_list(indices_gmem, counts_gmem, row_offsets_gmem, batch, head, q_block,
-                      gather=keys_per_step // block_k, block_k=block_k)
+    gather = keys_per_step // block_k
+
+    def consumer_list(consumer):
+        """(q block, kept list) of a consumer; a q block past the last one keeps nothing."""
+        if shared:
+            q_block = num_q_blocks - 1 - group_index  # longest rows first
+            return q_block, _kept_list(indices_gmem, counts_gmem, row_offsets_gmem, batch, head, q_block,
+                                       gather=gather, block_k=block_k)
+        q_block = 2 * (pl.cdiv(num_q_blocks, 2) - 1 - group_index) + consumer
+        kept = _kept_list(indices_gmem, counts_gmem, row_offsets_gmem, batch, head,
+                          jnp.minimum(q_block, num_q_blocks - 1), gather=gather, block_k=block_k)
+        return q_block, dataclasses.replace(kept, count=jnp.where(q_block < num_q_blocks, kept.count, 0))
+
+    lists = [consumer_list(c)[1] for c in range(2)]
+    most_steps = jnp.maximum(lists[0].num_steps, lists[1].num_steps)
+    # Tiles, their barriers and their consumption barriers: one set, or one per consumer.
+    def tile(ref, consumer, slot):
+        return ref.at[slot] if shared else ref.at[consumer, slot]
+
+    def barrier(ref, consumer, slot):
+        return ref.at[slot] if shared else ref.at[consumer * stages + slot]
 
     @pl.when(warpgroup == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
         k_rows, v_rows = k_gmem.at[batch, :, head // group], v_gmem.at[batch, :, head // group]
 
-        @pl.loop(0, kept.num_steps)
-        def _(step):
+        def fetch(consumer, step):
             slot = step % stages
-            pl.when(step >= stages)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
-            kept.fetch(step, k_rows, k_smem.at[slot], k_barriers.at[slot])
-            pl.when(step >= stages)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
-            kept.fetch(step, v_rows, v_smem.at[slot], v_barriers.at[slot])
+            for rows, tiles, ready, consumed in ((k_rows, k_smem, k_barriers, k_consumed),
+                                                 (v_rows, v_smem, v_barriers, v_consumed)):
+                pl.when(step >= stages)(lambda: plgpu.barrier_wait(barrier(consumed, consumer, slot)))
+                lists[consumer].fetch(step, rows, tile(tiles, consumer, slot), barrier(ready, consumer, slot))
+
+        @pl.loop(0, most_steps)
+        def _(step):  # two lists: their steps interleaved, in the order the consumers take their turns
+            for consumer in range(1 if shared else 2):
+                pl.when(step < lists[consumer].num_steps)(functools.partial(fetch, consumer, step))
 
         # The consumptions of the last steps, which no fetch waited for: every phase of a barrier is observed by
         # each warpgroup that waits on it (what Mosaic GPU's interpret mode checks; free here, at the end).
-        @pl.loop(jnp.maximum(kept.num_steps - stages, 0), kept.num_steps)
-        def _(step):
-            plgpu.barrier_wait(k_consumed.at[step % stages])
-            plgpu.barrier_wait(v_consumed.at[step % stages])
+        for consumer in range(1 if shared else 2):
+            @pl.loop(jnp.maximum(lists[consumer].num_steps - stages, 0), lists[consumer].num_steps)
+            def _(step, consumer=consumer):
+                plgpu.barrier_wait(barrier(k_consumed, consumer, step % stages))
+                plgpu.barrier_wait(barrier(v_consumed, consumer, step % stages))
 
     @pl.when(warpgroup < 2)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
-        first_row = q_block * block_q + warpgroup * ROWS
+        q_block, kept = consumer_list(warpgroup)
+        first_row = q_block * block_q + (warpgroup * ROWS if shared else 0)
         first_pos = first_row + (kv_len - q_len)
         my_q, my_lse = q_smem.at[warpgroup], lse_smem.at[warpgroup]
         my_p = p_smem[0].at[warpgroup] if p_smem else None
-        plgpu.copy_gmem_to_smem(q_gmem.at[batch, pl.ds(first_row, ROWS), head], my_q, q_barriers.at[warpgroup])
+        present = q_block < num_q_blocks
+        rows = pl.ds(jnp.minimum(first_row, q_gmem.shape[1] - ROWS), ROWS)
+        pl.when(present)(lambda: plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], my_q,
+                                                         q_barriers.at[warpgroup]))
 
         def take_turn():
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
+        def wait_for_the_tensor_cores(slot=None):
+            plgpu.barrier_arrive(schedule)  # this softmax is done
+            if slot is not None:
+                plgpu.barrier_wait(barrier(v_barriers, warpgroup, slot))
+            plgpu.barrier_wait(schedule)  # the other warpgroup has issued its wgmmas
+
         def attend(step, state, *, masked):
             slot = step % stages
-            plgpu.barrier_wait(k_barriers.at[slot])
-            s = _scores(my_q, k_smem.at[slot], keys_per_step, scale, after_issue=take_turn)
-            plgpu.barrier_arrive(k_consumed.at[slot])
+            plgpu.barrier_wait(barrier(k_barriers, warpgroup, slot))
+            s = _scores(my_q, tile(k_smem, warpgroup, slot), keys_per_step, scale, after_issue=take_turn)
+            plgpu.barrier_arrive(barrier(k_consumed, warpgroup, slot))
             if masked:
                 s = _causal_mask(s, step, kept, first_pos)
             p, state = _softmax(s, state)
-
-            def wait_for_the_tensor_cores():
-                plgpu.barrier_arrive(schedule)  # this softmax is done
-                plgpu.barrier_wait(v_barriers.at[slot])
-                plgpu.barrier_wait(schedule)  # the other warpgroup has issued its wgmmas
-
-            acc = _add_values(state.acc, p, v_smem.at[slot], my_p, in_place=in_place,
-                              before_issue=wait_for_the_tensor_cores)
-            plgpu.barrier_arrive(v_consumed.at[slot])
+            acc = _add_values(state.acc, p, tile(v_smem, warpgroup, slot), my_p, in_place=in_place,
+                              before_issue=functools.partial(wait_for_the_tensor_cores, slot))
+            plgpu.barrier_arrive(barrier(v_consumed, warpgroup, slot))
             return state._replace(acc=acc)
 
-        plgpu.barrier_wait(q_barriers.at[warpgroup])
+        pl.when(present)(lambda: plgpu.barrier_wait(q_barriers.at[warpgroup]))
         pl.when(warpgroup == 1)(take_turn)  # the second warpgroup starts half a step behind
         unmasked = kept.unmasked_steps(first_pos)
         state = jax.lax.fori_loop(0, unmasked, functools.partial(attend, masked=False),
                                   _initial_state(q_smem.shape[-1]))
         state = jax.lax.fori_loop(unmasked, kept.num_steps, functools.partial(attend, masked=True), state)
+        if not shared:  # the turns of the other consumer's extra steps
+            @pl.loop(kept.num_steps, most_steps)
+            def _(step):
+                take_turn()
+                wait_for_the_tensor_cores()
         pl.when(warpgroup == 0)(take_turn)  # the first balances the second's extra turn
-        _store_outputs(state, my_q, my_lse, out_gmem.at[batch, pl.ds(first_row, ROWS), head],
-                       lse_gmem.at[batch, head, pl.ds(first_row, ROWS)])
+        pl.when(present)(lambda: _store_outputs(state, my_q, my_lse, out_gmem.at[batch, rows, head],
+                                                lse_gmem.at[batch, head, rows]))
 
 
 @functools.partial(jax.jit, static_argnames=("q_len", "kv_len", "block_q", "block_k", "scale", "keys_per_step",
@@ -364,14 +402,16 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
     if block_k % 8 or keys_per_step % block_k or keys_per_step not in KEYS_PER_STEP or padded_kv_len % block_k:
         raise ValueError(f"keys_per_step {keys_per_step} must be one of {KEYS_PER_STEP} and a multiple of block_k "
                          f"{block_k}, itself a multiple of 8 that divides the padded key length {padded_kv_len}")
-    if consumers not in (1, 2) or (consumers == 2 and block_q != 2 * ROWS):
-        raise ValueError(f"consumers must be 1, or 2 with block_q {2 * ROWS} (one warpgroup per 64-row half), got "
-                         f"consumers={consumers} at block_q {block_q}")
+    if consumers not in (1, 2) or (consumers == 2 and block_q not in (ROWS, 2 * ROWS)):
+        raise ValueError(f"consumers must be 1, or 2 with block_q {ROWS} or {2 * ROWS} (a warpgroup per 64-row q "
+                         f"block or half), got consumers={consumers} at block_q {block_q}")
     if overlap_softmax and (consumers != 1 or stages < 2):
         raise ValueError(f"overlap_softmax needs one consumer and stages >= 2 (the next step's tile is read while "
                          f"this step's is in use), got consumers={consumers}, stages={stages}")
     p_in_smem = p_in_smem or bool(interpret)
-    tile_bytes = 2 * keys_per_step * head_dim * q.dtype.itemsize  # K and V of one step
+    # Two consumers of 64-row q blocks stream two lists into two sets of tiles; halves of a q block share one.
+    tile_sets = consumers if block_q == ROWS else 1
+    tile_bytes = 2 * keys_per_step * head_dim * q.dtype.itemsize * tile_sets  # K and V of one step
     # Per consumer: q (then the output), P, the log-sum-exp.
     other_bytes = consumers * (ROWS * (head_dim + keys_per_step * p_in_smem) * q.dtype.itemsize + ROWS * 4)
     if stages < 1 or stages * tile_bytes + other_bytes > _MAX_SMEM_BYTES:
@@ -387,8 +427,10 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
     knobs = dict(q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, keys_per_step=keys_per_step,
                  stages=stages, scale=scale, group=q_heads // kv_heads, in_place=not interpret)
     gather = keys_per_step // block_k
-    tiles = [plgpu.SMEM((stages, keys_per_step, head_dim), q.dtype, transforms=_transforms())] * 2  # K, V
-    tile_barriers = [plgpu.Barrier(num_arrivals=gather, num_barriers=stages)] * 2  # an arrival per gathered block
+    per_set = (tile_sets,) if tile_sets > 1 else ()
+    tiles = [plgpu.SMEM((*per_set, stages, keys_per_step, head_dim), q.dtype, transforms=_transforms())] * 2  # K, V
+    # An arrival per gathered block.
+    tile_barriers = [plgpu.Barrier(num_arrivals=gather, num_barriers=tile_sets * stages)] * 2
     per_consumer = (consumers,) if consumers > 1 else ()
     q_tile = plgpu.SMEM((*per_consumer, ROWS, head_dim), q.dtype, transforms=_transforms())
     lse_row = plgpu.SMEM((*per_consumer, ROWS), jnp.float32)
@@ -399,10 +441,12 @@ def mosaic_block_sparse_attention(q, k, v, indices, counts, row_offsets, *, q_le
         launch = dict(grid=(padded_q_len // ROWS, q_heads, batch), grid_names=("q_slice", "head", "batch"))
     else:
         body = functools.partial(_ping_pong_kernel, **knobs)
-        consumed = [plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)] * 2  # both consumers done
+        # A slot is free once every consumer of its tiles is done with it.
+        consumed = [plgpu.Barrier(num_arrivals=consumers // tile_sets, num_barriers=tile_sets * stages)] * 2
         scratch = [q_tile, *tiles, lse_row, plgpu.Barrier(num_barriers=consumers), *tile_barriers, *consumed,
                    plgpu.Barrier(num_arrivals=consumers), *p_tile]  # the turns on the tensor cores
-        launch = dict(grid=(num_q_blocks, q_heads, batch), grid_names=("q_block", "head", "batch"),
+        q_groups = num_q_blocks if tile_sets == 1 else pl.cdiv(num_q_blocks, 2)
+        launch = dict(grid=(q_groups, q_heads, batch), grid_names=("q_group", "head", "batch"),
                       num_threads=consumers + 1, thread_name="warpgroup")
     return plgpu.kernel(
         body,

@@ -43,13 +43,27 @@ P_IN_SMEM = [True, pytest.param(False, marks=pytest.mark.skipif(
 @pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap", [
     (64, 32, 64, 128, 2, 1, False), (128, 16, 128, 64, 3, 1, False), (128, 64, 64, 128, 1, 1, False),
     (64, 64, 128, 64, 2, 1, False), (64, 32, 128, 64, 2, 1, True), (128, 16, 64, 128, 3, 1, True),
-    (128, 32, 128, 64, 2, 2, False), (128, 16, 64, 128, 3, 2, False)])
+    (128, 32, 128, 64, 2, 2, False), (128, 16, 64, 128, 3, 2, False), (64, 32, 128, 64, 2, 2, False),
+    (64, 16, 64, 128, 2, 2, False)])
 def test_kernel_matches_oracle(rng, dtype, block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap,
                                p_in_smem):
-    kv_heads = int(rng.choice([1, 2]))
-    q_heads = kv_heads * int(rng.choice([1, 2]))
     kv_len = int(rng.integers(200, 400))
     q_len = kv_len if rng.integers(2) else int(rng.integers(1, kv_len))  # chunked prefill: queries at the end
+    check_against_oracle(rng, q_len, kv_len, dtype=dtype, block_q=block_q, block_k=block_k, head_dim=head_dim,
+                         keys_per_step=keys_per_step, stages=stages, consumers=consumers, overlap_softmax=overlap,
+                         p_in_smem=p_in_smem)
+
+
+def test_two_consumers_with_an_odd_number_of_q_blocks(rng):
+    """At block_q 64 a CTA takes two neighbouring q blocks: with three, the second CTA's second consumer has none
+    and only takes its turns."""
+    check_against_oracle(rng, 3 * 64 - 10, 300, dtype=jnp.bfloat16, block_q=64, block_k=32, head_dim=64,
+                         keys_per_step=64, stages=2, consumers=2, overlap_softmax=False, p_in_smem=True)
+
+
+def check_against_oracle(rng, q_len, kv_len, *, dtype, block_q, block_k, head_dim, **knobs):
+    kv_heads = int(rng.choice([1, 2]))
+    q_heads = kv_heads * int(rng.choice([1, 2]))
     case = cases.Case(batch=int(rng.choice([1, 2])), q_len=q_len, kv_len=kv_len, q_heads=q_heads,
                       kv_heads=kv_heads, head_dim=head_dim,
                       config=sale_jax.SaleConfig(block_q=block_q, block_k=block_k))
@@ -61,8 +75,7 @@ def test_kernel_matches_oracle(rng, dtype, block_q, block_k, head_dim, keys_per_
     out, lse = mosaic_block_sparse_attention(
         pad_axis(q, 1, block_q), pad_axis(k, 1, block_k), pad_axis(v, 1, block_k), layout.indices, layout.counts,
         jnp.asarray(grid.row_offsets), q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-        scale=case.scale, keys_per_step=keys_per_step, stages=stages, consumers=consumers, overlap_softmax=overlap,
-        p_in_smem=p_in_smem, interpret=INTERPRET)
+        scale=case.scale, **knobs, interpret=INTERPRET)
     out, lse = out[:, :q_len], np.asarray(lse[..., :q_len])
     want_out, want_lse = oracle.attention(q, k, v, mask, bq=block_q, bk=block_k, scale=case.scale)
     tolerance = OUT_TOLERANCES[dtype]
@@ -102,9 +115,9 @@ def test_stages_beyond_shared_memory_are_refused():
         mosaic_block_sparse_attention(*arrays, **knobs, stages=4, interpret=INTERPRET)
 
 
-def test_two_consumers_need_128_row_blocks():
-    arrays, knobs = inputs(block_q=64)
-    with pytest.raises(ValueError, match="consumers must be 1, or 2 with block_q 128"):
+def test_two_consumers_need_64_or_128_row_blocks():
+    arrays, knobs = inputs(block_q=256)
+    with pytest.raises(ValueError, match="consumers must be 1, or 2 with block_q 64 or 128"):
         mosaic_block_sparse_attention(*arrays, **knobs, consumers=2, interpret=INTERPRET)
 
 
@@ -125,7 +138,7 @@ def test_counts_must_match_the_q_blocks():
 @pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap", [
     (128, 32, 128, 128, 2, 1, False), (64, 32, 128, 64, 3, 1, False), (128, 16, 64, 64, 6, 1, False),
     (64, 64, 128, 64, 2, 1, True), (64, 32, 128, 128, 2, 1, True), (128, 32, 128, 128, 2, 2, False),
-    (128, 32, 64, 64, 3, 2, False)])
+    (128, 32, 64, 64, 3, 2, False), (64, 32, 128, 64, 2, 2, False)])
 def test_kernel_lowers_for_hopper(block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap, p_in_smem):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas."""
