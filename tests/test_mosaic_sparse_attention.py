@@ -39,13 +39,13 @@ P_IN_SMEM = [True, pytest.param(False, marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("p_in_smem", P_IN_SMEM)
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap", [
-    (64, 32, 64, 128, 2, 1, False), (128, 16, 128, 64, 3, 1, False), (128, 64, 64, 128, 1, 1, False),
-    (64, 64, 128, 64, 2, 1, False), (64, 32, 128, 64, 2, 1, True), (128, 16, 64, 128, 3, 1, True),
-    (128, 32, 128, 64, 2, 2, False), (128, 16, 64, 128, 3, 2, False), (64, 32, 128, 64, 2, 2, False),
-    (64, 16, 64, 128, 2, 2, False)])
-def test_kernel_matches_oracle(rng, dtype, block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap,
+@pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap, dtype", [
+    (64, 32, 64, 128, 2, 1, False, jnp.bfloat16), (128, 16, 128, 64, 3, 1, False, jnp.float16),
+    (128, 64, 64, 128, 1, 1, False, jnp.bfloat16), (64, 64, 128, 64, 2, 1, False, jnp.float16),
+    (64, 32, 128, 64, 2, 1, True, jnp.bfloat16), (128, 16, 64, 128, 3, 1, True, jnp.float16),
+    (128, 32, 128, 64, 2, 2, False, jnp.bfloat16), (128, 16, 64, 128, 3, 2, False, jnp.float16),
+    (64, 32, 128, 64, 2, 2, False, jnp.bfloat16), (64, 16, 64, 128, 2, 2, False, jnp.float16)])
+def test_kernel_matches_oracle(rng, block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap, dtype,
                                p_in_smem):
     kv_len = int(rng.integers(200, 400))
     q_len = kv_len if rng.integers(2) else int(rng.integers(1, kv_len))  # chunked prefill: queries at the end
