@@ -10,8 +10,10 @@ from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 from sale_jax import pallas_backend
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def quantize_only(q, k, config):
-    """The quantization half of select_blocks_pallas (means, kernels, column correction)."""
+    """The quantization half of select_blocks_pallas (means, kernels, column correction), compiled as one program
+    as it runs inside the selection (called eagerly, each of its ops would be dispatched and timed apart)."""
     return pallas_backend.quantize(q, k, config, pallas_backend.estimate_tile(config))
 
 
