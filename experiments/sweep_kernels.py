@@ -63,8 +63,7 @@ def sweep(length: int) -> dict:
                                                       per_tile_scale=False, return_smooth=False))
     record("quant/k_kernel", lambda: quantize(k, k_mean[:, 0], length=length, tile=32, per_tile_scale=False,
                                               return_smooth=True))
-    # The whole pass as bench_attention's quantization_ms times it (4.4 ms at 128K, block_q 128, against the
-    # pieces' 2.7 ms): which piece the difference sits in.
+    # The whole pass, compiled as one program, as bench_attention's quantization_ms times it.
     for block_q in (64, 128):
         quant_config = sale_jax.SaleConfig(block_q=block_q)
         record(f"quant/pallas_backend_bq{block_q}", lambda: quantize_only(q, k, quant_config))
