@@ -123,6 +123,11 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | Non
     `[T, S]` scores); XLA elsewhere. `implementation` ("cudnn" or "xla") forces `jax.nn.dot_product_attention`'s.
     """
     checks.check_qkv(q, k, v)
+    return _dense_attention(q, k, v, scale, implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "implementation"))
+def _dense_attention(q, k, v, scale: float | None, implementation: str | None):
     q_len, kv_len = q.shape[1], k.shape[1]
     on_gpu_half = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     if implementation is None and on_gpu_half:
