@@ -24,7 +24,7 @@ from absl import app, flags
 import sale_jax
 from experiments.attention_targets import cudnn_attention, pallas_triton_mha, quantize_only
 from experiments.timing import median_seconds
-from sale_jax import workloads
+from sale_jax import pallas_backend, workloads
 
 _LENGTHS = flags.DEFINE_list("lengths", ["16384", "32768", "65536", "131072"], "Sequence lengths.")
 _Q_HEADS = flags.DEFINE_integer("q_heads", 32, "Query heads.")
@@ -128,13 +128,23 @@ def _plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def computation_kernel() -> str:
+    """Which kernel ran the computation pass, with its knobs (the JSON's record of what was timed)."""
+    config = sale_jax.SaleConfig(backend=_BACKEND.value, block_q=_BLOCK_Q.value)
+    q = jax.ShapeDtypeStruct((1, _BLOCK_Q.value, _Q_HEADS.value, _HEAD_DIM.value), jnp.dtype(_DTYPE.value))
+    if config.resolved_backend() == "pallas_mosaic" and pallas_backend.fits_mosaic_attention(q, config):
+        return (f"mosaic (keys_per_step {pallas_backend.MOSAIC_KEYS_PER_STEP}, stages "
+                f"{pallas_backend.MOSAIC_ATTENTION_STAGES})")
+    return "triton" if config.resolved_backend() in ("pallas", "pallas_mosaic") else config.resolved_backend()
+
+
 def main(argv):
     del argv
     results = {length: bench_length(int(length)) for length in _LENGTHS.value}
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     with open(os.path.join(_OUTPUT_DIR.value, "bench_attention.json"), "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "repeats": _REPEATS.value,
-                   "backend": _BACKEND.value, "block_q": _BLOCK_Q.value,
+                   "backend": _BACKEND.value, "block_q": _BLOCK_Q.value, "computation_kernel": computation_kernel(),
                    "shape": {"batch": 1, "q_heads": _Q_HEADS.value, "kv_heads": _KV_HEADS.value,
                              "head_dim": _HEAD_DIM.value, "dtype": _DTYPE.value, "causal": True},
                    "lengths": results}, f, indent=1)
