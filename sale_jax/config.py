@@ -36,7 +36,8 @@ class SaleConfig:
       quant_granularity: `"per_token"` (one 4-bit scale per query row / key) or `"per_block"` (one per block).
       backend: `"reference"` (pure jnp), `"pallas"` (GPU kernels, Triton lowering), `"pallas_mosaic"` (the same,
         but the selection's low-bit estimate runs as a Mosaic GPU kernel: fp8 wgmma, Hopper only; block_q 64 or
-        128, head_dim 64, 128 or 256) or `"auto"`: `"pallas_mosaic"` on Hopper (its selection measured 20-25% faster
+        128, head_dim 64, 128 or 256; for bf16/fp16 inputs with head_dim 64 or 128 the computation pass too) or
+        `"auto"`: `"pallas_mosaic"` on Hopper (its selection measured 20-25% faster
         than the Triton one on the H200; calls it cannot take run `"pallas"`), `"pallas"` on other GPUs, the
         reference elsewhere.
       interpret: run Pallas kernels in interpret mode (for CPU testing).
