@@ -14,6 +14,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import sale_jax
 from pallas_kernels.mosaic_sparse_attention import mosaic_block_sparse_attention
+from sale_jax import pallas_backend
 from sale_jax.reference.common import pad_axis
 from tests import cases, oracle
 
@@ -152,3 +153,13 @@ def test_kernel_lowers_for_hopper(block_q, block_k, head_dim, keys_per_step, sta
                                        consumers=consumers, overlap_softmax=overlap, p_in_smem=p_in_smem))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("dtype, head_dim, block_q, block_k, fits", [
+    (jnp.bfloat16, 128, 64, 32, True), (jnp.float16, 64, 128, 16, True), (jnp.float32, 128, 64, 32, False),
+    (jnp.bfloat16, 256, 64, 32, False), (jnp.bfloat16, 128, 64, 128, False)])
+def test_pallas_mosaic_runs_the_computation_where_the_kernel_fits(dtype, head_dim, block_q, block_k, fits):
+    """16-bit inputs, head_dim 64 or 128 and blocks that divide a step take the Mosaic kernel; the rest Triton."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), dtype)
+    config = sale_jax.SaleConfig(backend="pallas_mosaic", block_q=block_q, block_k=block_k)
+    assert pallas_backend.fits_mosaic_attention(q, config) == fits
