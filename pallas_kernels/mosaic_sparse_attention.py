@@ -70,13 +70,17 @@ class _KeptList:
         return self.indices_gmem[self.batch, self.head,
                                  self.slot_base + jnp.minimum(position, self.visible - 1)].astype(jnp.int32)
 
-    def fetch(self, step, source_gmem, tile_smem, barrier):
-        """Copies step `step`'s blocks of `source_gmem` ([S, D] of one kv head) into `tile_smem` (one arrival on
+    def step_blocks(self, step):
+        """The `gather` kept blocks of step `step`: loaded ahead of their copies, so the loads' latency hides
+        behind the work in between (the next block's index prefetched, as in the Triton kernel)."""
+        return [self.block(step * self.gather + j) for j in range(self.gather)]
+
+    def fetch(self, blocks, source_gmem, tile_smem, barrier):
+        """Copies `blocks` (a step's) of `source_gmem` ([S, D] of one kv head) into `tile_smem` (one arrival on
         `barrier` per block)."""
-        for j in range(self.gather):
-            keys = pl.ds(self.block(step * self.gather + j) * self.block_k, self.block_k)
-            plgpu.copy_gmem_to_smem(source_gmem.at[keys], tile_smem.at[pl.ds(j * self.block_k, self.block_k)],
-                                    barrier)
+        for j, block in enumerate(blocks):
+            plgpu.copy_gmem_to_smem(source_gmem.at[pl.ds(block * self.block_k, self.block_k)],
+                                    tile_smem.at[pl.ds(j * self.block_k, self.block_k)], barrier)
 
     def unmasked_steps(self, first_pos):
         """Leading steps whose keys all precede `first_pos`: kept blocks at or past `(first_pos + 1) // block_k`
@@ -198,16 +202,22 @@ def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row
                       gather=keys_per_step // block_k, block_k=block_k)
     plgpu.copy_gmem_to_smem(q_gmem.at[batch, pl.ds(first_row, ROWS), head], q_smem, q_barrier.at[0])
 
-    def fetch(step):
+    def fetch(step, blocks):
         slot = step % stages
-        kept.fetch(step, k_rows, k_smem.at[slot], k_barriers.at[slot])
-        kept.fetch(step, v_rows, v_smem.at[slot], v_barriers.at[slot])
+        kept.fetch(blocks, k_rows, k_smem.at[slot], k_barriers.at[slot])
+        kept.fetch(blocks, v_rows, v_smem.at[slot], v_barriers.at[slot])
 
     for step in range(stages):
-        pl.when(step < kept.num_steps)(functools.partial(fetch, step))
+        pl.when(step < kept.num_steps)(functools.partial(fetch, step, kept.step_blocks(step)))
+
+    def refill(step, blocks):
+        """After step `step`'s wgmmas are done (reading their accumulators waited for them), its slot takes step
+        `step + stages`, whose blocks were loaded at the start of the step."""
+        pl.when(step + stages < kept.num_steps)(functools.partial(fetch, step + stages, blocks))
 
     def attend(step, state, *, masked):
         slot = step % stages
+        upcoming = kept.step_blocks(step + stages)
         plgpu.barrier_wait(k_barriers.at[slot])
         s = _scores(q_smem, k_smem.at[slot], keys_per_step, scale)
         if masked:
@@ -215,13 +225,13 @@ def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row
         p, state = _softmax(s, state)
         plgpu.barrier_wait(v_barriers.at[slot])
         acc = _add_values(state.acc, p, v_smem.at[slot], p_smem, in_place=in_place)
-        # Both wgmmas of this step are done (reading their accumulators waited for them): refill the slot.
-        pl.when(step + stages < kept.num_steps)(functools.partial(fetch, step + stages))
+        refill(step, upcoming)
         return state._replace(acc=acc)
 
     def attend_overlapped(step, carry, *, masked):
         state, s = carry  # this step's scores, computed during the previous step
         slot, next_slot = step % stages, (step + 1) % stages
+        upcoming = kept.step_blocks(step + stages)
         if masked:
             s = _causal_mask(s, step, kept, first_pos)
 
@@ -235,7 +245,7 @@ def _one_warpgroup_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row
             return new_state._replace(acc=acc), next_scores_ref[...] * (scale * _LOG2_E)
 
         state, next_s = pl.run_scoped(overlapped, plgpu.ACC((ROWS, keys_per_step), jnp.float32))
-        pl.when(step + stages < kept.num_steps)(functools.partial(fetch, step + stages))
+        refill(step, upcoming)
         return state, next_s
 
     plgpu.barrier_wait(q_barrier.at[0])
@@ -297,10 +307,11 @@ def _ping_pong_kernel(q_gmem, k_gmem, v_gmem, indices_gmem, counts_gmem, row_off
 
         def fetch(consumer, step):
             slot = step % stages
+            blocks = lists[consumer].step_blocks(step)  # loaded while the slot is still in use
             for rows, tiles, ready, consumed in ((k_rows, k_smem, k_barriers, k_consumed),
                                                  (v_rows, v_smem, v_barriers, v_consumed)):
                 pl.when(step >= stages)(lambda: plgpu.barrier_wait(barrier(consumed, consumer, slot)))
-                lists[consumer].fetch(step, rows, tile(tiles, consumer, slot), barrier(ready, consumer, slot))
+                lists[consumer].fetch(blocks, rows, tile(tiles, consumer, slot), barrier(ready, consumer, slot))
 
         @pl.loop(0, most_steps)
         def _(step):  # two lists: their steps interleaved, in the order the consumers take their turns
