@@ -53,7 +53,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 _MAX_ACC_ELEMENTS = 64 * 256  # f32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
 _MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
-EPILOGUES = ("packed", "warp_or")  # array-level row counts; warp-level bits (inline Mosaic GPU)
+# Array-level row counts; warp-level bits (inline Mosaic GPU); the same with the offsets as FMAs, not a tf32 wgmma.
+EPILOGUES = ("packed", "warp_or", "warp_or_fma")
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))  # accepted; the kernel runs on fp8
 
 
@@ -249,6 +250,31 @@ def _terms_transforms():
     return plgpu.TilingTransform((8, _OFFSET_TERMS)), plgpu.SwizzleTransform(4 * _OFFSET_TERMS)
 
 
+def _tile_range(middle_end_gmem, q_block, *, block_k, tile_k, middle_start, num_k_blocks):
+    """(first_block, end_block, first_tile, num_tiles) of a q block's estimated keys. Tiles are aligned to tile_k,
+    so the first and last may hold sink or local blocks, which the kernels mask or clear."""
+    first_block, end_block = _block_range(middle_end_gmem[q_block], block_k=block_k, middle_start=middle_start,
+                                          num_k_blocks=num_k_blocks)
+    first_tile = first_block * block_k // tile_k
+    return first_block, end_block, first_tile, jnp.maximum(pl.cdiv(end_block * block_k, tile_k) - first_tile, 0)
+
+
+def _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blocks_per_tile):
+    """After the warp-level epilogues: the flags of the first and last tile's blocks outside [first_block,
+    end_block) back to 0."""
+    plgpu.commit_smem()  # every warp's flags stored before they are cleared
+    for i in range(blocks_per_tile - 1):
+        before, after = first_tile * blocks_per_tile + i, end_block + i
+
+        @pl.when(before < first_block)
+        def _():
+            hits_smem[before] = 0
+
+        @pl.when(after < (first_tile + num_tiles) * blocks_per_tile)
+        def _():
+            hits_smem[after] = 0
+
+
 def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
                      row_terms_smem, hits_smem, q_barriers, *, block_q, block_k, tile_k, middle_start, group,
                      max_concurrent_steps, epilogue):
@@ -263,11 +289,9 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
     plgpu.copy_gmem_to_smem(row_terms_gmem.at[batch, head, rows], row_terms_smem, q_barriers.at[1])
     hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
     plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
-    first_block, end_block = _block_range(middle_end_gmem[q_block], block_k=block_k, middle_start=middle_start,
-                                          num_k_blocks=num_k_blocks)
-    # Tiles are aligned to tile_k, so the first and last may hold sink or local blocks: masked below.
-    first_tile = first_block * block_k // tile_k
-    num_tiles = jnp.maximum(pl.cdiv(end_block * block_k, tile_k) - first_tile, 0)
+    first_block, end_block, first_tile, num_tiles = _tile_range(
+        middle_end_gmem, q_block, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
+        num_k_blocks=num_k_blocks)
     plgpu.barrier_wait(q_barriers.at[0])
     plgpu.barrier_wait(q_barriers.at[1])
 
@@ -302,18 +326,62 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
     )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
 
     if epilogue == "warp_or":
-        plgpu.commit_smem()  # every warp's flags stored before the edge tiles' outside blocks are cleared
-        for i in range(blocks_per_tile - 1):
-            before, after = first_tile * blocks_per_tile + i, end_block + i
+        _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blocks_per_tile)
+    plgpu.commit_smem()  # flags visible to the TMA engine
+    plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
+    plgpu.wait_smem_to_gmem(0)
 
-            @pl.when(before < first_block)
-            def _():
-                hits_smem[before] = 0
 
-            @pl.when(after < (first_tile + num_tiles) * blocks_per_tile)
-            def _():
-                hits_smem[after] = 0
+def _fma_estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scale_gmem, bias_gmem,
+                         middle_end_gmem, hits_gmem, q_smem, hits_smem, q_barrier, *, block_q, block_k, tile_k,
+                         middle_start, group, max_concurrent_steps):
+    """epilogue="warp_or_fma": the offsets as two FMAs per score in the epilogue (the formula as the reference
+    writes it) instead of a tf32 wgmma, then the warp-level flags. Once the epilogue is cheap, the tensor cores'
+    quarter spent on the offsets may cost more than the FMAs."""
+    num_q_blocks = q_gmem.shape[1] // block_q
+    num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
+    q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")  # longest rows first
+    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
+    rows = pl.ds(q_block * block_q, block_q)
 
+    plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem, q_barrier.at[0])
+    hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
+    plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
+    # Straight from GMEM into the accumulator's row layout, once per CTA.
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    row_factor = plgpu.load(row_factor_gmem.at[batch, head, rows], layout=row_layout, optimized=False)
+    row_threshold = plgpu.load(row_threshold_gmem.at[batch, head, rows], layout=row_layout, optimized=False)
+    first_block, end_block, first_tile, num_tiles = _tile_range(
+        middle_end_gmem, q_block, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
+        num_k_blocks=num_k_blocks)
+    plgpu.barrier_wait(q_barrier.at[0])
+    blocks_per_tile = tile_k // block_k
+    warp_or_flags = _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)
+
+    def tile_body(indices, k_smem, k_scale_smem, bias_smem):
+        def mma(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.T)
+            return acc_ref[...]
+
+        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32))
+        excess = k_scale_smem[...][None, :] * dots + (
+            bias_smem[...][None, :] * row_factor[:, None] - row_threshold[:, None])
+        tile = first_tile + indices[0]
+        warp_or_flags(excess, hits_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
+
+    key_tiles = lambda t: (first_tile + t,)
+    plgpu.emit_pipeline(
+        tile_body,
+        grid=(num_tiles,),
+        in_specs=[
+            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
+            plgpu.BlockSpec((tile_k,), key_tiles),
+            plgpu.BlockSpec((tile_k,), key_tiles),
+        ],
+        max_concurrent_steps=max_concurrent_steps,
+    )(k_gmem.at[batch, :, head // group], k_scale_gmem.at[batch, head // group], bias_gmem.at[batch, head])
+
+    _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blocks_per_tile)
     plgpu.commit_smem()  # flags visible to the TMA engine
     plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
     plgpu.wait_smem_to_gmem(0)
@@ -340,8 +408,8 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                          f"accumulator would not fit in registers (use block_q=64 or tile_k=128)")
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if epilogue == "warp_or" and interpret:
-        raise ValueError("epilogue='warp_or' is Mosaic GPU inline code, which interpret mode does not run")
+    if epilogue != "packed" and interpret:
+        raise ValueError(f"epilogue={epilogue!r} is Mosaic GPU inline code, which interpret mode does not run")
     if max_concurrent_steps < 1:
         raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
     batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
@@ -356,21 +424,22 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         raise ValueError(f"{num_k_blocks} key blocks: the int32 row of flags is copied out whole, so it must be a "
                          f"multiple of 16 bytes and fit in {_MAX_HITS_SMEM_BYTES} bytes of shared memory")
 
+    flags_row = plgpu.SMEM((pl.cdiv(num_k_blocks, 128) * 128,), jnp.int32)  # zeroed by one store per register
+    launch = dict(out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
+                  grid=(num_q_blocks, q_heads, batch), grid_names=("q_block", "head", "batch"),
+                  interpret=interpret or None)
+    q_tile = plgpu.SMEM((block_q, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim))
+    fp8_codes = (q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn))
+    if epilogue == "warp_or_fma":
+        kernel = functools.partial(
+            _fma_estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
+            group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps)
+        return plgpu.kernel(kernel, scratch_types=[q_tile, flags_row, plgpu.Barrier(num_barriers=1)], **launch)(
+            *fp8_codes, row_factor, row_threshold, k_scale, column_bias, middle_end)
     row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
     kernel = functools.partial(
         _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
         group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, epilogue=epilogue)
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
-        scratch_types=[
-            plgpu.SMEM((block_q, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim)),
-            plgpu.SMEM((block_q, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
-            # A whole number of 128-flag rows: one zero per thread and register at the start.
-            plgpu.SMEM((pl.cdiv(num_k_blocks, 128) * 128,), jnp.int32),
-            plgpu.Barrier(num_barriers=2),  # the q codes and the row terms
-        ],
-        grid=(num_q_blocks, q_heads, batch),
-        grid_names=("q_block", "head", "batch"),
-        interpret=interpret or None,
-    )(q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn), row_terms, key_terms, middle_end)
+    scratch = [q_tile, plgpu.SMEM((block_q, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
+               flags_row, plgpu.Barrier(num_barriers=2)]  # barriers: the q codes and the row terms
+    return plgpu.kernel(kernel, scratch_types=scratch, **launch)(*fp8_codes, row_terms, key_terms, middle_end)

@@ -67,8 +67,9 @@ CASES = {
 
 
 # The warp-level epilogue is inline Mosaic GPU code, which interpret mode cannot run: checked natively only.
-EPILOGUES = ["packed", pytest.param("warp_or", marks=pytest.mark.skipif(
-    jax.default_backend() != "gpu", reason="inline Mosaic GPU code runs natively only"))]
+EPILOGUES = ["packed"] + [pytest.param(epilogue, marks=pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="inline Mosaic GPU code runs natively only"))
+    for epilogue in ("warp_or", "warp_or_fma")]
 
 
 @pytest.mark.parametrize("epilogue", EPILOGUES)
@@ -136,10 +137,10 @@ def test_accumulator_too_large_for_registers_is_refused():
 def test_interpret_mode_refuses_the_inline_epilogue():
     inputs, knobs = valid_inputs()
     with pytest.raises(ValueError, match="interpret mode does not run"):
-        estimate_hits(*inputs, **knobs, epilogue="warp_or", interpret=INTERPRET)
+        estimate_hits(*inputs, **knobs, epilogue="warp_or_fma", interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("epilogue", ["packed", "warp_or"])
+@pytest.mark.parametrize("epilogue", ["packed", "warp_or", "warp_or_fma"])
 @pytest.mark.parametrize("block_q, tile_k, head_dim, codes", [
     (128, 128, 128, jnp.float8_e4m3fn), (64, 128, 128, jnp.float8_e4m3fn), (64, 256, 128, jnp.int8),
     (64, 128, 64, jnp.float8_e4m3fn), (64, 256, 256, jnp.float8_e4m3fn), (128, 64, 256, jnp.float8_e4m3fn)])
