@@ -134,7 +134,7 @@ def computation_kernel() -> str:
     q = jax.ShapeDtypeStruct((1, _BLOCK_Q.value, _Q_HEADS.value, _HEAD_DIM.value), jnp.dtype(_DTYPE.value))
     if config.resolved_backend() == "pallas_mosaic" and pallas_backend.fits_mosaic_attention(q, config):
         return (f"mosaic (keys_per_step {pallas_backend.MOSAIC_KEYS_PER_STEP}, stages "
-                f"{pallas_backend.MOSAIC_ATTENTION_STAGES}, consumers {pallas_backend.MOSAIC_ATTENTION_CONSUMERS})")
+                f"{pallas_backend.MOSAIC_ATTENTION_STAGES})")
     return "triton" if config.resolved_backend() in ("pallas", "pallas_mosaic") else config.resolved_backend()
 
 

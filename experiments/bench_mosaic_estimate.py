@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.timing import median_seconds
-from pallas_kernels.mosaic_estimate import EPILOGUES, estimate_hits, estimate_margins_reference
+from pallas_kernels.mosaic_estimate import estimate_hits, estimate_margins_reference
 
 _LENGTHS = flags.DEFINE_list("lengths", ["32768", "131072"], "Sequence lengths (queries = keys).")
 _Q_HEADS = flags.DEFINE_integer("q_heads", 32, "Query heads.")
@@ -39,8 +39,6 @@ _HIT_FRACTION = flags.DEFINE_float("hit_fraction", 0.1, "Target fraction of esti
 _FLIP_TOLERANCE = flags.DEFINE_float("flip_tolerance", 1e-2, "Largest |reference margin| at which a flip is allowed.")
 _CODES = flags.DEFINE_enum("codes", "float8_e4m3fn", ["int8", "float8_e4m3fn"],
                            "Code dtype passed in (the kernel multiplies fp8; int8 codes are cast first).")
-_EPILOGUE = flags.DEFINE_enum("epilogue", "packed", list(EPILOGUES), "How a tile's flags are reduced: "
-                              "array-level packed row counts, or warp-level bits (inline Mosaic GPU).")
 _SKIP_CUDNN = flags.DEFINE_bool("skip_cudnn", False, "Time the estimate kernel alone.")
 _OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_mosaic_estimate_h200/results.json",
                               "JSON file for the results.")
@@ -87,8 +85,7 @@ def reference_knobs() -> dict:
 
 
 def kernel_knobs() -> dict:
-    return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
-                epilogue=_EPILOGUE.value)
+    return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value)
 
 
 def check(inputs) -> dict:

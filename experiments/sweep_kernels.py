@@ -30,10 +30,8 @@ _SELECTION = flags.DEFINE_list("selection", ["128:4:2", "128:4:3", "256:4:2", "6
                                "Selection variants estimate_tile:num_warps:num_stages.")
 _ATTENTION = flags.DEFINE_list("attention", ["4:2", "4:3"], "Attention variants num_warps:num_stages.")
 _MOSAIC_ATTENTION = flags.DEFINE_list(
-    "mosaic_attention", [], "Mosaic GPU computation variants keys_per_step:stages:schedule:p (schedule 1: one "
-    "warpgroup per CTA, 1o: the same with the next Q K^T under the softmax, 2: ping-pong consumers, needs "
-    "--attention_block_q=128; p: r = P from registers, s = through shared memory), timed beside the Triton ones on "
-    "the same layouts.")
+    "mosaic_attention", [], "Mosaic GPU computation variants keys_per_step:stages (needs --attention_block_q=128), "
+    "timed beside the Triton ones on the same layouts.")
 _ATTENTION_BLOCK_Q = flags.DEFINE_integer("attention_block_q", 64, "Query rows per block of the timed layouts.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
@@ -99,11 +97,10 @@ def sweep(length: int) -> dict:
                                                                  num_stages=stages))
         triton_out = pallas_kernels.block_sparse_attention(*arrays, **shape)[0].astype(jnp.float32)
         for variant in _MOSAIC_ATTENTION.value:
-            keys, stages, schedule, p = variant.split(":")
+            keys, stages = variant.split(":")
             mosaic = functools.partial(mosaic_block_sparse_attention, *arrays, **shape, keys_per_step=int(keys),
-                                       stages=int(stages), consumers=int(schedule[0]),
-                                       overlap_softmax=schedule.endswith("o"), p_in_smem=p == "s")
-            name = f"attend_mosaic/bq{block_q}_density{density}_keys{keys}_s{stages}_{schedule}_p{p}"
+                                       stages=int(stages))
+            name = f"attend_mosaic/bq{block_q}_density{density}_keys{keys}_s{stages}"
             # Checked against the Triton kernel on the same layout before it is timed.
             difference = float(jnp.max(jnp.abs(mosaic()[0].astype(jnp.float32) - triton_out)))
             results[f"{name}/max_abs_difference_to_triton"] = difference

@@ -19,12 +19,17 @@ How (each step measured on the H200, experiments/results/PERF_NOTES.md):
   product: a tf32 `wgmma` of per-row and per-key terms (`offset_terms`, each factor split into tf32 halves so
   the sum keeps about 2**-20 of its size) starts every tile's accumulator, and the epilogue is the block maxima
   alone.
-- Each block's keys are reduced first, per row (in-warp shuffles), then its rows across the warps, four blocks
+- The epilogue works below Pallas's array level, on the accumulator's registers (`_warp_or_hit_flags`): per
+  thread the maximum of each block's registers, one bit per block, one `redux.sync.or` per warp, and lane j of
+  every warp stores block j's flag; no shuffles, no warpgroup barrier per tile (69.4 ms against 76.9 for the
+  array-level epilogue at 128K, block_q 128). Interpret mode cannot run inline Mosaic GPU code, so there the
+  array-level epilogue stands in: each block's keys reduced per row, then its rows across the warps, four blocks
   per cross-warp sum (`_packed_row_counts`).
 - Keys arrive by TMA two tiles ahead (`plgpu.emit_pipeline`); each CTA is one warpgroup with a modest
   shared-memory footprint, so several CTAs share an SM and one's epilogue runs while another's wgmma occupies
-  the tensor cores. Two consumer warpgroups taking turns (FA3's ping-pong) measured slower: their epilogues
-  must not overlap (Mosaic GPU's cross-warp reductions share one scratch), and this epilogue is latency-bound.
+  the tensor cores. Two consumer warpgroups taking turns (FA3's ping-pong) measured slower with the array-level
+  epilogue; three tiles in flight, and the offsets as FMAs in the epilogue instead of a tf32 wgmma, measured
+  slower with the warp-level one.
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
 `tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag
@@ -51,10 +56,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_MAX_ACC_ELEMENTS = 64 * 256  # f32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
+MAX_ACC_ELEMENTS = 64 * 256  # f32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
 _MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
-# Array-level row counts; warp-level bits (inline Mosaic GPU); the same with the offsets as FMAs, not a tf32 wgmma.
-EPILOGUES = ("packed", "warp_or", "warp_or_fma")
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))  # accepted; the kernel runs on fp8
 
 
@@ -277,7 +280,7 @@ def _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blo
 
 def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
                      row_terms_smem, hits_smem, q_barriers, *, block_q, block_k, tile_k, middle_start, group,
-                     max_concurrent_steps, epilogue):
+                     max_concurrent_steps, warp_level):
     """One CTA: q block `q_block` of `head` against the key tiles of its middle blocks."""
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
@@ -306,7 +309,7 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
 
         excess_over_scale = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32))  # excess's sign
         tile = first_tile + indices[0]
-        if epilogue == "warp_or":  # blocks outside [first_block, end_block) are cleared after the last tile
+        if warp_level:  # blocks outside [first_block, end_block) are cleared after the last tile
             warp_or_flags(excess_over_scale, hits_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
             return
         offsets = range(0, tile_k, block_k)
@@ -325,75 +328,20 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
         max_concurrent_steps=max_concurrent_steps,
     )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
 
-    if epilogue == "warp_or":
+    if warp_level:
         _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blocks_per_tile)
     plgpu.commit_smem()  # flags visible to the TMA engine
     plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _fma_estimate_kernel(q_gmem, k_gmem, row_factor_gmem, row_threshold_gmem, k_scale_gmem, bias_gmem,
-                         middle_end_gmem, hits_gmem, q_smem, hits_smem, q_barrier, *, block_q, block_k, tile_k,
-                         middle_start, group, max_concurrent_steps):
-    """epilogue="warp_or_fma": the offsets as two FMAs per score in the epilogue (the formula as the reference
-    writes it) instead of a tf32 wgmma, then the warp-level flags. Once the epilogue is cheap, the tensor cores'
-    quarter spent on the offsets may cost more than the FMAs."""
-    num_q_blocks = q_gmem.shape[1] // block_q
-    num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
-    q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")  # longest rows first
-    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
-    rows = pl.ds(q_block * block_q, block_q)
-
-    plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem, q_barrier.at[0])
-    hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
-    plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
-    # Straight from GMEM into the accumulator's row layout, once per CTA.
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    row_factor = plgpu.load(row_factor_gmem.at[batch, head, rows], layout=row_layout, optimized=False)
-    row_threshold = plgpu.load(row_threshold_gmem.at[batch, head, rows], layout=row_layout, optimized=False)
-    first_block, end_block, first_tile, num_tiles = _tile_range(
-        middle_end_gmem, q_block, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        num_k_blocks=num_k_blocks)
-    plgpu.barrier_wait(q_barrier.at[0])
-    blocks_per_tile = tile_k // block_k
-    warp_or_flags = _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)
-
-    def tile_body(indices, k_smem, k_scale_smem, bias_smem):
-        def mma(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.T)
-            return acc_ref[...]
-
-        dots = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32))
-        excess = k_scale_smem[...][None, :] * dots + (
-            bias_smem[...][None, :] * row_factor[:, None] - row_threshold[:, None])
-        tile = first_tile + indices[0]
-        warp_or_flags(excess, hits_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
-
-    key_tiles = lambda t: (first_tile + t,)
-    plgpu.emit_pipeline(
-        tile_body,
-        grid=(num_tiles,),
-        in_specs=[
-            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
-            plgpu.BlockSpec((tile_k,), key_tiles),
-            plgpu.BlockSpec((tile_k,), key_tiles),
-        ],
-        max_concurrent_steps=max_concurrent_steps,
-    )(k_gmem.at[batch, :, head // group], k_scale_gmem.at[batch, head // group], bias_gmem.at[batch, head])
-
-    _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blocks_per_tile)
-    plgpu.commit_smem()  # flags visible to the TMA engine
-    plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
-    plgpu.wait_smem_to_gmem(0)
-
-
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
-                                             "epilogue", "interpret"))
+                                             "interpret"))
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
-                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
-                  epilogue: str = "packed", interpret=False):
+                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2, interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
-    False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs).
+    False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs: the array-level epilogue stands in
+    for the warp-level one, which is inline Mosaic GPU code interpret mode cannot run).
 
     Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
     """
@@ -403,13 +351,9 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         raise ValueError(f"tile_k must be 64, 128 or 256 (wgmma N is at most 256), got {tile_k}")
     if block_k <= 0 or block_k % 8 or tile_k % block_k:
         raise ValueError(f"block_k {block_k} must be a multiple of 8 that divides tile_k {tile_k}")
-    if block_q * tile_k > _MAX_ACC_ELEMENTS:
-        raise ValueError(f"block_q * tile_k = {block_q * tile_k} exceeds {_MAX_ACC_ELEMENTS}: the f32 "
+    if block_q * tile_k > MAX_ACC_ELEMENTS:
+        raise ValueError(f"block_q * tile_k = {block_q * tile_k} exceeds {MAX_ACC_ELEMENTS}: the f32 "
                          f"accumulator would not fit in registers (use block_q=64 or tile_k=128)")
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if epilogue != "packed" and interpret:
-        raise ValueError(f"epilogue={epilogue!r} is Mosaic GPU inline code, which interpret mode does not run")
     if max_concurrent_steps < 1:
         raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
     batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
@@ -430,16 +374,10 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                   interpret=interpret or None)
     q_tile = plgpu.SMEM((block_q, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim))
     fp8_codes = (q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn))
-    if epilogue == "warp_or_fma":
-        kernel = functools.partial(
-            _fma_estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-            group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps)
-        return plgpu.kernel(kernel, scratch_types=[q_tile, flags_row, plgpu.Barrier(num_barriers=1)], **launch)(
-            *fp8_codes, row_factor, row_threshold, k_scale, column_bias, middle_end)
     row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
     kernel = functools.partial(
         _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, epilogue=epilogue)
+        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, warp_level=not interpret)
     scratch = [q_tile, plgpu.SMEM((block_q, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
                flags_row, plgpu.Barrier(num_barriers=2)]  # barriers: the q codes and the row terms
     return plgpu.kernel(kernel, scratch_types=scratch, **launch)(*fp8_codes, row_terms, key_terms, middle_end)

@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_kernels
-from pallas_kernels import mosaic_sparse_attention
+from pallas_kernels import mosaic_estimate, mosaic_sparse_attention
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
 from sale_jax.reference.common import pad_axis
@@ -22,21 +22,17 @@ ESTIMATE_TILE = 128  # keys per low-bit estimate tile; int8 dots run the tensor 
 MIN_TILE = 16  # Triton's smallest dot operand dimension
 MIN_HEAD_DIM = 32  # int8 tensor-core dots contract over at least 32 (Hopper's int8 MMA k); 16 gave wrong estimates
 # The Mosaic GPU estimate (pallas_kernels/mosaic_estimate.py) and its best measured knobs on the H200: fp8 codes,
-# the widest key tile one warpgroup's accumulator holds (128 keys at block_q 128, 256 at 64), two tiles in flight,
-# the warp-level epilogue (experiments/results/PERF_NOTES.md, session 9).
+# the widest key tile one warpgroup's accumulator holds (128 keys at block_q 128, 256 at 64), two tiles in flight
+# (experiments/results/PERF_NOTES.md, session 9).
 MOSAIC_HEAD_DIMS = (64, 128, 256)
 MOSAIC_BLOCK_QS = (64, 128)
-MOSAIC_ESTIMATE_ACC_ELEMENTS = 128 * 128
 MOSAIC_STAGES = 2
-MOSAIC_EPILOGUE = "warp_or"
 MOSAIC_MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory
-# The Mosaic GPU computation pass (pallas_kernels/mosaic_sparse_attention.py) where it beat the Triton kernel on the
-# H200: block_q 128, kept blocks gathered into 128-key steps, two in flight, FA3's ping-pong of two consumer
-# warpgroups (PERF_NOTES, session 9: 31.5 ms against 39.0 at 128K, density 0.10). At block_q 64 Triton is faster.
-MOSAIC_ATTENTION_BLOCK_Q = 128
+# The Mosaic GPU computation pass (pallas_kernels/mosaic_sparse_attention.py, block_q 128 only: at 64 the Triton
+# kernel measured faster) and its best knobs on the H200: kept blocks gathered into 128-key steps, two in flight
+# (PERF_NOTES, session 9: 31.5 ms against Triton's 39.0 at 128K, density 0.10).
 MOSAIC_KEYS_PER_STEP = 128
 MOSAIC_ATTENTION_STAGES = 2
-MOSAIC_ATTENTION_CONSUMERS = 2
 
 
 def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str) -> None:
@@ -77,7 +73,7 @@ def fits_mosaic(q: jax.Array, k: jax.Array, config: SaleConfig) -> bool:
 
 def mosaic_estimate_tile(config: SaleConfig) -> int:
     """Keys per Mosaic estimate tile: as many as a block_q-row f32 accumulator of a warpgroup holds."""
-    return MOSAIC_ESTIMATE_ACC_ELEMENTS // config.block_q
+    return mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q
 
 
 def estimate_tile(config: SaleConfig) -> int:
@@ -157,7 +153,7 @@ def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
         quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn), 1.0 / quant.q_scale,
         row_threshold, quant.k_scale, quant.bias, jnp.asarray(_middle_ends(grid, config)), block_q=config.block_q,
         block_k=config.block_k, tile_k=mosaic_estimate_tile(config), middle_start=middle_start,
-        max_concurrent_steps=MOSAIC_STAGES, epilogue="packed" if config.interpret else MOSAIC_EPILOGUE,
+        max_concurrent_steps=MOSAIC_STAGES,
         interpret=plgpu.InterpretGPUParams() if config.interpret else False)
     indices, counts = pallas_kernels.compact_hits(
         hits, jnp.asarray(grid.row_offsets), num_slots=grid.num_slots, **regions, index_dtype=grid.index_dtype(),
@@ -169,7 +165,7 @@ def fits_mosaic_attention(q: jax.Array, config: SaleConfig) -> bool:
     """Whether the Mosaic GPU computation pass takes these inputs (16-bit, head_dim 64 or 128, block_q 128, where
     it is faster); the Triton kernel runs the rest."""
     return (q.dtype in mosaic_sparse_attention.DTYPES and q.shape[-1] in mosaic_sparse_attention.HEAD_DIMS
-            and config.block_q == MOSAIC_ATTENTION_BLOCK_Q and MOSAIC_KEYS_PER_STEP % config.block_k == 0)
+            and config.block_q == mosaic_sparse_attention.BLOCK_Q and MOSAIC_KEYS_PER_STEP % config.block_k == 0)
 
 
 def block_sparse_attention_pallas(q, k, v, layout: BlockLayout, config: SaleConfig, backend: str):
@@ -182,7 +178,6 @@ def block_sparse_attention_pallas(q, k, v, layout: BlockLayout, config: SaleConf
     if backend == "pallas_mosaic" and fits_mosaic_attention(q, config):
         out, lse = pallas_kernels.mosaic_block_sparse_attention(
             *arrays, **shape, keys_per_step=MOSAIC_KEYS_PER_STEP, stages=MOSAIC_ATTENTION_STAGES,
-            consumers=MOSAIC_ATTENTION_CONSUMERS,
             interpret=plgpu.InterpretGPUParams() if config.interpret else False)
     else:
         out, lse = pallas_kernels.block_sparse_attention(*arrays, **shape, interpret=config.interpret)

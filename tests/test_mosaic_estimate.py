@@ -66,16 +66,10 @@ CASES = {
 }
 
 
-# The warp-level epilogue is inline Mosaic GPU code, which interpret mode cannot run: checked natively only.
-EPILOGUES = ["packed"] + [pytest.param(epilogue, marks=pytest.mark.skipif(
-    jax.default_backend() != "gpu", reason="inline Mosaic GPU code runs natively only"))
-    for epilogue in ("warp_or", "warp_or_fma")]
-
-
-@pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("codes", ["int8", "float8_e4m3fn"])
 @pytest.mark.parametrize("name", CASES)
-def test_kernel_hits_equal_reference(rng, name, codes, epilogue):
+def test_kernel_hits_equal_reference(rng, name, codes):
+    """Natively the warp-level epilogue runs; in interpret mode the array-level one stands in for it."""
     case = dict(CASES[name])
     tile_k, block_k = case.pop("tile_k"), case.pop("block_k", 32)
     knobs = dict(block_q=case["block_q"], block_k=block_k, middle_start=case["middle_start"])
@@ -87,7 +81,7 @@ def test_kernel_hits_equal_reference(rng, name, codes, epilogue):
     assert 0 < want.sum() < estimated.sum(), "the case should have blocks that hit and blocks that miss"
 
     inputs[Q_CODES], inputs[K_CODES] = (jnp.asarray(inputs[i], codes) for i in (Q_CODES, K_CODES))
-    got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, epilogue=epilogue, interpret=INTERPRET))
+    got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, interpret=INTERPRET))
     assert got.shape == want.shape and got.dtype == np.int32
     assert np.isin(got, (0, 1)).all(), f"unwritten or invalid flags: {np.unique(got)}"
     np.testing.assert_array_equal(got, want)
@@ -114,7 +108,6 @@ def valid_inputs():
     ({}, {"tile_k": 512}, "tile_k must be 64, 128 or 256"),
     ({}, {"block_k": 48}, "block_k 48 must be a multiple of 8 that divides tile_k"),
     ({}, {"middle_start": 999}, "middle_start 999 must lie in"),
-    ({}, {"epilogue": "fused"}, "epilogue must be one of"),
 ])
 def test_bad_inputs_raise_value_error(input_changes, knob_changes, message):
     inputs, knobs = valid_inputs()
@@ -133,18 +126,10 @@ def test_accumulator_too_large_for_registers_is_refused():
         estimate_hits(*inputs, **knobs | {"block_q": 128, "tile_k": 256}, interpret=INTERPRET)
 
 
-@pytest.mark.skipif(INTERPRET is False, reason="interpret mode is what runs on a CPU")
-def test_interpret_mode_refuses_the_inline_epilogue():
-    inputs, knobs = valid_inputs()
-    with pytest.raises(ValueError, match="interpret mode does not run"):
-        estimate_hits(*inputs, **knobs, epilogue="warp_or_fma", interpret=INTERPRET)
-
-
-@pytest.mark.parametrize("epilogue", ["packed", "warp_or", "warp_or_fma"])
 @pytest.mark.parametrize("block_q, tile_k, head_dim, codes", [
     (128, 128, 128, jnp.float8_e4m3fn), (64, 128, 128, jnp.float8_e4m3fn), (64, 256, 128, jnp.int8),
     (64, 128, 64, jnp.float8_e4m3fn), (64, 256, 256, jnp.float8_e4m3fn), (128, 64, 256, jnp.float8_e4m3fn)])
-def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, epilogue):
+def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas (it assumes sm_90 when no GPU is present)."""
     batch, length, q_heads, kv_heads = 1, 2048, 4, 2
@@ -152,8 +137,7 @@ def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, epilogue):
               ((batch, q_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((length // block_q,), jnp.int32)]
-    kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128,
-                                       epilogue=epilogue))
+    kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
 

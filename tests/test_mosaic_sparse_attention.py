@@ -33,36 +33,24 @@ def draw_layout(rng, grid, batch, q_heads):
     return mask & grid.visible_mask
 
 
-# Interpret mode models wgmma operands in shared memory only, so it always stages P there: P from registers is
-# checked natively only.
-P_IN_SMEM = [True, pytest.param(False, marks=pytest.mark.skipif(
-    jax.default_backend() != "gpu", reason="interpret mode stages P through shared memory"))]
-
-
-@pytest.mark.parametrize("p_in_smem", P_IN_SMEM)
-@pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap, dtype", [
-    (64, 32, 64, 128, 2, 1, False, jnp.bfloat16), (128, 16, 128, 64, 3, 1, False, jnp.float16),
-    (128, 64, 64, 128, 1, 1, False, jnp.bfloat16), (64, 64, 128, 64, 2, 1, False, jnp.float16),
-    (64, 32, 128, 64, 2, 1, True, jnp.bfloat16), (128, 16, 64, 128, 3, 1, True, jnp.float16),
-    (128, 32, 128, 64, 2, 2, False, jnp.bfloat16), (128, 16, 64, 128, 3, 2, False, jnp.float16),
-    (64, 32, 128, 64, 2, 2, False, jnp.bfloat16), (64, 16, 64, 128, 2, 2, False, jnp.float16)])
-def test_kernel_matches_oracle(rng, block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap, dtype,
-                               p_in_smem):
+@pytest.mark.parametrize("block_k, head_dim, keys_per_step, stages, dtype", [
+    (32, 128, 128, 2, jnp.bfloat16), (16, 64, 128, 3, jnp.float16), (64, 128, 64, 1, jnp.bfloat16),
+    (32, 64, 64, 2, jnp.float16), (16, 128, 64, 3, jnp.bfloat16)])
+def test_kernel_matches_oracle(rng, block_k, head_dim, keys_per_step, stages, dtype):
+    """Natively P reaches the P V wgmma from registers; interpret mode, which models shared-memory wgmma operands
+    only, stages it through shared memory."""
     kv_len = int(rng.integers(200, 400))
     q_len = kv_len if rng.integers(2) else int(rng.integers(1, kv_len))  # chunked prefill: queries at the end
-    check_against_oracle(rng, q_len, kv_len, dtype=dtype, block_q=block_q, block_k=block_k, head_dim=head_dim,
-                         keys_per_step=keys_per_step, stages=stages, consumers=consumers, overlap_softmax=overlap,
-                         p_in_smem=p_in_smem)
+    check_against_oracle(rng, q_len, kv_len, dtype=dtype, block_k=block_k, head_dim=head_dim,
+                         keys_per_step=keys_per_step, stages=stages)
 
 
-def test_two_consumers_with_an_odd_number_of_q_blocks(rng):
-    """At block_q 64 a CTA takes two neighbouring q blocks: with three, the second CTA's second consumer has none
-    and only takes its turns."""
-    check_against_oracle(rng, 3 * 64 - 10, 300, dtype=jnp.bfloat16, block_q=64, block_k=32, head_dim=64,
-                         keys_per_step=64, stages=2, consumers=2, overlap_softmax=False, p_in_smem=True)
+def test_an_odd_number_of_q_blocks(rng):
+    check_against_oracle(rng, 3 * 128 - 10, 420, dtype=jnp.bfloat16, block_k=32, head_dim=64, keys_per_step=64,
+                         stages=2)
 
 
-def check_against_oracle(rng, q_len, kv_len, *, dtype, block_q, block_k, head_dim, **knobs):
+def check_against_oracle(rng, q_len, kv_len, *, dtype, block_k, head_dim, block_q=128, **knobs):
     kv_heads = int(rng.choice([1, 2]))
     q_heads = kv_heads * int(rng.choice([1, 2]))
     case = cases.Case(batch=int(rng.choice([1, 2])), q_len=q_len, kv_len=kv_len, q_heads=q_heads,
@@ -87,7 +75,7 @@ def check_against_oracle(rng, q_len, kv_len, *, dtype, block_q, block_k, head_di
     np.testing.assert_allclose(lse[finite], want_lse[finite], atol=2e-3, rtol=1e-5)
 
 
-def inputs(dtype=jnp.bfloat16, head_dim=64, q_heads=2, kv_heads=1, length=256, block_q=64, block_k=32):
+def inputs(dtype=jnp.bfloat16, head_dim=64, q_heads=2, kv_heads=1, length=256, block_q=128, block_k=32):
     grid = sale_jax.BlockGrid(length, length, block_q, block_k)
     q = jnp.zeros((1, length, q_heads, head_dim), dtype)
     k = v = jnp.zeros((1, length, kv_heads, head_dim), dtype)
@@ -101,7 +89,7 @@ def inputs(dtype=jnp.bfloat16, head_dim=64, q_heads=2, kv_heads=1, length=256, b
     (dict(dtype=jnp.float32), "must share a 16-bit float dtype"),
     (dict(head_dim=32), "head_dim must be one of"),
     (dict(q_heads=3, kv_heads=2), "must be a multiple of kv heads"),
-    (dict(block_q=32), "block_q 32 must be a multiple of 64"),
+    (dict(block_q=64), "block_q must be 128"),
     (dict(block_k=48), "keys_per_step 128 must be one of"),
 ])
 def test_bad_inputs_raise_value_error(changes, message):
@@ -116,18 +104,6 @@ def test_stages_beyond_shared_memory_are_refused():
         mosaic_block_sparse_attention(*arrays, **knobs, stages=4, interpret=INTERPRET)
 
 
-def test_two_consumers_need_64_or_128_row_blocks():
-    arrays, knobs = inputs(block_q=256)
-    with pytest.raises(ValueError, match="consumers must be 1, or 2 with block_q 64 or 128"):
-        mosaic_block_sparse_attention(*arrays, **knobs, consumers=2, interpret=INTERPRET)
-
-
-def test_overlap_needs_one_consumer_and_two_stages():
-    arrays, knobs = inputs()
-    with pytest.raises(ValueError, match="overlap_softmax needs one consumer and stages >= 2"):
-        mosaic_block_sparse_attention(*arrays, **knobs, stages=1, overlap_softmax=True, interpret=INTERPRET)
-
-
 def test_counts_must_match_the_q_blocks():
     arrays, knobs = inputs()
     arrays[4] = arrays[4][..., :-1]
@@ -135,22 +111,19 @@ def test_counts_must_match_the_q_blocks():
         mosaic_block_sparse_attention(*arrays, **knobs, interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("p_in_smem", [False, True])
-@pytest.mark.parametrize("block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap", [
-    (128, 32, 128, 128, 2, 1, False), (64, 32, 128, 64, 3, 1, False), (128, 16, 64, 64, 6, 1, False),
-    (64, 64, 128, 64, 2, 1, True), (64, 32, 128, 128, 2, 1, True), (128, 32, 128, 128, 2, 2, False),
-    (128, 32, 64, 64, 3, 2, False), (64, 32, 128, 64, 2, 2, False)])
-def test_kernel_lowers_for_hopper(block_q, block_k, head_dim, keys_per_step, stages, consumers, overlap, p_in_smem):
+@pytest.mark.parametrize("block_k, head_dim, keys_per_step, stages", [
+    (32, 128, 128, 2), (16, 64, 64, 6), (64, 128, 64, 3), (32, 64, 128, 2), (16, 128, 128, 1)])
+def test_kernel_lowers_for_hopper(block_k, head_dim, keys_per_step, stages):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas."""
     length, q_heads, kv_heads = 2048, 4, 2
+    block_q = 128
     grid = sale_jax.BlockGrid(length, length, block_q, block_k)
     shapes = [((1, length, q_heads, head_dim), jnp.bfloat16), ((1, length, kv_heads, head_dim), jnp.bfloat16),
               ((1, length, kv_heads, head_dim), jnp.bfloat16), ((1, q_heads, grid.num_slots), jnp.int16),
               ((1, q_heads, grid.num_q_blocks), jnp.int32), ((grid.num_q_blocks + 1,), jnp.int32)]
     kernel = jax.jit(functools.partial(mosaic_block_sparse_attention, q_len=length, kv_len=length, block_q=block_q,
-                                       block_k=block_k, scale=0.1, keys_per_step=keys_per_step, stages=stages,
-                                       consumers=consumers, overlap_softmax=overlap, p_in_smem=p_in_smem))
+                                       block_k=block_k, scale=0.1, keys_per_step=keys_per_step, stages=stages))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
 

@@ -71,7 +71,7 @@ def test_selection_matches_oracle_half_precision(rng, dtype):
 def test_selection_default_blocks_selects_some_middle_blocks(rng):
     """Paper block sizes on a longer sequence: the oracle agrees and the middle region is neither all kept nor
     all dropped, so the comparison is not trivially true."""
-    config = sale_jax.SaleConfig(dense_below=0, backend="reference")
+    config = sale_jax.SaleConfig(block_q=64, block_k=32, dense_below=0, backend="reference")
     case = cases.Case(batch=1, q_len=448, kv_len=480, q_heads=4, kv_heads=2, head_dim=32, config=config)
     surely, maybe = _check_selection(rng, case, jnp.float32, jnp.full((4,), 0.05, jnp.float32),
                                      cases.draw_structured_qkv)
