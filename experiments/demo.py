@@ -32,7 +32,8 @@ _TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform threshold when n
 _THRESHOLDS = flags.DEFINE_string("thresholds", None, "Calibrated thresholds file (sale_jax.Thresholds.save).")
 _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "reference", "pallas"], "SALE backend.")
 _DENSE_BELOW = flags.DEFINE_integer("dense_below", 0, "SaleConfig.dense_below: 0 shows SALE at every length; "
-                                    f"the library's default is {sale_jax.SaleConfig().dense_below}.", lower_bound=0)
+                                    "the library's default is the measured crossover of the backend that runs "
+                                    "(sale_jax.config.MEASURED_DENSE_BELOW).", lower_bound=0)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed prefills (median reported).")
 _OUTPUT = flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 

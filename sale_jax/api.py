@@ -87,7 +87,7 @@ def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: boo
 def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG,
                    return_lse: bool = False, return_layout: bool = False):
     """SALE attention: selection then block-sparse attention. Key sequences shorter than `config.dense_below`
-    run dense attention instead (their layout, when asked for, keeps every visible block).
+    (by default the measured crossover of the backend the call runs) run dense attention instead (their layout, when asked for, keeps every visible block).
 
     Returns the output `[B, T, Hq, D]`, followed by the log-sum-exp `[B, Hq, T]` if `return_lse` and the
     `BlockLayout` if `return_layout`.
@@ -101,7 +101,7 @@ def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, con
 @functools.partial(jax.jit, static_argnames=("config", "return_lse", "return_layout"))
 def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_layout: bool):
     grid = _grid_for(q, k, config)
-    if k.shape[1] < config.dense_below:
+    if k.shape[1] < config.resolved_dense_below(_backend_for(q, k, config)):
         layout = BlockLayout.all_visible(q.shape[0], q.shape[2], grid)
         if return_lse:
             out, lse = _block_sparse_attention(q, k, v, layout, config, True)

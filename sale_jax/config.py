@@ -10,7 +10,11 @@ import jax
 QUANT_GRANULARITIES = ("per_token", "per_block")
 BACKENDS = ("auto", "reference", "pallas", "pallas_mosaic")
 PALLAS_BACKENDS = ("pallas", "pallas_mosaic")
-DEFAULT_DENSE_BELOW = 65536  # measured crossover; see SaleConfig.dense_below
+# Where SALE at the default threshold (0.008) starts to beat cuDNN on the H200 (Hq 32 / Hkv 8 / D 128, bf16,
+# LLM-like inputs, experiments/results/bench_attention_h200_tau0.008_*): per (backend, block_q); see dense_below.
+MEASURED_DENSE_BELOW = {("pallas_mosaic", 128): 16384, ("pallas_mosaic", 64): 65536, ("pallas", 128): 65536,
+                        ("pallas", 64): 65536}
+DEFAULT_DENSE_BELOW = 65536  # backends and block sizes not measured
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -47,11 +51,11 @@ class SaleConfig:
       interpret: run Pallas kernels in interpret mode (for CPU testing).
       scale: softmax scale; `None` means `head_dim ** -0.5`.
       dense_below: `sale_attention` runs dense attention for key sequences shorter than this, where the
-        selection pass would cost more than the blocks it skips. The default is the shortest length at which SALE
-        at the default threshold (0.008) beat cuDNN on the H200 (Hq 32 / Hkv 8 / D 128, bf16, LLM-like inputs):
-        0.89x at 32K, 1.20x at 64K with `auto`'s Mosaic GPU selection (0.83x / 1.10x with the Triton one;
-        experiments/results/bench_attention_h200_mosaic/bq64 and .../same_run_triton_vs_mosaic). 0 runs SALE at
-        every length.
+        selection pass would cost more than the blocks it skips; 0 runs SALE at every length. `None` (the
+        default) takes the shortest length at which SALE at the default threshold (0.008) beat cuDNN on the H200
+        (Hq 32 / Hkv 8 / D 128, bf16, LLM-like inputs) for the backend the call runs and block_q
+        (`MEASURED_DENSE_BELOW`): 16K with the Mosaic GPU kernels at block_q 128 (1.14x at 16K, 1.31x at 32K),
+        64K with the Triton ones (0.79x at 32K, 1.06x at 64K) and at block_q 64 (0.89x at 32K, 1.20x at 64K).
     """
 
     block_q: int = 128
@@ -62,7 +66,7 @@ class SaleConfig:
     backend: str = "auto"
     interpret: bool = False
     scale: float | None = None
-    dense_below: int = DEFAULT_DENSE_BELOW
+    dense_below: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -71,6 +75,8 @@ class SaleConfig:
                 raise ValueError(f"SaleConfig.{name} must be a positive power of two, got {value!r}")
         for name, minimum in (("sink_tokens", 0), ("local_tokens", 1), ("dense_below", 0)):
             value = getattr(self, name)
+            if name == "dense_below" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"SaleConfig.{name} must be an int >= {minimum}, got {value!r}")
         if self.quant_granularity not in QUANT_GRANULARITIES:
@@ -98,6 +104,12 @@ class SaleConfig:
         if jax.default_backend() != "gpu":
             return "reference"
         return "pallas_mosaic" if _on_hopper() else "pallas"
+
+    def resolved_dense_below(self, backend: str) -> int:
+        """`dense_below`, or where `backend` (the one a call runs) measured its crossover at this block_q."""
+        if self.dense_below is not None:
+            return self.dense_below
+        return MEASURED_DENSE_BELOW.get((backend, self.block_q), DEFAULT_DENSE_BELOW)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

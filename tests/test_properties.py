@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import sale_jax
+from sale_jax import config as config_module
 from sale_jax import api
 from tests import cases, oracle
 
@@ -88,6 +89,29 @@ def test_new_thresholds_do_not_recompile(rng):
     for _ in range(3):
         jax.block_until_ready(sale_jax.sale_attention(q, k, v, cases.draw_tau(rng, case.q_heads), case.config))
     assert api._sale_attention._cache_size() == compiled
+
+
+@pytest.mark.parametrize("backend, block_q, dense_below, want", [
+    ("pallas_mosaic", 128, None, 16384), ("pallas_mosaic", 64, None, 65536), ("pallas", 128, None, 65536),
+    ("reference", 128, None, config_module.DEFAULT_DENSE_BELOW), ("pallas_mosaic", 128, 4096, 4096),
+    ("pallas", 64, 0, 0)])
+def test_dense_below_defaults_to_the_backends_measured_crossover(backend, block_q, dense_below, want):
+    config = sale_jax.SaleConfig(block_q=block_q, dense_below=dense_below)
+    assert config.resolved_dense_below(backend) == want
+
+
+def test_default_dense_below_sends_short_keys_to_dense(rng):
+    """The default (None) resolves inside `sale_attention`: the reference backend's crossover is far above these
+    512 keys, so the call keeps every visible block, where dense_below=0 runs the selection and drops some."""
+    layouts = {}
+    for dense_below in (None, 0):
+        config = sale_jax.SaleConfig(block_q=64, block_k=32, backend="reference", dense_below=dense_below)
+        case = cases.Case(batch=1, q_len=512, kv_len=512, q_heads=2, kv_heads=1, head_dim=32, config=config)
+        q, k, v = cases.draw_qkv(rng, case)
+        _, layouts[dense_below] = sale_jax.sale_attention(q, k, v, jnp.full(case.q_heads, 0.5), config,
+                                                          return_layout=True)
+    assert float(layouts[None].density()) == 1.0
+    assert float(layouts[0].density()) < 1.0
 
 
 def test_short_sequences_fall_back_to_dense(rng):
