@@ -37,7 +37,7 @@ _DENSITIES = flags.DEFINE_list("densities", [], "Target densities: each gets the
 _THRESHOLDS = flags.DEFINE_string("thresholds", None, "Optional thresholds file: layer 0's row is used too.")
 _BACKEND = flags.DEFINE_enum("backend", "pallas", ["pallas", "pallas_mosaic"],
                              "SaleConfig.backend of the SALE calls (pallas_mosaic: Hopper only).")
-_BLOCK_Q = flags.DEFINE_integer("block_q", 64, "SaleConfig.block_q (query rows per block).")
+_BLOCK_Q = flags.DEFINE_integer("block_q", sale_jax.SaleConfig.block_q, "SaleConfig.block_q (query rows per block).")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also time Pallas-Triton mha and the all-kept computation pass.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the JSON and the PNG.", required=True)
