@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from sale_jax import checks
 from sale_jax.config import PALLAS_BACKENDS, SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
-from sale_jax.pallas_backend import (block_sparse_attention_pallas, check_supported, fits_mosaic,
+from sale_jax.pallas_backend import (block_sparse_attention_pallas, check_supported, fits,
                                      select_blocks_mosaic, select_blocks_pallas)
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
 
@@ -26,7 +26,7 @@ def _backend_for(q, k, config: SaleConfig) -> str:
     Mosaic kernel's limits (block sizes, head_dim, key length) rule it out; an explicit choice is kept (and
     checked)."""
     backend = config.resolved_backend()
-    if backend == "pallas_mosaic" and config.backend == "auto" and not fits_mosaic(q, k, config):
+    if backend == "pallas_mosaic" and config.backend == "auto" and not fits(q, k, config, "pallas_mosaic"):
         return "pallas"
     return backend
 
@@ -120,8 +120,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | Non
     """Causal attention with queries at the end of the keys. GQA needs no repeat of K/V.
 
     By default: cuDNN flash attention on GPU for bf16/fp16 with `T == S`; our Pallas flash kernel over every
-    visible block on GPU for `T < S` (cuDNN has no bottom-right causal mask here, and XLA would materialize the
-    `[T, S]` scores); XLA elsewhere. `implementation` ("cudnn" or "xla") forces `jax.nn.dot_product_attention`'s.
+    visible block on GPU for `T < S` where its shape limits allow (cuDNN has no bottom-right causal mask here, and
+    XLA would materialize the `[T, S]` scores); XLA elsewhere. `implementation` ("cudnn" or "xla") forces `jax.nn.dot_product_attention`'s.
     """
     checks.check_qkv(q, k, v)
     return _dense_attention(q, k, v, scale, implementation)
@@ -132,10 +132,10 @@ def _dense_attention(q, k, v, scale: float | None, implementation: str | None):
     q_len, kv_len = q.shape[1], k.shape[1]
     on_gpu_half = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     if implementation is None and on_gpu_half:
+        config = SaleConfig(backend="pallas", scale=scale)
         if q_len == kv_len:
             implementation = "cudnn"
-        else:
-            config = SaleConfig(backend="pallas", scale=scale)
+        elif fits(q, k, config, "pallas"):
             layout = BlockLayout.all_visible(q.shape[0], q.shape[2], _grid_for(q, k, config))
             return block_sparse_attention(q, k, v, layout, config)
     # f32 inputs get f32 dots (XLA's GPU default would be TF32).

@@ -62,10 +62,10 @@ def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str
                          f"block_k={config.block_k}), got key length {k.shape[1]} ({padded_k_blocks} blocks)")
 
 
-def fits_mosaic(q: jax.Array, k: jax.Array, config: SaleConfig) -> bool:
-    """Whether the `pallas_mosaic` backend takes these shapes and block sizes."""
+def fits(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str) -> bool:
+    """Whether `backend` ("pallas" or "pallas_mosaic") takes these shapes and block sizes."""
     try:
-        check_supported(q, k, config, "pallas_mosaic")
+        check_supported(q, k, config, backend)
     except ValueError:
         return False
     return True
