@@ -5,6 +5,7 @@ resume that continues exactly, with batches built in worker processes or not).""
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -157,6 +158,9 @@ def _log(output_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason=(
+    "bit-for-bit resumption needs deterministic training: on a GPU the cuDNN attention backward and scatter-adds "
+    "reduce in varying order, and XLA's --xla_gpu_deterministic_ops fails to compile this train step (jax 0.11.2)"))
 def test_training_runs_and_resumes_exactly(tmp_path, rng):
     seed_value = int(rng.integers(1000))
     seed = f"--seed={seed_value}"
