@@ -87,7 +87,8 @@ def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: boo
 def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG,
                    return_lse: bool = False, return_layout: bool = False):
     """SALE attention: selection then block-sparse attention. Key sequences shorter than `config.dense_below`
-    (by default the measured crossover of the backend the call runs) run dense attention instead (their layout, when asked for, keeps every visible block).
+    (by default the measured crossover of the backend the call runs) run dense attention instead (their layout,
+    when asked for, keeps every visible block).
 
     Returns the output `[B, T, Hq, D]`, followed by the log-sum-exp `[B, Hq, T]` if `return_lse` and the
     `BlockLayout` if `return_layout`.
