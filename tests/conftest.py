@@ -3,9 +3,12 @@
 import os
 import secrets
 
-# Four host devices on a CPU for the sharding tests (set before JAX starts; GPU devices are unaffected).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Set before JAX starts. Four host devices on a CPU for the sharding tests (GPU devices are unaffected); on a GPU,
+# reductions without atomics, so that a resumed training run repeats the uninterrupted one bit for bit (the
+# embedding gradient is a scatter-add).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_gpu_deterministic_ops=true")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -15,3 +18,11 @@ def rng(request):
     seed = int(os.environ.get("SALE_TEST_SEED", secrets.randbits(32)))
     print(f"\n{request.node.name}: SALE_TEST_SEED={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def exact_f32_matmuls():
+    """f32 matmuls in full f32: on a GPU JAX's default is TF32 (~1e-3 relative), too coarse for the f32 parity
+    tests against Hugging Face and numpy. The kernels' own tests do not use it; they run in their input dtype."""
+    with jax.default_matmul_precision("highest"):
+        yield

@@ -18,6 +18,11 @@ def as_f64(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
+def keeps_every_visible_block(layout) -> bool:
+    """Counted in integers: `layout.density()` divides in f32, which need not give exactly 1.0 on a GPU."""
+    return bool((np.asarray(layout.counts) == layout.grid.visible_counts).all())
+
+
 def round_to(x: np.ndarray, dtype_name: str) -> np.ndarray:
     return x.astype(NUMPY_DTYPES[dtype_name]).astype(np.float64)
 

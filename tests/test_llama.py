@@ -17,6 +17,8 @@ from models.config import LlamaConfig
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_llama")
 LOGIT_TOLERANCE = 1e-4  # f32 on both sides; observed differences are ~1e-6
+# Every test here compares f32 models, so matmuls run in full f32 on a GPU too.
+pytestmark = pytest.mark.usefixtures("exact_f32_matmuls")
 
 
 def _fixture_inputs():
@@ -29,16 +31,14 @@ def test_logits_match_hugging_face(folder):
     model = checkpoint.load_llama(os.path.join(FIXTURE, folder), dtype="float32")
     assert model.config.rope_scaling is not None and model.config.num_kv_heads < model.config.num_heads
     tokens, want = _fixture_inputs()
-    with jax.default_matmul_precision("highest"):  # f32 like the fixture (a GPU's default would be TF32)
-        logits, _ = llama.prefill(model, tokens, jnp.full((tokens.shape[0],), tokens.shape[1]))
+    logits, _ = llama.prefill(model, tokens, jnp.full((tokens.shape[0],), tokens.shape[1]))
     np.testing.assert_allclose(logits, want, atol=LOGIT_TOLERANCE, rtol=LOGIT_TOLERANCE)
 
 
 def test_train_forward_matches_hugging_face_and_returns_every_layers_residual():
     model = checkpoint.load_llama(FIXTURE, dtype="float32")
     tokens, want = _fixture_inputs()
-    with jax.default_matmul_precision("highest"):
-        logits, residuals = nnx.jit(llama.Llama.train_forward)(model, tokens)
+    logits, residuals = nnx.jit(llama.Llama.train_forward)(model, tokens)
     np.testing.assert_allclose(logits, want, atol=LOGIT_TOLERANCE, rtol=LOGIT_TOLERANCE)
     assert len(residuals) == model.config.num_layers
     assert all(r.shape == (*tokens.shape, model.config.hidden_size) for r in residuals)

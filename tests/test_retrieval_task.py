@@ -17,6 +17,8 @@ from experiments import retrieval_task, train_retrieval
 TINY_RUN = ("--hidden_size=64", "--intermediate_size=128", "--num_layers=2", "--num_heads=2", "--num_kv_heads=1",
             "--head_dim=32", "--curriculum=128:3,160:2", "--tokens_per_step=512", "--num_records=4",
             "--num_queries=2", "--warmup_steps=2", "--save_every=2", "--data_workers=0")
+# The probe's loss is checked against numpy in f32, so matmuls run in full f32 on a GPU too.
+pytestmark = pytest.mark.usefixtures("exact_f32_matmuls")
 
 
 def _random_task(rng):
