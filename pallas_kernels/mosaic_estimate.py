@@ -375,9 +375,15 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
         plgpu.barrier_wait(q_barriers.at[wg])
         plgpu.barrier_wait(q_barriers.at[2 + wg])
-        pl.when(wg == 1)(take_turn)  # the second warpgroup starts half a step behind
 
-    def tile_body(indices, k_smem, key_terms_smem):
+    def compute_thread(run_pipeline):
+        # The turns outside the loop go here, inside the pipeline's allocations: entering them is a barrier across
+        # the whole CTA, which would deadlock with the second warpgroup waiting for the first's turn.
+        pl.when(wg == 1)(take_turn)  # the second warpgroup starts half a step behind
+        run_pipeline(())
+        pl.when(wg == 0)(take_turn)  # the first balances the second's extra turn
+
+    def tile_body(indices, k_smem, key_terms_smem, carry):
         def mma(acc_ref):
             plgpu.wgmma(acc_ref, row_terms_smem.at[wg], key_terms_smem.T)  # the offsets (tf32)
             plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.T)  # + the dots (fp8)
@@ -389,11 +395,12 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         my_flags = hits_smem.at[wg]
         if warp_level:
             warp_or_flags(excess_over_scale, my_flags.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
-            return
+            return carry
         offsets = range(0, tile_k, block_k)
         row_best = [jnp.max(excess_over_scale[:, offset:offset + block_k], axis=1) for offset in offsets]
         for offset, hit in zip(offsets, _packed_row_counts(row_best)):
             my_flags[(tile * tile_k + offset) // block_k] = hit.astype(jnp.int32)
+        return carry
 
     plgpu.emit_pipeline_warp_specialized(
         tile_body,
@@ -406,11 +413,11 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=max_concurrent_steps,
+        compute_context=compute_thread,
     )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
 
     @pl.when(wg < 2)
     def _():
-        pl.when(wg == 0)(take_turn)  # the first balances the second's extra turn
         plgpu.commit_smem()  # this warpgroup's flags visible to the other
         plgpu.barrier_arrive(done)
         plgpu.barrier_wait(done)
