@@ -39,6 +39,9 @@ _HIT_FRACTION = flags.DEFINE_float("hit_fraction", 0.1, "Target fraction of esti
 _FLIP_TOLERANCE = flags.DEFINE_float("flip_tolerance", 1e-2, "Largest |reference margin| at which a flip is allowed.")
 _CODES = flags.DEFINE_enum("codes", "float8_e4m3fn", ["int8", "float8_e4m3fn"],
                            "Code dtype passed in (the kernel multiplies fp8; int8 codes are cast first).")
+_COMPUTE_WARPGROUPS = flags.DEFINE_integer(
+    "compute_warpgroups", 1, "estimate_hits' compute_warpgroups: 2 splits a 128-row q block across two warpgroups "
+    "fed by a TMA warpgroup (tiles up to 256 keys).")
 _SKIP_CUDNN = flags.DEFINE_bool("skip_cudnn", False, "Time the estimate kernel alone.")
 _OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_mosaic_estimate_h200/results.json",
                               "JSON file for the results.")
@@ -85,7 +88,8 @@ def reference_knobs() -> dict:
 
 
 def kernel_knobs() -> dict:
-    return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value)
+    return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
+                compute_warpgroups=_COMPUTE_WARPGROUPS.value)
 
 
 def check(inputs) -> dict:

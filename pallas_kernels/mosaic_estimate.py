@@ -30,6 +30,8 @@ How (each step measured on the H200, experiments/results/PERF_NOTES.md):
   the tensor cores. Two consumer warpgroups taking turns (FA3's ping-pong) measured slower with the array-level
   epilogue; three tiles in flight, and the offsets as FMAs in the epilogue instead of a tf32 wgmma, measured
   slower with the warp-level one.
+- `compute_warpgroups=2` (not yet timed): a 128-row q block's halves as two warpgroups taking turns on the
+  tensor cores, fed by a TMA warpgroup, with 256-key tiles (`_split_rows_kernel`).
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
 `tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag
@@ -335,13 +337,113 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
     plgpu.wait_smem_to_gmem(0)
 
 
+_SPLIT_ROWS = 64  # rows of a q block per compute warpgroup in the split kernel (wgmma's M)
+
+
+def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
+                       row_terms_smem, hits_smem, q_barriers, schedule, done, *, block_k, tile_k, middle_start,
+                       group, max_concurrent_steps, warp_level):
+    """compute_warpgroups=2: a 128-row q block as two 64-row compute warpgroups that share each key tile, which a
+    third warpgroup loads by TMA. Each accumulator is 64 x tile_k, so tiles can be twice as wide as one
+    warpgroup's 128 rows allow; the two take turns issuing their wgmmas (FlashAttention-3's ping-pong), so one's
+    epilogue runs under the other's.
+
+    Each warpgroup ORs its flags into its own row of `hits_smem` (no ordering between them); after the last tile
+    the first combines both rows, keeps the blocks in [first_block, end_block) and copies the result out."""
+    block_q = 2 * _SPLIT_ROWS
+    num_q_blocks = q_gmem.shape[1] // block_q
+    num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
+    q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")  # longest rows first
+    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
+    wg = jax.lax.axis_index("wg")
+    first_block, end_block, first_tile, num_tiles = _tile_range(
+        middle_end_gmem, q_block, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
+        num_k_blocks=num_k_blocks)
+    blocks_per_tile = tile_k // block_k
+    warp_or_flags = _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)
+
+    def take_turn():
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    @pl.when(wg < 2)
+    def _():
+        rows = pl.ds(q_block * block_q + wg * _SPLIT_ROWS, _SPLIT_ROWS)
+        plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem.at[wg], q_barriers.at[wg])
+        plgpu.copy_gmem_to_smem(row_terms_gmem.at[batch, head, rows], row_terms_smem.at[wg], q_barriers.at[2 + wg])
+        hits_smem[wg] = jnp.zeros(hits_smem.shape[1:], jnp.int32)
+        plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
+        plgpu.barrier_wait(q_barriers.at[wg])
+        plgpu.barrier_wait(q_barriers.at[2 + wg])
+
+    def compute_thread(run_pipeline):
+        # The turns outside the loop go here, inside the pipeline's allocations: entering them is a barrier across
+        # the whole CTA, which would deadlock with the second warpgroup waiting for the first's turn.
+        pl.when(wg == 1)(take_turn)  # the second warpgroup starts half a step behind
+        run_pipeline(())
+        pl.when(wg == 0)(take_turn)  # the first balances the second's extra turn
+
+    def tile_body(indices, k_smem, key_terms_smem, carry):
+        def mma(acc_ref):
+            plgpu.wgmma(acc_ref, row_terms_smem.at[wg], key_terms_smem.T)  # the offsets (tf32)
+            plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.T)  # + the dots (fp8)
+            take_turn()  # the other warpgroup issues its wgmmas while this one waits for its own
+            return acc_ref[...]
+
+        excess_over_scale = pl.run_scoped(mma, plgpu.ACC((_SPLIT_ROWS, tile_k), jnp.float32))
+        tile = first_tile + indices[0]
+        my_flags = hits_smem.at[wg]
+        if warp_level:
+            warp_or_flags(excess_over_scale, my_flags.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
+            return carry
+        offsets = range(0, tile_k, block_k)
+        row_best = [jnp.max(excess_over_scale[:, offset:offset + block_k], axis=1) for offset in offsets]
+        for offset, hit in zip(offsets, _packed_row_counts(row_best)):
+            my_flags[(tile * tile_k + offset) // block_k] = hit.astype(jnp.int32)
+        return carry
+
+    plgpu.emit_pipeline_warp_specialized(
+        tile_body,
+        grid=(num_tiles,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
+            plgpu.BlockSpec((tile_k, _OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=max_concurrent_steps,
+        compute_context=compute_thread,
+    )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
+
+    @pl.when(wg < 2)
+    def _():
+        plgpu.commit_smem()  # this warpgroup's flags visible to the other
+        plgpu.barrier_arrive(done)
+        plgpu.barrier_wait(done)
+
+    @pl.when(wg == 0)
+    def _():
+        blocks = plgpu.broadcasted_iota(jnp.int32, hits_smem.shape[1:], 0, layout=plgpu.Layout.WG_STRIDED(
+            hits_smem.shape[1:], vec_size=1))
+        estimated = (blocks >= first_block) & (blocks < end_block)
+        hits_smem[0] = jnp.where(estimated, hits_smem[0] | hits_smem[1], 0)
+        plgpu.commit_smem()  # flags visible to the TMA engine
+        plgpu.copy_smem_to_gmem(hits_smem.at[0, :num_k_blocks], hits_gmem.at[batch, head, q_block])
+        plgpu.wait_smem_to_gmem(0)
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
-                                             "interpret"))
+                                             "compute_warpgroups", "interpret"))
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
-                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2, interpret=False):
+                  block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
+                  compute_warpgroups: int = 1, interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
     False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs: the array-level epilogue stands in
     for the warp-level one, which is inline Mosaic GPU code interpret mode cannot run).
+
+    `compute_warpgroups`: 1, one warpgroup per CTA holds the whole q block's accumulator; 2 (block_q 128), the
+    q block's halves as two warpgroups fed by a TMA warpgroup (`_split_rows_kernel`), tiles up to 256 keys.
 
     Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
     """
@@ -351,9 +453,14 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         raise ValueError(f"tile_k must be 64, 128 or 256 (wgmma N is at most 256), got {tile_k}")
     if block_k <= 0 or block_k % 8 or tile_k % block_k:
         raise ValueError(f"block_k {block_k} must be a multiple of 8 that divides tile_k {tile_k}")
-    if block_q * tile_k > MAX_ACC_ELEMENTS:
-        raise ValueError(f"block_q * tile_k = {block_q * tile_k} exceeds {MAX_ACC_ELEMENTS}: the f32 "
-                         f"accumulator would not fit in registers (use block_q=64 or tile_k=128)")
+    if compute_warpgroups not in (1, 2) or (compute_warpgroups == 2 and block_q != 2 * _SPLIT_ROWS):
+        raise ValueError(f"compute_warpgroups must be 1, or 2 at block_q {2 * _SPLIT_ROWS}, got {compute_warpgroups} "
+                         f"at block_q {block_q}")
+    rows_per_warpgroup = block_q // compute_warpgroups
+    if rows_per_warpgroup * tile_k > MAX_ACC_ELEMENTS:
+        raise ValueError(f"{rows_per_warpgroup} rows x tile_k {tile_k} per warpgroup exceeds {MAX_ACC_ELEMENTS}: "
+                         f"the f32 accumulator would not fit in registers (use block_q=64, tile_k=128 or "
+                         f"compute_warpgroups=2)")
     if max_concurrent_steps < 1:
         raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
     batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
@@ -364,20 +471,33 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if head_dim not in (64, 128, 256):
         raise ValueError(f"head_dim must be 64, 128 or 256 (swizzled fp8 rows for wgmma), got {head_dim}")
     num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
-    if num_k_blocks % 4 or pl.cdiv(num_k_blocks, 128) * 128 * 4 > _MAX_HITS_SMEM_BYTES:
-        raise ValueError(f"{num_k_blocks} key blocks: the int32 row of flags is copied out whole, so it must be a "
-                         f"multiple of 16 bytes and fit in {_MAX_HITS_SMEM_BYTES} bytes of shared memory")
+    padded_flags = pl.cdiv(num_k_blocks, 128) * 128  # zeroed by one store per register
+    if num_k_blocks % 4 or compute_warpgroups * padded_flags * 4 > _MAX_HITS_SMEM_BYTES:
+        raise ValueError(f"{num_k_blocks} key blocks: the int32 flags (a row per compute warpgroup) are copied out "
+                         f"whole, so they must be a multiple of 16 bytes and fit in {_MAX_HITS_SMEM_BYTES} bytes of "
+                         f"shared memory")
 
-    flags_row = plgpu.SMEM((pl.cdiv(num_k_blocks, 128) * 128,), jnp.int32)  # zeroed by one store per register
     launch = dict(out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
                   grid=(num_q_blocks, q_heads, batch), grid_names=("q_block", "head", "batch"),
                   interpret=interpret or None)
-    q_tile = plgpu.SMEM((block_q, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim))
     fp8_codes = (q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn))
     row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
-    kernel = functools.partial(
-        _estimate_kernel, block_q=block_q, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        group=q_heads // kv_heads, max_concurrent_steps=max_concurrent_steps, warp_level=not interpret)
-    scratch = [q_tile, plgpu.SMEM((block_q, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
-               flags_row, plgpu.Barrier(num_barriers=2)]  # barriers: the q codes and the row terms
+    knobs = dict(block_k=block_k, tile_k=tile_k, middle_start=middle_start, group=q_heads // kv_heads,
+                 max_concurrent_steps=max_concurrent_steps, warp_level=not interpret)
+    if compute_warpgroups == 1:
+        kernel = functools.partial(_estimate_kernel, block_q=block_q, **knobs)
+        scratch = [plgpu.SMEM((block_q, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim)),
+                   plgpu.SMEM((block_q, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
+                   plgpu.SMEM((padded_flags,), jnp.int32),
+                   plgpu.Barrier(num_barriers=2)]  # barriers: the q codes and the row terms
+    else:
+        kernel = functools.partial(_split_rows_kernel, **knobs)
+        halves = (2, _SPLIT_ROWS)
+        scratch = [plgpu.SMEM((*halves, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim)),
+                   plgpu.SMEM((*halves, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
+                   plgpu.SMEM((2, padded_flags), jnp.int32),
+                   plgpu.Barrier(num_barriers=4),  # each half's q codes and row terms
+                   plgpu.Barrier(num_arrivals=2),  # the turns on the tensor cores
+                   plgpu.Barrier(num_arrivals=2)]  # both halves' flags stored
+        launch |= dict(num_threads=3, thread_name="wg")
     return plgpu.kernel(kernel, scratch_types=scratch, **launch)(*fp8_codes, row_terms, key_terms, middle_end)

@@ -28,6 +28,9 @@ MOSAIC_HEAD_DIMS = (64, 128, 256)
 MOSAIC_BLOCK_QS = (64, 128)
 MOSAIC_STAGES = 2
 MOSAIC_MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory
+# block_q 128 through the split-rows estimate (two 64-row warpgroups fed by a TMA warpgroup, 256-key tiles): not
+# yet timed on the H200 (PERF_NOTES, session 9); each warpgroup keeps its own row of flags.
+MOSAIC_SPLIT_ROWS = False
 # The Mosaic GPU computation pass (pallas_kernels/mosaic_sparse_attention.py, block_q 128 only: at 64 the Triton
 # kernel measured faster) and its best knobs on the H200: kept blocks gathered into 128-key steps, two in flight
 # (PERF_NOTES, session 9: 31.5 ms against Triton's 39.0 at 128K, density 0.10).
@@ -56,9 +59,10 @@ def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str
                          f"{config.block_k}")
     key_padding = _mosaic_key_padding(config)
     padded_k_blocks = key_padding * _cdiv(k.shape[1], key_padding) // config.block_k
-    if padded_k_blocks > MOSAIC_MAX_K_BLOCKS:
+    max_k_blocks = MOSAIC_MAX_K_BLOCKS // _estimate_warpgroups(config)
+    if padded_k_blocks > max_k_blocks:
         raise ValueError(f"backend='pallas_mosaic' holds a q block's key-block flags in shared memory: at most "
-                         f"{MOSAIC_MAX_K_BLOCKS} (key length <= {MOSAIC_MAX_K_BLOCKS * config.block_k} at "
+                         f"{max_k_blocks} (key length <= {max_k_blocks * config.block_k} at "
                          f"block_k={config.block_k}), got key length {k.shape[1]} ({padded_k_blocks} blocks)")
 
 
@@ -71,9 +75,14 @@ def fits(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str) -> bool:
     return True
 
 
+def _estimate_warpgroups(config: SaleConfig) -> int:
+    """Compute warpgroups of the Mosaic estimate: 2 (the split-rows kernel) at block_q 128 when enabled."""
+    return 2 if MOSAIC_SPLIT_ROWS and config.block_q == 128 else 1
+
+
 def mosaic_estimate_tile(config: SaleConfig) -> int:
-    """Keys per Mosaic estimate tile: as many as a block_q-row f32 accumulator of a warpgroup holds."""
-    return mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q
+    """Keys per Mosaic estimate tile: as many as a warpgroup's f32 accumulator of its block_q rows holds."""
+    return mosaic_estimate.MAX_ACC_ELEMENTS * _estimate_warpgroups(config) // config.block_q
 
 
 def estimate_tile(config: SaleConfig) -> int:
@@ -153,7 +162,7 @@ def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
         quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn), 1.0 / quant.q_scale,
         row_threshold, quant.k_scale, quant.bias, jnp.asarray(_middle_ends(grid, config)), block_q=config.block_q,
         block_k=config.block_k, tile_k=mosaic_estimate_tile(config), middle_start=middle_start,
-        max_concurrent_steps=MOSAIC_STAGES,
+        max_concurrent_steps=MOSAIC_STAGES, compute_warpgroups=_estimate_warpgroups(config),
         interpret=plgpu.InterpretGPUParams() if config.interpret else False)
     indices, counts = pallas_kernels.compact_hits(
         hits, jnp.asarray(grid.row_offsets), num_slots=grid.num_slots, **regions, index_dtype=grid.index_dtype(),

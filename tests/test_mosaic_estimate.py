@@ -63,6 +63,11 @@ CASES = {
                                     block_q=64, tile_k=256, middle_start=40),
     "blocks_of_16": dict(batch=1, q_len=256, kv_len=512, q_heads=2, kv_heads=1, head_dim=64, block_q=128,
                          tile_k=128, middle_start=16, block_k=16),  # 8 blocks per chunk: two packed words
+    # compute_warpgroups=2: a 128-row q block as two 64-row warpgroups that share the key tiles.
+    "split_rows_tile256": dict(batch=1, q_len=384, kv_len=768, q_heads=4, kv_heads=2, head_dim=128, block_q=128,
+                               tile_k=256, middle_start=32, compute_warpgroups=2),
+    "split_rows_blocks_of_16": dict(batch=2, q_len=256, kv_len=512, q_heads=2, kv_heads=1, head_dim=64,
+                                    block_q=128, tile_k=128, middle_start=48, block_k=16, compute_warpgroups=2),
 }
 
 
@@ -72,6 +77,7 @@ def test_kernel_hits_equal_reference(rng, name, codes):
     """Natively the warp-level epilogue runs; in interpret mode the array-level one stands in for it."""
     case = dict(CASES[name])
     tile_k, block_k = case.pop("tile_k"), case.pop("block_k", 32)
+    compute_warpgroups = case.pop("compute_warpgroups", 1)
     knobs = dict(block_q=case["block_q"], block_k=block_k, middle_start=case["middle_start"])
     inputs = set_thresholds(rng, draw_inputs(rng, **case, block_k=block_k), knobs)
     margins = np.asarray(estimate_margins_reference(*inputs, **knobs))
@@ -81,7 +87,8 @@ def test_kernel_hits_equal_reference(rng, name, codes):
     assert 0 < want.sum() < estimated.sum(), "the case should have blocks that hit and blocks that miss"
 
     inputs[Q_CODES], inputs[K_CODES] = (jnp.asarray(inputs[i], codes) for i in (Q_CODES, K_CODES))
-    got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, interpret=INTERPRET))
+    got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, compute_warpgroups=compute_warpgroups,
+                                     interpret=INTERPRET))
     assert got.shape == want.shape and got.dtype == np.int32
     assert np.isin(got, (0, 1)).all(), f"unwritten or invalid flags: {np.unique(got)}"
     np.testing.assert_array_equal(got, want)
@@ -108,6 +115,8 @@ def valid_inputs():
     ({}, {"tile_k": 512}, "tile_k must be 64, 128 or 256"),
     ({}, {"block_k": 48}, "block_k 48 must be a multiple of 8 that divides tile_k"),
     ({}, {"middle_start": 999}, "middle_start 999 must lie in"),
+    ({}, {"compute_warpgroups": 2}, "compute_warpgroups must be 1, or 2 at block_q 128"),
+    ({}, {"compute_warpgroups": 3}, "compute_warpgroups must be 1, or 2 at block_q 128"),
 ])
 def test_bad_inputs_raise_value_error(input_changes, knob_changes, message):
     inputs, knobs = valid_inputs()
@@ -126,10 +135,11 @@ def test_accumulator_too_large_for_registers_is_refused():
         estimate_hits(*inputs, **knobs | {"block_q": 128, "tile_k": 256}, interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("block_q, tile_k, head_dim, codes", [
-    (128, 128, 128, jnp.float8_e4m3fn), (64, 128, 128, jnp.float8_e4m3fn), (64, 256, 128, jnp.int8),
-    (64, 128, 64, jnp.float8_e4m3fn), (64, 256, 256, jnp.float8_e4m3fn), (128, 64, 256, jnp.float8_e4m3fn)])
-def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes):
+@pytest.mark.parametrize("block_q, tile_k, head_dim, codes, compute_warpgroups", [
+    (128, 128, 128, jnp.float8_e4m3fn, 1), (64, 128, 128, jnp.float8_e4m3fn, 1), (64, 256, 128, jnp.int8, 1),
+    (64, 128, 64, jnp.float8_e4m3fn, 1), (64, 256, 256, jnp.float8_e4m3fn, 1), (128, 64, 256, jnp.float8_e4m3fn, 1),
+    (128, 256, 128, jnp.float8_e4m3fn, 2), (128, 128, 64, jnp.float8_e4m3fn, 2)])
+def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warpgroups):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas (it assumes sm_90 when no GPU is present)."""
     batch, length, q_heads, kv_heads = 1, 2048, 4, 2
@@ -137,7 +147,8 @@ def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes):
               ((batch, q_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((length // block_q,), jnp.int32)]
-    kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128))
+    kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128,
+                                       compute_warpgroups=compute_warpgroups))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
 

@@ -165,6 +165,24 @@ def test_mosaic_selection_matches_reference_and_oracle(rng, trial):
     _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads))
 
 
+def test_mosaic_selection_through_the_split_rows_estimate(rng, monkeypatch):
+    """block_q 128 routed through the split-rows estimate (two 64-row warpgroups, 256-key tiles), as
+    `MOSAIC_SPLIT_ROWS` turns it on."""
+    from sale_jax import pallas_backend
+    monkeypatch.setattr(pallas_backend, "MOSAIC_SPLIT_ROWS", True)
+    launches = []
+    estimate_hits = pallas_kernels.estimate_hits
+    monkeypatch.setattr(pallas_backend.pallas_kernels, "estimate_hits",
+                        lambda *args, **knobs: launches.append(knobs) or estimate_hits(*args, **knobs))
+    config = sale_jax.SaleConfig(block_q=128, block_k=16, sink_tokens=16, local_tokens=32, dense_below=0,
+                                 backend="pallas_mosaic", interpret=INTERPRET)
+    case = cases.Case(batch=1, q_len=448, kv_len=512, q_heads=2, kv_heads=1, head_dim=64, config=config)
+    q, k, _ = cases.draw_structured_qkv(rng, case, jnp.bfloat16)
+    _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads))
+    [knobs] = launches
+    assert (knobs["compute_warpgroups"], knobs["tile_k"]) == (2, 256)
+
+
 def test_sale_attention_mosaic_backend_matches_oracle(rng):
     case = draw_mosaic_case(rng)
     q, k, v = cases.draw_structured_qkv(rng, case, jnp.bfloat16)
