@@ -337,7 +337,7 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
     plgpu.wait_smem_to_gmem(0)
 
 
-_SPLIT_ROWS = 64  # rows of a q block per compute warpgroup in the split kernel (wgmma's M)
+SPLIT_ROWS = 64  # rows of a q block per compute warpgroup in the split kernel (wgmma's M)
 
 
 def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
@@ -350,7 +350,7 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
 
     Each warpgroup ORs its flags into its own row of `hits_smem` (no ordering between them); after the last tile
     the first combines both rows, keeps the blocks in [first_block, end_block) and copies the result out."""
-    block_q = 2 * _SPLIT_ROWS
+    block_q = 2 * SPLIT_ROWS
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
     q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")  # longest rows first
@@ -368,7 +368,7 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
 
     @pl.when(wg < 2)
     def _():
-        rows = pl.ds(q_block * block_q + wg * _SPLIT_ROWS, _SPLIT_ROWS)
+        rows = pl.ds(q_block * block_q + wg * SPLIT_ROWS, SPLIT_ROWS)
         plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem.at[wg], q_barriers.at[wg])
         plgpu.copy_gmem_to_smem(row_terms_gmem.at[batch, head, rows], row_terms_smem.at[wg], q_barriers.at[2 + wg])
         hits_smem[wg] = jnp.zeros(hits_smem.shape[1:], jnp.int32)
@@ -390,7 +390,7 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
             take_turn()  # the other warpgroup issues its wgmmas while this one waits for its own
             return acc_ref[...]
 
-        excess_over_scale = pl.run_scoped(mma, plgpu.ACC((_SPLIT_ROWS, tile_k), jnp.float32))
+        excess_over_scale = pl.run_scoped(mma, plgpu.ACC((SPLIT_ROWS, tile_k), jnp.float32))
         tile = first_tile + indices[0]
         my_flags = hits_smem.at[wg]
         if warp_level:
@@ -453,8 +453,8 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         raise ValueError(f"tile_k must be 64, 128 or 256 (wgmma N is at most 256), got {tile_k}")
     if block_k <= 0 or block_k % 8 or tile_k % block_k:
         raise ValueError(f"block_k {block_k} must be a multiple of 8 that divides tile_k {tile_k}")
-    if compute_warpgroups not in (1, 2) or (compute_warpgroups == 2 and block_q != 2 * _SPLIT_ROWS):
-        raise ValueError(f"compute_warpgroups must be 1, or 2 at block_q {2 * _SPLIT_ROWS}, got {compute_warpgroups} "
+    if compute_warpgroups not in (1, 2) or (compute_warpgroups == 2 and block_q != 2 * SPLIT_ROWS):
+        raise ValueError(f"compute_warpgroups must be 1, or 2 at block_q {2 * SPLIT_ROWS}, got {compute_warpgroups} "
                          f"at block_q {block_q}")
     rows_per_warpgroup = block_q // compute_warpgroups
     if rows_per_warpgroup * tile_k > MAX_ACC_ELEMENTS:
@@ -492,7 +492,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                    plgpu.Barrier(num_barriers=2)]  # barriers: the q codes and the row terms
     else:
         kernel = functools.partial(_split_rows_kernel, **knobs)
-        halves = (2, _SPLIT_ROWS)
+        halves = (2, SPLIT_ROWS)
         scratch = [plgpu.SMEM((*halves, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim)),
                    plgpu.SMEM((*halves, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
                    plgpu.SMEM((2, padded_flags), jnp.int32),

@@ -21,16 +21,17 @@ from sale_jax.reference.quantize import column_bias, smoothing_means
 ESTIMATE_TILE = 128  # keys per low-bit estimate tile; int8 dots run the tensor cores far better at 128 than at 32
 MIN_TILE = 16  # Triton's smallest dot operand dimension
 MIN_HEAD_DIM = 32  # int8 tensor-core dots contract over at least 32 (Hopper's int8 MMA k); 16 gave wrong estimates
-# The Mosaic GPU estimate (pallas_kernels/mosaic_estimate.py) and its best measured knobs on the H200: fp8 codes,
-# the widest key tile one warpgroup's accumulator holds (128 keys at block_q 128, 256 at 64), two tiles in flight
-# (experiments/results/PERF_NOTES.md, session 9).
+# The Mosaic GPU estimate (pallas_kernels/mosaic_estimate.py) and its best measured launches on the H200
+# (experiments/results/PERF_NOTES.md, sessions 9 and 10), fp8 codes: one warpgroup per q block with the widest key
+# tile its accumulator holds (128 keys at block_q 128, 256 at 64), two tiles in flight; at block_q 128 from 64K
+# keys, the split-rows kernel (two 64-row warpgroups fed by a TMA warpgroup, 256-key tiles, three in flight):
+# 15.3 vs 16.2 ms at 64K and 64.6 vs 67.9 at 128K, but 3.99 vs 3.79 at 32K.
 MOSAIC_HEAD_DIMS = (64, 128, 256)
 MOSAIC_BLOCK_QS = (64, 128)
 MOSAIC_STAGES = 2
-MOSAIC_MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory
-# block_q 128 through the split-rows estimate (two 64-row warpgroups fed by a TMA warpgroup, 256-key tiles): not
-# yet timed on the H200 (PERF_NOTES, session 9); each warpgroup keeps its own row of flags.
-MOSAIC_SPLIT_ROWS = False
+MOSAIC_SPLIT_ROWS_FROM = 65536
+MOSAIC_SPLIT_ROWS_STAGES = 3
+MOSAIC_MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory (half each with split rows)
 # The Mosaic GPU computation pass (pallas_kernels/mosaic_sparse_attention.py, block_q 128 only: at 64 the Triton
 # kernel measured faster) and its best knobs on the H200: kept blocks gathered into 128-key steps, two in flight
 # (PERF_NOTES, session 9: 31.5 ms against Triton's 39.0 at 128K, density 0.10).
@@ -54,15 +55,13 @@ def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str
     if config.block_q not in MOSAIC_BLOCK_QS:
         raise ValueError(f"backend='pallas_mosaic' needs block_q in {MOSAIC_BLOCK_QS} (wgmma rows), got "
                          f"{config.block_q}")
-    if config.block_k > mosaic_estimate_tile(config):
-        raise ValueError(f"backend='pallas_mosaic' needs block_k <= {mosaic_estimate_tile(config)}, got "
-                         f"{config.block_k}")
-    key_padding = _mosaic_key_padding(config)
-    padded_k_blocks = key_padding * _cdiv(k.shape[1], key_padding) // config.block_k
-    max_k_blocks = MOSAIC_MAX_K_BLOCKS // _estimate_warpgroups(config)
-    if padded_k_blocks > max_k_blocks:
+    one_warpgroup = _one_warpgroup_launch(config)
+    if config.block_k > one_warpgroup.tile_k:
+        raise ValueError(f"backend='pallas_mosaic' needs block_k <= {one_warpgroup.tile_k}, got {config.block_k}")
+    padded_k_blocks = _padded_key_blocks(k.shape[1], config, one_warpgroup)
+    if padded_k_blocks > MOSAIC_MAX_K_BLOCKS:
         raise ValueError(f"backend='pallas_mosaic' holds a q block's key-block flags in shared memory: at most "
-                         f"{max_k_blocks} (key length <= {max_k_blocks * config.block_k} at "
+                         f"{MOSAIC_MAX_K_BLOCKS} (key length <= {MOSAIC_MAX_K_BLOCKS * config.block_k} at "
                          f"block_k={config.block_k}), got key length {k.shape[1]} ({padded_k_blocks} blocks)")
 
 
@@ -75,14 +74,30 @@ def fits(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str) -> bool:
     return True
 
 
-def _estimate_warpgroups(config: SaleConfig) -> int:
-    """Compute warpgroups of the Mosaic estimate: 2 (the split-rows kernel) at block_q 128 when enabled."""
-    return 2 if MOSAIC_SPLIT_ROWS and config.block_q == 128 else 1
+class EstimateLaunch(NamedTuple):
+    """`mosaic_estimate.estimate_hits`' knobs for one call."""
+    compute_warpgroups: int
+    tile_k: int
+    max_concurrent_steps: int
 
 
-def mosaic_estimate_tile(config: SaleConfig) -> int:
-    """Keys per Mosaic estimate tile: as many as a warpgroup's f32 accumulator of its block_q rows holds."""
-    return mosaic_estimate.MAX_ACC_ELEMENTS * _estimate_warpgroups(config) // config.block_q
+def _one_warpgroup_launch(config: SaleConfig) -> EstimateLaunch:
+    """The widest key tile one warpgroup's f32 accumulator of block_q rows holds."""
+    return EstimateLaunch(1, mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, MOSAIC_STAGES)
+
+
+def mosaic_estimate_launch(kv_len: int, config: SaleConfig) -> EstimateLaunch:
+    """The measured best launch (see MOSAIC_SPLIT_ROWS_FROM): the split-rows kernel at block_q 128 from that many
+    keys, where its two rows of flags (one per warpgroup) fit in shared memory; one warpgroup otherwise."""
+    split = EstimateLaunch(2, 2 * mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, MOSAIC_SPLIT_ROWS_STAGES)
+    if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= MOSAIC_SPLIT_ROWS_FROM
+            and 2 * _padded_key_blocks(kv_len, config, split) <= MOSAIC_MAX_K_BLOCKS):
+        return split
+    return _one_warpgroup_launch(config)
+
+
+def _padded_key_blocks(kv_len: int, config: SaleConfig, launch: EstimateLaunch) -> int:
+    return _mosaic_key_padding(config, launch) * _cdiv(kv_len, _mosaic_key_padding(config, launch)) // config.block_k
 
 
 def estimate_tile(config: SaleConfig) -> int:
@@ -131,9 +146,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _mosaic_key_padding(config: SaleConfig) -> int:
+def _mosaic_key_padding(config: SaleConfig, launch: EstimateLaunch) -> int:
     """Keys pad to whole estimate tiles and to whole compaction chunks of flags."""
-    return max(mosaic_estimate_tile(config), pallas_kernels.COMPACTION_CHUNK * config.block_k)
+    return max(launch.tile_k, pallas_kernels.COMPACTION_CHUNK * config.block_k)
 
 
 def _middle_ends(grid: BlockGrid, config: SaleConfig) -> np.ndarray:
@@ -151,7 +166,8 @@ def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
     fp8 codes, which hold the 4-bit codes exactly), their compaction into the kept-block lists (Triton). The same
     decisions as `select_blocks_pallas` up to float rounding at the threshold."""
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    quant = quantize(q, k, config, _mosaic_key_padding(config))
+    launch = mosaic_estimate_launch(k.shape[1], config)
+    quant = quantize(q, k, config, _mosaic_key_padding(config, launch))
     regions = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q, block_k=config.block_k,
                    sink_tokens=config.sink_tokens, local_tokens=config.local_tokens)
     row_threshold = pallas_kernels.row_thresholds(
@@ -161,8 +177,7 @@ def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
     hits = pallas_kernels.estimate_hits(
         quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn), 1.0 / quant.q_scale,
         row_threshold, quant.k_scale, quant.bias, jnp.asarray(_middle_ends(grid, config)), block_q=config.block_q,
-        block_k=config.block_k, tile_k=mosaic_estimate_tile(config), middle_start=middle_start,
-        max_concurrent_steps=MOSAIC_STAGES, compute_warpgroups=_estimate_warpgroups(config),
+        block_k=config.block_k, middle_start=middle_start, **launch._asdict(),
         interpret=plgpu.InterpretGPUParams() if config.interpret else False)
     indices, counts = pallas_kernels.compact_hits(
         hits, jnp.asarray(grid.row_offsets), num_slots=grid.num_slots, **regions, index_dtype=grid.index_dtype(),

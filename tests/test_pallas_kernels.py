@@ -14,7 +14,8 @@ import pytest
 import pallas_kernels
 import sale_jax
 import sale_jax.config
-from sale_jax import api
+from pallas_kernels import mosaic_estimate
+from sale_jax import api, pallas_backend
 from sale_jax.reference import block_sparse_attention_reference, quantize_reference
 from sale_jax.reference.common import pad_axis
 from sale_jax.reference.quantize import smoothing_means
@@ -74,7 +75,6 @@ def test_quantize_kernel_equals_reference(rng, dtype, granularity):
 
 def _kernel_layout(q, k, tau, config):
     """The selection kernels' layout, from poisoned buffers, through the same glue the API uses."""
-    from sale_jax import pallas_backend
     grid = sale_jax.BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     lists = [poisoned((q.shape[0], q.shape[2], grid.num_slots), grid.index_dtype()),
              poisoned((q.shape[0], q.shape[2], grid.num_q_blocks), jnp.int32)]
@@ -166,10 +166,9 @@ def test_mosaic_selection_matches_reference_and_oracle(rng, trial):
 
 
 def test_mosaic_selection_through_the_split_rows_estimate(rng, monkeypatch):
-    """block_q 128 routed through the split-rows estimate (two 64-row warpgroups, 256-key tiles), as
-    `MOSAIC_SPLIT_ROWS` turns it on."""
-    from sale_jax import pallas_backend
-    monkeypatch.setattr(pallas_backend, "MOSAIC_SPLIT_ROWS", True)
+    """block_q 128 routed through the split-rows estimate (two 64-row warpgroups, 256-key tiles), as long keys
+    are (here from 0 keys on)."""
+    monkeypatch.setattr(pallas_backend, "MOSAIC_SPLIT_ROWS_FROM", 0)
     launches = []
     estimate_hits = pallas_kernels.estimate_hits
     monkeypatch.setattr(pallas_backend.pallas_kernels, "estimate_hits",
@@ -180,7 +179,19 @@ def test_mosaic_selection_through_the_split_rows_estimate(rng, monkeypatch):
     q, k, _ = cases.draw_structured_qkv(rng, case, jnp.bfloat16)
     _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads))
     [knobs] = launches
-    assert (knobs["compute_warpgroups"], knobs["tile_k"]) == (2, 256)
+    assert (knobs["compute_warpgroups"], knobs["tile_k"], knobs["max_concurrent_steps"]) == (
+        2, 256, pallas_backend.MOSAIC_SPLIT_ROWS_STAGES)
+
+
+@pytest.mark.parametrize("block_q, block_k, kv_len, warpgroups", [
+    (128, 32, 32768, 1), (128, 32, 65536, 2), (128, 32, 131072, 2), (64, 32, 131072, 1),
+    (128, 16, 131072, 2), (128, 16, 262144, 1),  # 16384 blocks: one row of flags fits, two do not
+])
+def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, warpgroups):
+    config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k)
+    launch = pallas_backend.mosaic_estimate_launch(kv_len, config)
+    assert launch.compute_warpgroups == warpgroups
+    assert launch.tile_k * block_q // warpgroups == mosaic_estimate.MAX_ACC_ELEMENTS
 
 
 def test_sale_attention_mosaic_backend_matches_oracle(rng):
