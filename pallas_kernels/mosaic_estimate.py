@@ -30,8 +30,9 @@ How (each step measured on the H200, experiments/results/PERF_NOTES.md):
   the tensor cores. Two consumer warpgroups taking turns (FA3's ping-pong) measured slower with the array-level
   epilogue; three tiles in flight, and the offsets as FMAs in the epilogue instead of a tf32 wgmma, measured
   slower with the warp-level one.
-- `compute_warpgroups=2` (not yet timed): a 128-row q block's halves as two warpgroups taking turns on the
-  tensor cores, fed by a TMA warpgroup, with 256-key tiles (`_split_rows_kernel`).
+- `compute_warpgroups=2`: a 128-row q block's halves as two warpgroups taking turns on the tensor cores, fed by
+  a TMA warpgroup, with 256-key tiles (`_split_rows_kernel`): with three tiles in flight 5% faster than one
+  warpgroup at 64K and 128K keys, 5% slower at 32K (PERF_NOTES, session 10).
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
 `tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag
