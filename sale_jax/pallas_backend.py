@@ -86,11 +86,12 @@ def _one_warpgroup_launch(config: SaleConfig) -> EstimateLaunch:
     return EstimateLaunch(1, mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, MOSAIC_STAGES)
 
 
-def mosaic_estimate_launch(kv_len: int, config: SaleConfig) -> EstimateLaunch:
+def mosaic_estimate_launch(kv_len: int, head_dim: int, config: SaleConfig) -> EstimateLaunch:
     """The measured best launch (see MOSAIC_SPLIT_ROWS_FROM): the split-rows kernel at block_q 128 from that many
-    keys, where its two rows of flags (one per warpgroup) fit in shared memory; one warpgroup otherwise."""
+    keys, where its two rows of flags (one per warpgroup) fit in shared memory; one warpgroup otherwise. Not at
+    head_dim 256: three stages of 256-key tiles would take 216 KB before the q codes and flags."""
     split = EstimateLaunch(2, 2 * mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, MOSAIC_SPLIT_ROWS_STAGES)
-    if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= MOSAIC_SPLIT_ROWS_FROM
+    if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= MOSAIC_SPLIT_ROWS_FROM and head_dim <= 128
             and 2 * _padded_key_blocks(kv_len, config, split) <= MOSAIC_MAX_K_BLOCKS):
         return split
     return _one_warpgroup_launch(config)
@@ -166,7 +167,7 @@ def select_blocks_mosaic(q: jax.Array, k: jax.Array, tau: jax.Array, config: Sal
     fp8 codes, which hold the 4-bit codes exactly), their compaction into the kept-block lists (Triton). The same
     decisions as `select_blocks_pallas` up to float rounding at the threshold."""
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    launch = mosaic_estimate_launch(k.shape[1], config)
+    launch = mosaic_estimate_launch(k.shape[1], k.shape[-1], config)
     quant = quantize(q, k, config, _mosaic_key_padding(config, launch))
     regions = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q, block_k=config.block_k,
                    sink_tokens=config.sink_tokens, local_tokens=config.local_tokens)

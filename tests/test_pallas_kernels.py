@@ -183,13 +183,14 @@ def test_mosaic_selection_through_the_split_rows_estimate(rng, monkeypatch):
         2, 256, pallas_backend.MOSAIC_SPLIT_ROWS_STAGES)
 
 
-@pytest.mark.parametrize("block_q, block_k, kv_len, warpgroups", [
-    (128, 32, 32768, 1), (128, 32, 65536, 2), (128, 32, 131072, 2), (64, 32, 131072, 1),
-    (128, 16, 131072, 2), (128, 16, 262144, 1),  # 16384 blocks: one row of flags fits, two do not
+@pytest.mark.parametrize("block_q, block_k, kv_len, head_dim, warpgroups", [
+    (128, 32, 32768, 128, 1), (128, 32, 65536, 128, 2), (128, 32, 131072, 64, 2), (64, 32, 131072, 128, 1),
+    (128, 32, 131072, 256, 1),  # three stages of 256 x 256-byte key tiles would not fit in shared memory
+    (128, 16, 131072, 128, 2), (128, 16, 262144, 128, 1),  # 16384 blocks: one row of flags fits, two do not
 ])
-def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, warpgroups):
+def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, head_dim, warpgroups):
     config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k)
-    launch = pallas_backend.mosaic_estimate_launch(kv_len, config)
+    launch = pallas_backend.mosaic_estimate_launch(kv_len, head_dim, config)
     assert launch.compute_warpgroups == warpgroups
     assert launch.tile_k * block_q // warpgroups == mosaic_estimate.MAX_ACC_ELEMENTS
 
