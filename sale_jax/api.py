@@ -121,7 +121,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | Non
 
     By default: cuDNN flash attention on GPU for bf16/fp16 with `T == S`; our Pallas flash kernel over every
     visible block on GPU for `T < S` where its shape limits allow (cuDNN has no bottom-right causal mask here, and
-    XLA would materialize the `[T, S]` scores); XLA elsewhere. `implementation` ("cudnn" or "xla") forces `jax.nn.dot_product_attention`'s.
+    XLA would materialize the `[T, S]` scores); XLA elsewhere. `implementation` ("cudnn" or "xla") forces
+    `jax.nn.dot_product_attention`'s.
     """
     checks.check_qkv(q, k, v)
     return _dense_attention(q, k, v, scale, implementation)

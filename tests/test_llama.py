@@ -47,7 +47,8 @@ def test_train_forward_matches_hugging_face_and_returns_every_layers_residual():
 
 
 def test_sale_with_tau_zero_matches_the_dense_model():
-    sale = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
+    sale = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=16,
+                               backend="reference")
     dense_model = checkpoint.load_llama(FIXTURE, dtype="float32")
     sale_model = llama.with_attention(dense_model, "sale", sale)
     assert sale_model.config.attention == "sale" and dense_model.config.attention == "dense"
@@ -129,7 +130,8 @@ def test_padded_batch_and_greedy_decoding_match_one_sequence_at_a_time(rng):
 
 
 def test_attention_inputs_are_the_dense_forward_and_calibration_meets_its_bound(tmp_path, rng):
-    sale = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
+    sale = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=16,
+                               backend="reference")
     model = checkpoint.load_llama(FIXTURE, dtype="float32", attention="sale", sale=sale)
     dense_model = checkpoint.load_llama(FIXTURE, dtype="float32")
     prompt = jnp.asarray(rng.integers(0, 256, size=(1, 200)), jnp.int32)
@@ -157,7 +159,8 @@ def test_attention_inputs_are_the_dense_forward_and_calibration_meets_its_bound(
 
 def test_new_thresholds_do_not_recompile_the_prefill(rng, caplog):
     import logging
-    sale = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference")
+    sale = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=16,
+                               backend="reference")
     model = llama.with_attention(checkpoint.load_llama(FIXTURE, dtype="float32"), "sale", sale)
     tokens, _ = _fixture_inputs()
     lengths = jnp.full((2,), 40)

@@ -110,8 +110,8 @@ def test_selection_kernel_middle_off_the_estimate_tile(rng):
     """Middle keys start at 16, off the 128-key estimate tile, and the keys pad to 384: a tile walk that starts at
     the middle would run past the padded keys in its last tile (in interpret mode, a clamped slice that shifts
     block 16's keys onto block 17). A needle in block 16 for the last query rows makes such a shift visible."""
-    config = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=70, backend="pallas",
-                                 interpret=INTERPRET)
+    config = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=70,
+                                 backend="pallas", interpret=INTERPRET)
     case = cases.Case(batch=1, q_len=370, kv_len=370, q_heads=2, kv_heads=1, head_dim=32, config=config)
     q, k, _ = cases.draw_structured_qkv(rng, case, jnp.float32)
     needle = 4.0 * q[:, 368:370].mean(axis=(1, 2))

@@ -102,13 +102,14 @@ def test_dense_below_defaults_to_the_backends_measured_crossover(backend, block_
 
 def test_default_dense_below_sends_short_keys_to_dense(rng):
     """The default (None) resolves inside `sale_attention`: the reference backend's crossover is far above these
-    512 keys, so the call keeps every visible block, where dense_below=0 runs the selection and drops some."""
+    512 keys, so the call keeps every visible block, where dense_below=0 runs the selection, which at tau 1e30
+    keeps only the sink and local blocks (random inputs at tau 0.5 could keep every block)."""
     layouts = {}
     for dense_below in (None, 0):
         config = sale_jax.SaleConfig(block_q=64, block_k=32, backend="reference", dense_below=dense_below)
         case = cases.Case(batch=1, q_len=512, kv_len=512, q_heads=2, kv_heads=1, head_dim=32, config=config)
         q, k, v = cases.draw_qkv(rng, case)
-        _, layouts[dense_below] = sale_jax.sale_attention(q, k, v, jnp.full(case.q_heads, 0.5), config,
+        _, layouts[dense_below] = sale_jax.sale_attention(q, k, v, jnp.full(case.q_heads, 1e30), config,
                                                           return_layout=True)
     assert oracle.keeps_every_visible_block(layouts[None])
     assert float(layouts[0].density()) < 1.0
