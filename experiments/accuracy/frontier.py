@@ -1,8 +1,9 @@
 """The accuracy-density frontier: SALE against other block selections, at equal density, on LLM-like inputs.
 
-    python -m experiments.frontier --output_dir=experiments/results/frontier_cpu          # CPU-sized
-    python -m experiments.frontier --seq_len=32768 --q_heads=32 --kv_heads=8 --head_dim=128 \
-        --output_dir=experiments/results/frontier_h200                                     # on the H200
+    python -m experiments.accuracy.frontier --seq_len=8192 --head_dim=128 \
+        --output=experiments/results/frontier/cpu/frontier.json                          # on a CPU
+    python -m experiments.accuracy.frontier --seq_len=32768 --q_heads=32 --kv_heads=8 --head_dim=128 \
+        --output=experiments/results/frontier/h200/frontier.json                         # on the H200
 
 Methods (all keep the same sink and local blocks; they differ in how they pick middle blocks):
   sale           SALE's 4-bit estimate and relative score, one point per uniform tau;
@@ -13,14 +14,11 @@ Methods (all keep the same sink and local blocks; they differ in how they pick m
   pooled_topk    top middle blocks by mean-pooled block scores, per fraction of each row's middle blocks;
   xattention_s8 / xattention_s16   XAttention's antidiagonal estimate (stride 8 / 16), per cumulative threshold.
 Error is measured against attention over every visible block computed the same way, so it is the selection's
-error alone. Writes frontier.json (per head and overall: density, per-row L1, relative L2, needle recall, and the
-estimate's cost in multiply-adds) and frontier.png (per-row L1 error against density).
+error alone. Writes the JSON (per head and overall: density, per-row L1, relative L2, needle recall, and the
+estimate's cost in multiply-adds) and, beside it, a plot of per-row L1 error against density.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,24 +26,23 @@ import numpy as np
 from absl import app, flags
 
 import sale_jax
-from sale_jax import workloads
-from sale_jax.reference import baselines
+from experiments.lib import flags as common, results
+from sale_jax import baselines, workloads
 from sale_jax.reference.selection import selection_margins_reference
 
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Tokens (queries = keys).")
-_Q_HEADS = flags.DEFINE_integer("q_heads", 8, "Query heads.")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "Key/value heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension.")
-_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"], "auto: bf16 on GPU, f32 elsewhere.")
-_TAUS = flags.DEFINE_list("taus", ["0.1", "0.03", "0.008", "0.002", "0.0005", "0.0001"], "Uniform SALE thresholds.")
-_THETAS = flags.DEFINE_list("thetas", ["1.6", "0.8", "0.4", "0.2", "0.1"], "Calibration bounds.")
-_TOPK = flags.DEFINE_list("topk_fractions", ["0.02", "0.05", "0.1", "0.2", "0.4", "0.7"],
-                          "Fractions of each row's middle blocks kept by pooled top-k.")
-_XATTN = flags.DEFINE_list("xattention_thresholds", ["0.5", "0.7", "0.8", "0.9", "0.95", "0.99"],
-                           "XAttention cumulative-mass thresholds.")
-_STRIDES = flags.DEFINE_list("strides", ["8", "16"], "XAttention strides.")
+_SEQ_LEN = common.define_seq_len(4096)
+_HEADS = common.HeadFlags.define(q_heads=8, kv_heads=2, head_dim=64)
+_DTYPE = common.define_dtype("auto")
+_SALE = common.SaleFlags.define(backend="auto")
+_TAUS = common.define_numbers("taus", [0.1, 0.03, 0.008, 0.002, 0.0005, 0.0001], "Uniform SALE thresholds.")
+_THETAS = common.define_numbers("thetas", [1.6, 0.8, 0.4, 0.2, 0.1], "Calibration bounds.")
+_TOPK = common.define_numbers("topk_fractions", [0.02, 0.05, 0.1, 0.2, 0.4, 0.7],
+                              "Fractions of each row's middle blocks kept by pooled top-k.")
+_XATTN = common.define_numbers("xattention_thresholds", [0.5, 0.7, 0.8, 0.9, 0.95, 0.99],
+                               "XAttention cumulative-mass thresholds.")
+_STRIDES = common.define_numbers("strides", [8, 16], "XAttention strides.", kind=int)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluated sample (calibration uses seed + 1).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for frontier.json and frontier.png.", required=True)
+_OUTPUT = common.define_output()
 
 
 def _metrics(out, dense, layout, needle_rows, needle_keys, config) -> dict:
@@ -88,17 +85,17 @@ def _estimate_cost(method: str, grid: sale_jax.BlockGrid, head_dim: int, middle_
 
 def main(argv):
     del argv
-    dtype = _DTYPE.value if _DTYPE.value != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
-    dtype = jnp.dtype(dtype)
-    shape = (1, _SEQ_LEN.value, _Q_HEADS.value, _KV_HEADS.value, _HEAD_DIM.value)
+    dtype = common.resolve_dtype(_DTYPE.value)
+    head_dim = _HEADS.head_dim.value
+    shape = (1, _SEQ_LEN.value, *_HEADS.values())
     # One "model" (head_seed) and two prompts: calibrate on one, evaluate on the other.
     work = workloads.llm_like_qkv(_SEED.value, *shape, dtype=dtype, head_seed=_SEED.value)
     calibration_work = workloads.llm_like_qkv(_SEED.value + 1, *shape, dtype=dtype, head_seed=_SEED.value)
     q, k, v = work.q, work.k, work.v
-    config = sale_jax.SaleConfig(dense_below=0)
-    reference_config = sale_jax.SaleConfig(backend="reference", dense_below=0)
+    config = _SALE.config(dense_below=0)
+    reference_config = _SALE.config(backend="reference", dense_below=0)
     grid = sale_jax.BlockGrid(_SEQ_LEN.value, _SEQ_LEN.value, config.block_q, config.block_k)
-    batch, heads = 1, _Q_HEADS.value
+    batch, heads = 1, _HEADS.q_heads.value
     dense = sale_jax.block_sparse_attention(q, k, v, sale_jax.BlockLayout.all_visible(batch, heads, grid), config)
 
     always = baselines.always_kept_blocks(grid, config)
@@ -113,7 +110,7 @@ def main(argv):
         out = sale_jax.block_sparse_attention(q, k, v, layout, config)
         point = {"method": method, "knob": knob}
         point.update(_metrics(out, dense, layout, work.needle_rows, work.needle_keys, config))
-        point.update(_estimate_cost(method, grid, _HEAD_DIM.value, middle_pairs, reference_pairs, stride))
+        point.update(_estimate_cost(method, grid, head_dim, middle_pairs, reference_pairs, stride))
         points.append(point)
         print(f"{method:<16} {knob:<22} density {point['density']:.3f}  L1/row {point['l1_per_row']:.4f}  "
               f"rel L2 {point['relative_l2']:.4f}  needles {point['needle_recall']:.2f}", flush=True)
@@ -122,11 +119,11 @@ def main(argv):
         always_kept, margins = selection_margins_reference(q, k, tau, reference_config, estimator)
         return always_kept | (margins > 0)
 
-    for tau in map(float, _TAUS.value):
+    for tau in _TAUS.value:
         uniform = jnp.full((heads,), tau, jnp.float32)
         evaluate("sale", f"tau={tau}", sale_jax.select_blocks(q, k, uniform, config).to_mask())
         evaluate("sale_exact", f"tau={tau}", sale_mask(uniform, "exact"))
-    for theta in map(float, _THETAS.value):
+    for theta in _THETAS.value:
         calibrated = sale_jax.calibrate(
             [[(calibration_work.q, calibration_work.k, calibration_work.v)]], 1, heads, config, theta=theta,
             progress=False)
@@ -134,28 +131,25 @@ def main(argv):
                  sale_jax.select_blocks(q, k, calibrated.layer(0), config).to_mask())
         points[-1]["tau_per_head"] = np.asarray(calibrated.layer(0)).tolist()
     evaluate("sink_local", "-", baselines.sink_local_mask(batch, heads, grid, config))
-    for fraction in map(float, _TOPK.value):
+    for fraction in _TOPK.value:
         evaluate("pooled_topk", f"fraction={fraction}", baselines.pooled_topk_mask(q, k, grid, config, fraction))
-    for stride in map(int, _STRIDES.value):
-        for threshold in map(float, _XATTN.value):
+    for stride in _STRIDES.value:
+        for threshold in _XATTN.value:
             evaluate(f"xattention_s{stride}", f"threshold={threshold}",
                      baselines.xattention_mask(q, k, grid, config, stride, threshold), stride)
 
-    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-    with open(os.path.join(_OUTPUT_DIR.value, "frontier.json"), "w") as f:
-        json.dump({"device": jax.devices()[0].device_kind, "backend": config.resolved_backend(),
-                   "shape": {"batch": batch, "seq_len": _SEQ_LEN.value, "q_heads": heads,
-                             "kv_heads": _KV_HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": dtype.name},
-                   "seed": _SEED.value, "dense_macs_per_head": grid.q_len * grid.kv_len * _HEAD_DIM.value,
-                   "points": points}, f, indent=1)
-    _plot(points, os.path.join(_OUTPUT_DIR.value, "frontier.png"))
+    plot = results.plot_path(_OUTPUT.value)
+    results.write(_OUTPUT.value, {
+        "backend": config.resolved_backend(),
+        "shape": {"batch": batch, "seq_len": _SEQ_LEN.value, "q_heads": heads, "kv_heads": _HEADS.kv_heads.value,
+                  "head_dim": head_dim, "dtype": dtype.name},
+        "seed": _SEED.value, "dense_macs_per_head": grid.q_len * grid.kv_len * head_dim, "points": points},
+        config, files=[plot])
+    _plot(points, plot)
 
 
 def _plot(points, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = results.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(p["method"] for p in points):
         pts = sorted((p["density"], max(p["l1_per_row"], 1e-6)) for p in points if p["method"] == method)

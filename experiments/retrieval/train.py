@@ -1,24 +1,25 @@
-"""Trains a small byte-level Llama on long-context key-value retrieval (experiments/retrieval_task.py).
+"""Trains a small byte-level Llama on long-context key-value retrieval (experiments/lib/retrieval_task.py).
 
 Lengths grow along a curriculum at a constant number of tokens per step; the loss is cross-entropy on the answer
 digits of the queries, plus a look-back loss: a linear probe (not part of the saved model) reads the previous
 `--lookback_tokens` tokens off the residual stream after the first layer. Without it the key match never forms
-(experiments/results/retrieval_train_h200_attempt1/NOTES.md): answering `?KK:` needs, at each record's first
+(docs/retrieval_model.md): answering `?KK:` needs, at each record's first
 digit, the key letters two and three tokens back, which the first layer has no reason to gather until a later
 layer uses them, and no later layer can use them before they are there. Every other target has a shortcut (the
 later digits are copied from whichever record the first came from), so the model settles there. The probe makes
 the first layer gather its local context everywhere; the match then forms within a few hundred steps.
 
-The committed checkpoint (experiments/results/retrieval_model, 4.85M parameters, 2,400 steps in 7 minutes on
-one H200; bfloat16 compute, dense attention on cuDNN; its log is in experiments/results/retrieval_train_h200/) is
-the default flags' run:
+The committed checkpoint (experiments/results/retrieval_training/h200/checkpoint, 4.85M parameters, 2,400 steps
+in 7 minutes on one H200; bfloat16 compute, dense attention on cuDNN; its log is beside it) is the default flags'
+run:
 
-    python -m experiments.train_retrieval --output_dir=build/run --time_limit_s=505 --data_workers=8
-    python -m experiments.export_checkpoint --checkpoint=build/run --output_dir=experiments/results/retrieval_model
+    python -m experiments.retrieval.train --output_dir=build/run --time_limit_s=505 --data_workers=8
+    python -m experiments.retrieval.export_checkpoint --checkpoint=build/run \
+        --output_dir=experiments/results/retrieval_training/h200/checkpoint
 
 A CPU smoke run (a tiny model, 40 steps, about 15 seconds):
 
-    python -m experiments.train_retrieval --output_dir=/tmp/retrieval_smoke --hidden_size=64 \
+    python -m experiments.retrieval.train --output_dir=/tmp/retrieval_smoke --hidden_size=64 \
         --intermediate_size=128 --num_layers=2 --num_heads=2 --num_kv_heads=1 --head_dim=32 \
         --curriculum=128:30,256:10 --tokens_per_step=4096 --num_records=4 --num_queries=2 --warmup_steps=5 \
         --learning_rate=3e-3 --save_every=20 --eval_lengths=128,512 --eval_sequences=16
@@ -50,7 +51,7 @@ import tqdm
 from absl import app, flags
 from flax import nnx
 
-from experiments import batch_prefetch, retrieval_accuracy, retrieval_task
+from experiments.lib import batch_prefetch, flags as common, results, retrieval_scoring, retrieval_task
 from models import checkpoint, llama
 from models.config import LlamaConfig
 
@@ -78,15 +79,12 @@ _REPLAY_FRACTION = flags.DEFINE_float(
     "contexts; 0: every step at its stage's length.", lower_bound=0.0, upper_bound=1.0)
 _PLACED_FRACTION = flags.DEFINE_float(
     "placed_fraction", 0.25, "This fraction of the steps (drawn per step from the seed) puts the queried records "
-    "next to each other at one depth, as experiments/retrieval_eval.py does: half of them at an end of the context "
-    "(depth 0 or 1: the farthest back, or right before the queries), half at a uniformly drawn depth; scattered "
-    "records rarely land there. 0: every step scatters them.", lower_bound=0.0, upper_bound=1.0)
+    "next to each other at one depth, as experiments/accuracy/retrieval_eval.py does: half of them at an end of "
+    "the context (depth 0 or 1: the farthest back, or right before the queries), half at a uniformly drawn depth; "
+    "scattered records rarely land there. 0: every step scatters them.", lower_bound=0.0, upper_bound=1.0)
 _TOKENS_PER_STEP = flags.DEFINE_integer("tokens_per_step", 131_072,
                                         "Tokens per step: the batch is this // length, at least 1.", lower_bound=1)
-_NUM_RECORDS = flags.DEFINE_integer("num_records", 8, "Key-value records per sequence.", lower_bound=1)
-_NUM_QUERIES = flags.DEFINE_integer("num_queries", 4, "Queries per sequence (4 answer digits each).", lower_bound=1)
-_FILLER = flags.DEFINE_enum("filler", "random", list(retrieval_task.FILLERS),
-                            "Filler text between the records (experiments/retrieval_task.py).")
+_TASK = common.RetrievalTaskFlags.define()
 _FILLER_LOSS_WEIGHT = flags.DEFINE_float(
     "filler_loss_weight", 0.0, "Weight of an auxiliary next-token loss on the filler (useful with --filler=words: "
     "its repeated words train in-context matching); 0: answer digits only.", lower_bound=0.0)
@@ -110,23 +108,24 @@ _TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 0.0, "Stop (and save) once tr
                                    "0: no limit.", lower_bound=0.0)
 _DATA_WORKERS = flags.DEFINE_integer(
     "data_workers", min(8, max(0, (os.cpu_count() or 1) - 2)), "Processes building the next steps' batches while "
-    "the device trains (experiments/batch_prefetch.py; results do not depend on it); 0: built between steps.",
+    "the device trains (experiments/lib/batch_prefetch.py; results do not depend on it); 0: built between steps.",
     lower_bound=0)
 _EVAL_LENGTHS = flags.DEFINE_list("eval_lengths", [], "Lengths for the exact-match evaluation after training.")
 _EVAL_SEQUENCES = flags.DEFINE_integer("eval_sequences", 64, "Sequences evaluated per length.", lower_bound=1)
 
 # The flags that define a run: --resume refuses to continue a run under different values.
 _RUN_FLAGS = (_HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM, _ROPE_THETA,
-              _COMPUTE_DTYPE, _CURRICULUM, _REPLAY_FRACTION, _PLACED_FRACTION, _TOKENS_PER_STEP, _NUM_RECORDS,
-              _NUM_QUERIES, _FILLER, _FILLER_LOSS_WEIGHT, _LOOKBACK_TOKENS, _LOOKBACK_LOSS_WEIGHT, _LEARNING_RATE,
-              _WARMUP_STEPS, _WEIGHT_DECAY, _SEED)
+              _COMPUTE_DTYPE, _CURRICULUM, _REPLAY_FRACTION, _PLACED_FRACTION, _TOKENS_PER_STEP, _TASK.num_records,
+              _TASK.num_queries, _TASK.filler, _FILLER_LOSS_WEIGHT, _LOOKBACK_TOKENS, _LOOKBACK_LOSS_WEIGHT,
+              _LEARNING_RATE, _WARMUP_STEPS, _WEIGHT_DECAY, _SEED)
 
 ADAM_BETAS = (0.9, 0.95)
 GRADIENT_CLIP_NORM = 1.0  # guards the updates at each jump to a longer length
 FINAL_LEARNING_RATE_FRACTION = 0.1
 PARAM_DTYPE = "float32"
 # Random streams under --seed: (seed, 0, step) training batches, (seed, 1, ...) evaluation sequences, (seed, 4,
-# step) replay draws, (seed, 5, step) placement draws (experiments/retrieval_eval.py uses (seed, 2 or 3, ...)).
+# step) replay draws, (seed, 5, step) placement draws (experiments/accuracy/retrieval_eval.py uses (seed, 2 or 3,
+# ...)).
 _REPLAY_STREAM, _PLACEMENT_STREAM = 4, 5
 _STATE_FILE, _OPTIMIZER_FILE, _PROBE_FILE, _LOG_FILE, _EVAL_FILE = (
     "train_state.json", "optimizer_state.npz", "lookback_probe.npz", "train_log.jsonl", "eval.json")
@@ -275,28 +274,31 @@ def train_step(trainee: Trainee, optimizer: nnx.Optimizer, tokens: jax.Array, lo
 def evaluate(model: llama.Llama, lengths: list[int], num_sequences: int, tokens_per_step: int, num_records: int,
              num_queries: int, filler: str, seed: int, compute_dtype: str) -> dict[int, dict]:
     """Exact-match query accuracy and answer-digit accuracy at each length, on sequences no training step saw."""
-    results = {}
+    scores = {}
     for length in lengths:
         batch_size = batch_size_for(length, tokens_per_step)
         hits = []
         for index in range(math.ceil(num_sequences / batch_size)):
             data = retrieval_task.batch((seed, 1, length, index), batch_size, length, num_records, num_queries,
                                         filler=filler)
-            batch_hits, _ = retrieval_accuracy.answer_hits(_as_computed(model, compute_dtype), data.tokens,
-                                                           data.query_positions)
+            batch_hits, _ = retrieval_scoring.answer_hits(_as_computed(model, compute_dtype), data.tokens,
+                                                          data.query_positions)
             hits.append(np.asarray(batch_hits))
-        results[length] = retrieval_accuracy.summarize(np.concatenate(hits)[:num_sequences])
-    return results
+        scores[length] = retrieval_scoring.summarize(np.concatenate(hits)[:num_sequences])
+    return scores
 
 
 def save(output_dir: str, trainee: Trainee, optimizer: nnx.Optimizer, train_state: dict):
-    """The checkpoint, the probe, the optimizer state, then train_state.json (last: it says what was saved)."""
+    """The checkpoint, the probe, the optimizer state, then train_state.json (last: it says what was saved, and
+    names the files beside it)."""
     checkpoint.save_llama(trainee.model, output_dir)
+    written = [os.path.join(output_dir, "config.json"), *checkpoint.checkpoint_files(output_dir),
+               os.path.join(output_dir, _OPTIMIZER_FILE), os.path.join(output_dir, _LOG_FILE)]
     if trainee.probe is not None:
         _save_state(trainee.probe, os.path.join(output_dir, _PROBE_FILE))
+        written.append(os.path.join(output_dir, _PROBE_FILE))
     _save_state(optimizer, os.path.join(output_dir, _OPTIMIZER_FILE))
-    with open(os.path.join(output_dir, _STATE_FILE), "w") as f:
-        json.dump(train_state, f, indent=1)
+    results.write(os.path.join(output_dir, _STATE_FILE), train_state, None, files=written)
 
 
 def _save_state(node: nnx.Module | nnx.Optimizer, path: str):
@@ -348,7 +350,7 @@ def _truncate_log(path: str, step: int):
 def main(argv):
     del argv
     output_dir = _OUTPUT_DIR.value
-    num_records, num_queries = _NUM_RECORDS.value, _NUM_QUERIES.value
+    num_records, num_queries = _TASK.num_records.value, _TASK.num_queries.value
     curriculum = parse_curriculum(_CURRICULUM.value, num_records, num_queries)
     total_steps = sum(steps for _, steps in curriculum)
     try:
@@ -396,7 +398,7 @@ def main(argv):
     def batch_arguments(step):
         length = length_at(curriculum, step, _REPLAY_FRACTION.value, _SEED.value)
         return ((_SEED.value, 0, step), batch_size_for(length, _TOKENS_PER_STEP.value), length, num_records,
-                num_queries, depth_at(step, _PLACED_FRACTION.value, _SEED.value), _FILLER.value)
+                num_queries, depth_at(step, _PLACED_FRACTION.value, _SEED.value), _TASK.filler.value)
 
     def save_now(step):
         stage, length = stage_at(curriculum, step - 1)
@@ -444,12 +446,11 @@ def main(argv):
               f"saved in {output_dir}: continue with --resume")
         return
     if eval_lengths:
-        results = evaluate(model, eval_lengths, _EVAL_SEQUENCES.value, _TOKENS_PER_STEP.value, num_records,
-                           num_queries, _FILLER.value, _SEED.value, compute_dtype)
-        with open(os.path.join(output_dir, _EVAL_FILE), "w") as f:
-            json.dump({"step": step, "results": results}, f, indent=1)
+        scores = evaluate(model, eval_lengths, _EVAL_SEQUENCES.value, _TOKENS_PER_STEP.value, num_records,
+                          num_queries, _TASK.filler.value, _SEED.value, compute_dtype)
+        results.write(os.path.join(output_dir, _EVAL_FILE), {"step": step, "results": scores}, None)
         print("length   exact match   first digit   all digits   queries")
-        for length, result in results.items():
+        for length, result in scores.items():
             print(f"{length:>6}   {result['exact_match']:>11.3f}   {result['first_digit_accuracy']:>11.3f}   "
                   f"{result['digit_accuracy']:>10.3f}   {result['queries']:>7}")
 

@@ -1,25 +1,25 @@
 """Calibrates per-layer, per-head SALE thresholds and writes them to a thresholds file.
 
-    python -m experiments.calibrate --checkpoint=DIR --output=t.json --seq_len=65536 --num_samples=5
-    python -m experiments.calibrate --output=/tmp/thresholds.json        # no checkpoint: synthetic LLM-like layers
+    python -m experiments.tools.calibrate --checkpoint=DIR --output=t.json --seq_len=65536 --num_samples=5
+    python -m experiments.tools.calibrate --output=/tmp/thresholds.json   # no checkpoint: synthetic LLM-like layers
 
 With a Hugging Face Llama checkpoint, the samples are the paper's JSON key-value retrieval prompts as bytes
 (meaningful for byte-level models; pass --tokens=prompts.npy, int [N, T], for a model with its own tokenizer), and
 each layer's (q, k, v) is captured from the model's dense forward pass one layer at a time. Without one, each
 layer of each sample is an independent draw of `sale_jax.workloads.llm_like_qkv`. Either way one layer's inputs
-are in memory at a time, so long sequences stay within bounds.
+are in memory at a time, so long sequences stay within bounds. The thresholds file records the model's name,
+theta and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
 """
 
 from __future__ import annotations
 
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 import sale_jax
+from experiments.lib import flags as common
 from models import checkpoint
 from models.calibration import calibrate_model
 from sale_jax import calibration, workloads
@@ -30,16 +30,13 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Llama folder
 _TOKENS = flags.DEFINE_string("tokens", None, "With --checkpoint: prompts as an .npy of int [N, T].")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Calibration samples.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Layers (synthetic only).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Tokens per sample.")
-_Q_HEADS = flags.DEFINE_integer("q_heads", 8, "Query heads (synthetic only).")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "Key/value heads (synthetic only).")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension (synthetic only).")
-_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"],
-                           "Input dtype; auto = bfloat16 on GPU, float32 elsewhere.")
+_SEQ_LEN = common.define_seq_len(4096, "Tokens per sample.")
+_HEADS = common.HeadFlags.define(q_heads=8, kv_heads=2, head_dim=128)  # synthetic layers only
+_DTYPE = common.define_dtype("auto", "Input (or, with --checkpoint, model) dtype.")
+_SALE = common.SaleFlags.define(backend="auto")  # as at inference
 _THETA = flags.DEFINE_float("theta", calibration.DEFAULT_THETA, "Per-row L1 error bound.")
 _TAU0 = flags.DEFINE_float("tau0", sale_jax.DEFAULT_TAU, "Starting threshold.")
 _TAU_MIN = flags.DEFINE_float("tau_min", calibration.DEFAULT_TAU_MIN, "Below this a head becomes dense.")
-_BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "reference", "pallas"], "SALE backend (as at inference).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 
 
@@ -48,8 +45,7 @@ def synthetic_layer_samples(dtype):
     def layers(sample):
         for layer in range(_NUM_LAYERS.value):
             work = workloads.llm_like_qkv(_SEED.value * 1_000_003 + sample * 1009 + layer, 1, _SEQ_LEN.value,
-                                          _Q_HEADS.value, _KV_HEADS.value, _HEAD_DIM.value, dtype=dtype,
-                                          head_seed=_SEED.value * 1009 + layer)
+                                          *_HEADS.values(), dtype=dtype, head_seed=_SEED.value * 1009 + layer)
             yield work.q, work.k, work.v
 
     return [layers(sample) for sample in range(_NUM_SAMPLES.value)]
@@ -68,15 +64,13 @@ def _calibrate_checkpoint(config: sale_jax.SaleConfig, dtype: str) -> sale_jax.T
 
 def main(argv):
     del argv
-    dtype = _DTYPE.value
-    if dtype == "auto":
-        dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-    config = sale_jax.SaleConfig(backend=_BACKEND.value)
+    dtype = common.resolve_dtype(_DTYPE.value)
+    config = _SALE.config()
     if _CHECKPOINT.value:
-        thresholds = _calibrate_checkpoint(config, dtype)
+        thresholds = _calibrate_checkpoint(config, dtype.name)
     else:
         thresholds = sale_jax.calibrate(
-            synthetic_layer_samples(jnp.dtype(dtype)), _NUM_LAYERS.value, _Q_HEADS.value, config,
+            synthetic_layer_samples(dtype), _NUM_LAYERS.value, _HEADS.q_heads.value, config,
             theta=_THETA.value, tau0=_TAU0.value, tau_min=_TAU_MIN.value,
             model_name=f"synthetic-llm-like-{_SEQ_LEN.value}")
     thresholds.save(_OUTPUT.value)

@@ -1,8 +1,8 @@
 """Prefill of a Llama-shaped model with random weights: dense (cuDNN) attention against SALE, per layer and whole.
 
-    python -m experiments.bench_model --output=experiments/results/bench_model_h200.json     # 8B shape, 64K tokens
-    python -m experiments.bench_model --preset=tiny --seq_len=1024                            # CPU smoke run
-    python -m experiments.bench_model --seq_len=131072 --mesh=1,4 --output=...              # 4 GPUs, tensor-parallel
+    python -m experiments.benchmarks.model --output=experiments/results/model_prefill/h200/model.json  # 8B, 64K
+    python -m experiments.benchmarks.model --preset=tiny --seq_len=1024 --output=/tmp/model.json  # CPU smoke run
+    python -m experiments.benchmarks.model --seq_len=131072 --mesh=1,4 --output=...           # 4 GPUs, tensor-parallel
 
 Reports, on the same random prompt: each layer's attention time (dense vs SALE, on that layer's captured q/k/v,
 with the layer's kept-block density), the whole prefill's time (last-position logits only), and each compiled
@@ -22,7 +22,8 @@ from absl import app, flags
 from flax import nnx
 
 import sale_jax
-from experiments.timing import median_seconds
+from experiments.lib import flags as common, results
+from experiments.lib.timing import median_seconds
 from models import llama
 from models.config import LlamaConfig
 from models.sharding import make_mesh, shard_batch, shard_llama
@@ -31,15 +32,17 @@ from sale_jax import sharding
 _PRESET = flags.DEFINE_enum("preset", "llama_3_1_8b", ["llama_3_1_8b", "llama_3_2_3b", "llama_3_2_1b", "tiny"],
                             "Model shape.")
 _LAYERS = flags.DEFINE_integer("layers", None, "Override the number of layers.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 65536, "Prompt tokens.")
+_SEQ_LEN = common.define_seq_len(65536, "Prompt tokens.")
+_DTYPE = common.define_dtype("auto", "The model's dtype.")
+_SALE = common.SaleFlags.define(backend="auto")
 _TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform SALE threshold.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).")
+_REPEATS = common.define_repeats(3)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before them (the first one compiles).", lower_bound=1)
 _TIME_LAYERS = flags.DEFINE_bool("time_layers", True, "Also time each layer's attention alone (dense vs SALE) "
                                  "on its captured q/k/v; without it, only whole prefills are timed.")
-_MESH = flags.DEFINE_list("mesh", ["1", "1"], "Device mesh as data,model: batch on data, heads (tensor "
-                          "parallelism) on model. 1,1 = one device.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
+_MESH = common.define_numbers("mesh", [1, 1], "Device mesh as data,model: batch on data, heads (tensor "
+                              "parallelism) on model. 1,1 = one device.", kind=int)
+_OUTPUT = common.define_output()
 
 
 def _memory_bytes(fn, *args) -> int | None:
@@ -51,8 +54,7 @@ def _memory_bytes(fn, *args) -> int | None:
 
 def main(argv):
     del argv
-    on_gpu = jax.default_backend() == "gpu"
-    overrides = {"dtype": "bfloat16" if on_gpu else "float32"}
+    overrides = {"dtype": common.resolve_dtype(_DTYPE.value).name}
     if _LAYERS.value:
         overrides["num_layers"] = _LAYERS.value
     config = getattr(LlamaConfig, _PRESET.value)(**overrides)
@@ -60,7 +62,9 @@ def main(argv):
     thresholds = sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _TAU.value)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, _SEQ_LEN.value)), jnp.int32)
     lengths = jnp.asarray([_SEQ_LEN.value])
-    data, model_axis = map(int, _MESH.value)
+    if len(_MESH.value) != 2:
+        raise ValueError(f"--mesh takes two sizes, data,model; got {_MESH.value}")
+    data, model_axis = _MESH.value
     mesh = None
     attend, dense_attend = sale_jax.sale_attention, sale_jax.dense_attention
     if data * model_axis > 1:
@@ -69,7 +73,7 @@ def main(argv):
         tokens, lengths = shard_batch(tokens, mesh), shard_batch(lengths, mesh)
         attend = functools.partial(sharding.sale_attention, mesh=mesh)
         dense_attend = functools.partial(sharding.dense_attention, mesh=mesh)
-    sale_model = llama.with_attention(dense_model, "sale", sale_jax.SaleConfig())
+    sale_model = llama.with_attention(dense_model, "sale", _SALE.config())
 
     def ms(fn):
         return median_seconds(fn, _REPEATS.value, warmup=_WARMUP.value) * 1e3
@@ -99,8 +103,8 @@ def main(argv):
 
     dense_ms, dense_bytes = run_prefill(dense_model, False)
     sale_ms, sale_bytes = run_prefill(sale_model, True)
-    results = {
-        "device": jax.devices()[0].device_kind, "preset": _PRESET.value, "layers": config.num_layers,
+    summary = {
+        "preset": _PRESET.value, "layers": config.num_layers,
         "seq_len": _SEQ_LEN.value, "dtype": config.dtype, "tau": _TAU.value, "repeats": _REPEATS.value,
         "warmup": _WARMUP.value,
         "per_layer": layers,
@@ -110,10 +114,8 @@ def main(argv):
         "mesh": {"data": data, "model": model_axis},
         "peak_bytes_per_device": [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()],
     }
-    print(json.dumps({k: results[k] for k in ("attention_ms_total", "prefill_ms", "prefill_memory_bytes")}, indent=1))
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            json.dump(results, f, indent=1)
+    print(json.dumps({k: summary[k] for k in ("attention_ms_total", "prefill_ms", "prefill_memory_bytes")}, indent=1))
+    results.write(_OUTPUT.value, summary, sale_model.config.sale)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Scoring a model on the key-value retrieval task (experiments/retrieval_task.py): which answer digits it gets.
+"""Scoring a model on the key-value retrieval task (experiments/lib/retrieval_task.py): which answer digits it gets.
 
-Shared by the training script's evaluation and by the dense-vs-SALE benchmark (experiments/retrieval_eval.py).
+Shared by the training script's evaluation and by the dense-vs-SALE study (experiments/accuracy/retrieval_eval.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 import sale_jax
-from experiments import retrieval_task
+from experiments.lib import retrieval_task
 from models import llama
 
 
