@@ -230,6 +230,24 @@ def test_the_backend_flag_offers_every_backend():
     assert set(common.BACKENDS) == set(config.BACKENDS)
 
 
+def test_every_committed_result_records_its_provenance():
+    """Each JSON under experiments/results has a provenance block, or is named (like every plot, log and
+    checkpoint file) in the `files` of a JSON beside it that has one."""
+    results = REPOSITORY / "experiments" / "results"
+    named, unexplained = set(), []
+    for path in results.rglob("*.json"):
+        record = json.loads(path.read_text())
+        if "provenance" in record:
+            assert set(record["provenance"]) == PROVENANCE_KEYS, path
+            named |= {path.parent / name for name in record.get("files", [])}
+    for path in results.rglob("*"):
+        if path.is_file() and path.suffix != ".md" and path not in named:
+            record = json.loads(path.read_text()) if path.suffix == ".json" else {}
+            if "provenance" not in record:
+                unexplained.append(str(path.relative_to(results)))
+    assert not unexplained, f"results without provenance: {unexplained}"
+
+
 @pytest.mark.parametrize("module_name", sorted(SMOKE_RUNS))
 def test_smoke_run(smoke_runs, module_name):
     out = smoke_runs / module_name

@@ -1,9 +1,10 @@
 """The accuracy-density frontier: SALE against other block selections, at equal density, on LLM-like inputs.
 
-    python -m experiments.accuracy.frontier --seq_len=8192 --head_dim=128 \
-        --output=experiments/results/frontier/cpu/frontier.json                          # on a CPU
+    python -m experiments.accuracy.frontier --seq_len=8192 --head_dim=128 --output=build/frontier/cpu.json  # a CPU
     python -m experiments.accuracy.frontier --seq_len=32768 --q_heads=32 --kv_heads=8 --head_dim=128 \
-        --output=experiments/results/frontier/h200/frontier.json                         # on the H200
+        --output=build/frontier/h200.json                                                            # the H200
+
+(experiments/results/README.md gives the committed studies' commands.)
 
 Methods (all keep the same sink and local blocks; they differ in how they pick middle blocks):
   sale           SALE's 4-bit estimate and relative score, one point per uniform tau;
