@@ -155,7 +155,7 @@ def run_smoke_runs(output: pathlib.Path, module_names: list[str]) -> None:
     for module_name in module_names:
         out = output / module_name
         out.mkdir()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             argv = [arg.format(out=out, checkpoint=checkpoint) for arg in SMOKE_RUNS[module_name][0]]
             _run_in_this_process(module_name, argv)
@@ -164,7 +164,8 @@ def run_smoke_runs(output: pathlib.Path, module_names: list[str]) -> None:
             status = traceback.format_exc()
             print(status, file=sys.stderr, flush=True)
         (out / "status.txt").write_text(status)
-        print(f"smoke run {module_name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        print(f"smoke run {module_name}: {time.perf_counter() - start:.1f} s ({time.process_time() - start_cpu:.1f} s "
+              "of CPU)", file=sys.stderr, flush=True)
 
 
 def _start(command: list[str], log: pathlib.Path) -> subprocess.Popen:

@@ -1,4 +1,4 @@
-"""The accuracy-density frontier: SALE against other block selections, at equal density, on LLM-like inputs.
+r"""The accuracy-density frontier: SALE against other block selections, at equal density, on LLM-like inputs.
 
     python -m experiments.accuracy.frontier --seq_len=8192 --head_dim=128 --output=build/frontier/cpu.json  # a CPU
     python -m experiments.accuracy.frontier --seq_len=32768 --q_heads=32 --kv_heads=8 --head_dim=128 \

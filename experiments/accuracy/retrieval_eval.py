@@ -1,4 +1,4 @@
-"""Long-context retrieval accuracy of a retrieval-trained byte-level Llama: dense attention against SALE.
+r"""Long-context retrieval accuracy of a retrieval-trained byte-level Llama: dense attention against SALE.
 
     python -m experiments.accuracy.retrieval_eval --checkpoint=experiments/results/retrieval_training/h200/checkpoint \
         --sequences=16 --lengths=16384,65536,131072 --uniform_taus=0.008,0.1,0.4 \

@@ -1,4 +1,4 @@
-"""Checks every Pallas pass against the pure-jnp reference at long lengths on the GPU, on random and structured
+r"""Checks every Pallas pass against the pure-jnp reference at long lengths on the GPU, on random and structured
 inputs, and prints a table.
 
     python -m experiments.accuracy.validate_gpu --block_q=64 \

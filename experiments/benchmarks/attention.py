@@ -1,4 +1,4 @@
-"""SALE end to end against dense attention, at several thresholds or densities and lengths, with the time split
+r"""SALE end to end against dense attention, at several thresholds or densities and lengths, with the time split
 into quantization, selection and computation.
 
     python -m experiments.benchmarks.attention --backend=mosaic_gpu --lengths=32768,65536,131072 --taus= \

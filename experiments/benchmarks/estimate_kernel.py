@@ -1,4 +1,4 @@
-"""Times the Mosaic GPU estimate kernel (pallas_kernels/mosaic_estimate.py) beside dense attention.
+r"""Times the Mosaic GPU estimate kernel (pallas_kernels/mosaic_estimate.py) beside dense attention.
 
     python -m experiments.benchmarks.estimate_kernel --lengths=32768,131072 --skip_dense \
         --compute_warpgroups=2 --tile_k=256 --max_concurrent_steps=3 \

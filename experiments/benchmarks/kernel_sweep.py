@@ -1,4 +1,4 @@
-"""Times kernel variants (tiles, warps, stages) and the pieces of the quantization pass, for tuning.
+r"""Times kernel variants (tiles, warps, stages) and the pieces of the quantization pass, for tuning.
 
     python -m experiments.benchmarks.kernel_sweep --lengths=131072 --selection= --block_q=128 --attention=4:2 \
         --mosaic_attention=128:2 --output=experiments/results/computation_kernel/h200/block_q128.json

@@ -1,4 +1,4 @@
-"""Times the Pallas SALE passes one by one beside dense attention and JAX's Pallas-Triton flash attention, on the
+r"""Times the Pallas SALE passes one by one beside dense attention and JAX's Pallas-Triton flash attention, on the
 same inputs.
 
     python -m experiments.benchmarks.triton_passes --block_q=64 --repeats=7 \

@@ -1,8 +1,8 @@
 """The flags the experiment scripts share, each defined here once.
 
-A script calls the `define_*` functions it needs at import time, with its own defaults, and reads the values back
-through what they return; `SaleFlags.config()` turns the SALE flags into the `SaleConfig` the script runs. The
-flags belong to the calling script (absl lists them under its name in `--help`).
+A script calls the `define_*` functions and the `*Flags.define` groups it needs at import time, with its own
+defaults, and reads the values back through what they return; `SaleFlags.config()` turns the SALE flags into the
+`SaleConfig` the script runs. The flags belong to the calling script (absl lists them under its name in `--help`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Trains a small byte-level Llama on long-context key-value retrieval (experiments/lib/retrieval_task.py).
+r"""Trains a small byte-level Llama on long-context key-value retrieval (experiments/lib/retrieval_task.py).
 
 Lengths grow along a curriculum at a constant number of tokens per step; the loss is cross-entropy on the answer
 digits of the queries, plus a look-back loss: a linear probe (not part of the saved model) reads the previous
