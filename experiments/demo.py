@@ -1,7 +1,7 @@
 """The main job: a Llama prefilling a long prompt with dense attention and with SALE, side by side.
 
     python -m experiments.demo                                   # tiny random Llama, 4K-token prompt, CPU-sized
-    python -m experiments.demo --checkpoint=DIR --seq_len=65536  # any Hugging Face Llama checkpoint (GPU: Pallas)
+    python -m experiments.demo --checkpoint=DIR --seq_len=65536  # any Hugging Face Llama checkpoint (GPU: kernels)
     python -m experiments.demo --thresholds=t.json               # calibrated thresholds instead of a uniform tau
 
 The prompt is the paper's calibration task as bytes (a long JSON object of UUID pairs and a question), folded into
@@ -11,8 +11,6 @@ greedy-token agreement over --new_tokens, and median prefill times.
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,34 +18,35 @@ from absl import app, flags
 from flax import nnx
 
 import sale_jax
-from experiments.timing import median_seconds
+from experiments.lib import flags as common, results
+from experiments.lib.timing import median_seconds
 from models import checkpoint, llama
 from models.config import LlamaConfig
 from sale_jax.kv_prompts import json_kv_prompt
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Llama folder; default: a tiny random Llama.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Prompt tokens.")
+_SEQ_LEN = common.define_seq_len(4096, "Prompt tokens.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 16, "Greedy tokens generated after the prompt.")
 _TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform threshold when no --thresholds file is given.")
 _THRESHOLDS = flags.DEFINE_string("thresholds", None, "Calibrated thresholds file (sale_jax.Thresholds.save).")
-_BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "reference", "pallas"], "SALE backend.")
+_SALE = common.SaleFlags.define(backend="auto")
+_DTYPE = common.define_dtype("auto", "The model's dtype.")
 _DENSE_BELOW = flags.DEFINE_integer("dense_below", 0, "SaleConfig.dense_below: 0 shows SALE at every length; "
                                     "the library's default is the measured crossover of the backend that runs "
                                     "(sale_jax.config.MEASURED_DENSE_BELOW).", lower_bound=0)
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed prefills (median reported).")
-_OUTPUT = flags.DEFINE_string("output", None, "Optional JSON file for the results.")
+_REPEATS = common.define_repeats(3, "Timed prefills (median reported).")
+_OUTPUT = common.define_output(required=False)
 
 
 def main(argv):
     del argv
-    on_gpu = jax.default_backend() == "gpu"
-    sale = sale_jax.SaleConfig(backend=_BACKEND.value, dense_below=_DENSE_BELOW.value)
+    dtype = common.resolve_dtype(_DTYPE.value).name
+    sale = _SALE.config(dense_below=_DENSE_BELOW.value)
     if _CHECKPOINT.value:
-        dense_model = checkpoint.load_llama(_CHECKPOINT.value, dtype="bfloat16" if on_gpu else "float32")
+        dense_model = checkpoint.load_llama(_CHECKPOINT.value, dtype=dtype)
     else:
         config = LlamaConfig.tiny(num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256,
-                                  intermediate_size=512, max_position_embeddings=131_072,
-                                  dtype="bfloat16" if on_gpu else "float32")
+                                  intermediate_size=512, max_position_embeddings=131_072, dtype=dtype)
         dense_model = llama.Llama(config, nnx.Rngs(0))
     config = dense_model.config
     sale_model = llama.with_attention(dense_model, "sale", sale)
@@ -67,8 +66,7 @@ def main(argv):
     dense_seconds = median_seconds(lambda: llama.prefill(dense_model, tokens, lengths), _REPEATS.value, warmup=1)
     sale_seconds = median_seconds(lambda: llama.prefill(sale_model, tokens, lengths, thresholds), _REPEATS.value,
                                   warmup=1)
-    results = {
-        "device": jax.devices()[0].device_kind,
+    summary = {
         "model": _CHECKPOINT.value or "tiny random Llama",
         "layers": config.num_layers, "q_heads": config.num_heads, "kv_heads": config.num_kv_heads,
         "dtype": config.dtype, "backend": sale.resolved_backend(),
@@ -81,19 +79,18 @@ def main(argv):
         "dense_prefill_seconds": dense_seconds,
         "sale_prefill_seconds": sale_seconds,
     }
-    print(f"model {results['model']} ({config.num_layers} layers, {config.num_heads} q / {config.num_kv_heads} kv "
-          f"heads, {config.dtype}) on {results['device']}, SALE backend {results['backend']}")
-    print(f"prompt tokens              {results['prompt_tokens']}")
-    print(f"thresholds                 {results['thresholds']}")
-    print(f"kept-block density / layer {results['density_per_layer']}")
-    print(f"logits vs dense            max |d| {results['max_abs_logit_diff']:.4f} "
-          f"(last position {results['last_position_max_abs_logit_diff']:.4f})")
-    print(f"greedy tokens agreeing     {results['greedy_token_agreement']:.2%} of {_NEW_TOKENS.value}")
+    print(f"model {summary['model']} ({config.num_layers} layers, {config.num_heads} q / {config.num_kv_heads} kv "
+          f"heads, {config.dtype}) on {jax.devices()[0].device_kind}, SALE backend {summary['backend']}")
+    print(f"prompt tokens              {summary['prompt_tokens']}")
+    print(f"thresholds                 {summary['thresholds']}")
+    print(f"kept-block density / layer {summary['density_per_layer']}")
+    print(f"logits vs dense            max |d| {summary['max_abs_logit_diff']:.4f} "
+          f"(last position {summary['last_position_max_abs_logit_diff']:.4f})")
+    print(f"greedy tokens agreeing     {summary['greedy_token_agreement']:.2%} of {_NEW_TOKENS.value}")
     print(f"prefill (median of {_REPEATS.value})      dense {dense_seconds * 1e3:.1f} ms, "
           f"SALE {sale_seconds * 1e3:.1f} ms")
     if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            json.dump(results, f, indent=1)
+        results.write(_OUTPUT.value, summary, sale)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from absl import flags
 from flax import nnx
 from safetensors.numpy import load_file
 
-from experiments import retrieval_task, train_retrieval
+from experiments.lib import retrieval_task
+from experiments.retrieval import train as train_retrieval
 
 TINY_RUN = ("--hidden_size=64", "--intermediate_size=128", "--num_layers=2", "--num_heads=2", "--num_kv_heads=1",
             "--head_dim=32", "--curriculum=128:3,160:2", "--tokens_per_step=512", "--num_records=4",

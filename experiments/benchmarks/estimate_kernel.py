@@ -1,0 +1,168 @@
+r"""Times the Mosaic GPU estimate kernel (pallas_kernels/mosaic_estimate.py) beside dense attention.
+
+    python -m experiments.benchmarks.estimate_kernel --lengths=32768,131072 --skip_dense \
+        --compute_warpgroups=2 --tile_k=256 --max_concurrent_steps=3 \
+        --output=experiments/results/estimate_kernel/h200/wg2_t256_s3.json
+
+Inputs are random int8 codes in [-7, 7] with f32 factors, a sink of --sink_tokens keys and a local window of
+--local_tokens keys per q block (the middle region between them is estimated). Each head's threshold is set from
+the block margins of a small calibration problem so that about --hit_fraction of the estimated blocks hit. At the
+smallest length the kernel's hits are checked against `estimate_margins_reference`: a flip is tolerated only where
+the reference's margin is within --flip_tolerance of zero (the kernel adds the offsets in another order, as tf32
+halves on the tensor cores). Then medians of --repeats timed calls after warm-up: the estimate kernel and, for
+scale, dense attention (cuDNN on a GPU) on bf16 q/k/v [1, L, Hq, D] / [1, L, Hkv, D], causal. The kernel needs a
+Hopper GPU; --interpret runs it in Mosaic GPU interpret mode on a CPU (smoke runs only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from experiments.lib import flags as common, results
+from experiments.lib.attention_targets import dense_attention, dense_baseline
+from experiments.lib.timing import median_seconds
+from pallas_kernels.mosaic_estimate import estimate_hits, estimate_margins_reference
+
+_LENGTHS = common.define_lengths([32768, 131072])
+_HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)
+# The kernel is called directly (no backend); the region and block flags are SaleConfig's.
+_SALE = common.SaleFlags.define(backend=None, sink_tokens=128, local_tokens=1024)
+_TILE_K = flags.DEFINE_integer("tile_k", 128, "Keys per wgmma (128 or 256; block_q * tile_k <= 16384).")
+_STAGES = flags.DEFINE_integer("max_concurrent_steps", 2, "Key tiles in flight (TMA pipeline depth).")
+_COMPUTE_WARPGROUPS = flags.DEFINE_integer(
+    "compute_warpgroups", 1, "estimate_hits' compute_warpgroups: 2 splits a 128-row q block across two warpgroups "
+    "fed by a TMA warpgroup (tiles up to 256 keys).")
+_HIT_FRACTION = flags.DEFINE_float("hit_fraction", 0.1, "Target fraction of estimated blocks that hit.")
+_FLIP_TOLERANCE = flags.DEFINE_float("flip_tolerance", 1e-2, "Largest |reference margin| at which a flip is allowed.")
+_CODES = flags.DEFINE_enum("codes", "float8_e4m3fn", ["int8", "float8_e4m3fn"],
+                           "Code dtype passed in (the kernel multiplies fp8; int8 codes are cast first).")
+_SKIP_DENSE = flags.DEFINE_bool("skip_dense", False, "Time the estimate kernel alone.")
+_REPEATS = common.define_repeats(5)
+_OUTPUT = common.define_output()
+
+
+def middle_end(length: int) -> np.ndarray:
+    """Per q block, where its local window starts (queries = keys, so q block i ends at key (i + 1) * block_q)."""
+    block_q, block_k = _SALE.block_q.value, _SALE.block_k.value
+    first_rows = np.arange(length // block_q) * block_q
+    local_start = np.maximum(first_rows - _SALE.local_tokens.value + 1, 0) // block_k * block_k
+    return np.maximum(local_start, _SALE.sink_tokens.value).astype(np.int32)
+
+
+def random_inputs(length: int, seed: int, thresholds: np.ndarray | None = None) -> tuple:
+    """Codes and factors of one problem; row thresholds are `thresholds` [Hq] plus a small jitter (None: zero)."""
+    rng = np.random.default_rng(seed)
+    hq, hkv, d = _HEADS.values()
+    q_codes = rng.integers(-7, 8, (1, length, hq, d), dtype=np.int8)
+    k_codes = rng.integers(-7, 8, (1, length, hkv, d), dtype=np.int8)
+    row_factor = rng.uniform(0.5, 2.0, (1, hq, length)).astype(np.float32)
+    k_scale = rng.uniform(0.5, 1.5, (1, hkv, length)).astype(np.float32) / np.sqrt(d)
+    column_bias = rng.normal(0.0, 1.0, (1, hq, length)).astype(np.float32)
+    if thresholds is None:
+        row_threshold = np.zeros((1, hq, length), np.float32)
+    else:
+        row_threshold = (thresholds[None, :, None] + rng.normal(0.0, 0.1, (1, hq, length))).astype(np.float32)
+    arrays = (q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end(length))
+    arrays = tuple(jax.device_put(a) for a in arrays)
+    return tuple(a.astype(_CODES.value) if a.dtype == jnp.int8 else a for a in arrays)
+
+
+def calibrated_thresholds(length: int) -> np.ndarray:
+    """Per head, the margin quantile (threshold 0) that leaves about --hit_fraction of the estimated blocks."""
+    margins = np.asarray(estimate_margins_reference(*random_inputs(length, seed=1), **reference_knobs()))
+    thresholds = []
+    for head in range(margins.shape[1]):
+        estimated = margins[:, head][np.isfinite(margins[:, head])]
+        thresholds.append(np.quantile(estimated, 1.0 - _HIT_FRACTION.value) if estimated.size else 0.0)
+    return np.asarray(thresholds, np.float32)
+
+
+def reference_knobs() -> dict:
+    return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, middle_start=_SALE.sink_tokens.value)
+
+
+def kernel_knobs() -> dict:
+    return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
+                compute_warpgroups=_COMPUTE_WARPGROUPS.value)
+
+
+def estimate(inputs):
+    interpret = plgpu.InterpretGPUParams() if _SALE.interpret.value else False
+    return estimate_hits(*inputs, **kernel_knobs(), interpret=interpret)
+
+
+def check(inputs) -> dict:
+    hits = np.asarray(estimate(inputs))
+    margins = np.asarray(estimate_margins_reference(*inputs, **reference_knobs()))
+    want = (margins > 0).astype(np.int32)
+    flips = hits != want
+    worst = float(np.max(np.abs(margins[flips]))) if flips.any() else 0.0
+    result = {"blocks": int(hits.size), "estimated_blocks": int(np.isfinite(margins).sum()),
+              "hit_fraction_of_estimated": float(want.sum() / max(np.isfinite(margins).sum(), 1)),
+              "flips": int(flips.sum()), "worst_flip_margin": worst,
+              "values_ok": bool(np.isin(hits, (0, 1)).all())}
+    print(f"  check: {result}", flush=True)
+    if not result["values_ok"] or worst > _FLIP_TOLERANCE.value:
+        raise AssertionError(f"kernel hits differ from the reference beyond rounding: {result}")
+    return result
+
+
+def estimated_int8_ops(inputs) -> float:
+    """Multiply-adds the kernel issues (whole tiles, masked blocks included), counted as 2 ops each."""
+    middle_ends = np.asarray(inputs[6])
+    block_k, tile_k = _SALE.block_k.value, _TILE_K.value
+    first_tile = _SALE.sink_tokens.value // block_k * block_k // tile_k
+    tiles = np.maximum(-(-(middle_ends // block_k * block_k) // tile_k) - first_tile, 0).sum()
+    hq, _, d = _HEADS.values()
+    return 2.0 * hq * _SALE.block_q.value * tile_k * d * float(tiles)
+
+
+def dense_inputs(length: int):
+    keys = jax.random.split(jax.random.key(length), 3)
+    hq, hkv, d = _HEADS.values()
+    q = jax.random.normal(keys[0], (1, length, hq, d), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, length, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, length, hkv, d), jnp.bfloat16)
+    return q, k, v
+
+
+def main(argv):
+    del argv
+    if jax.default_backend() != "gpu" and not _SALE.interpret.value:
+        raise SystemExit(f"estimate_kernel needs a Hopper GPU (Mosaic GPU kernel); the backend here is "
+                         f"{jax.default_backend()!r}. Run it on an H100/H200, or pass --interpret for a smoke run.")
+    lengths = sorted(_LENGTHS.value)
+    thresholds = calibrated_thresholds(min(4096, lengths[0]))
+    print(f"device {jax.devices()[0].device_kind}; knobs {kernel_knobs()}, {_CODES.value} codes; thresholds "
+          f"per head {np.round(thresholds[:4], 3).tolist()}...", flush=True)
+    baseline = dense_baseline()
+    hq, hkv, d = _HEADS.values()
+    summary = {"knobs": kernel_knobs(), "codes": _CODES.value, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+               "local_tokens": _SALE.local_tokens.value, "dense_baseline": baseline, "repeats": _REPEATS.value,
+               "lengths": {}}
+    for length in lengths:
+        inputs = random_inputs(length, seed=length, thresholds=thresholds)
+        entry = {}
+        if length == lengths[0]:
+            entry["check"] = check(inputs)
+        seconds = median_seconds(lambda: estimate(inputs), _REPEATS.value)
+        entry["estimate_ms"] = seconds * 1e3
+        entry["estimate_int8_tops"] = estimated_int8_ops(inputs) / seconds / 1e12
+        line = f"  {length:>7} estimate {seconds * 1e3:9.3f} ms ({entry['estimate_int8_tops']:.0f} int8 TOP/s)"
+        if not _SKIP_DENSE.value:
+            q, k, v = dense_inputs(length)
+            dense_seconds = median_seconds(lambda: dense_attention(q, k, v, baseline), _REPEATS.value)
+            entry[f"{baseline}_ms"] = dense_seconds * 1e3
+            entry[f"estimate_over_{baseline}"] = seconds / dense_seconds
+            line += f"  {baseline} {dense_seconds * 1e3:9.3f} ms  ratio {seconds / dense_seconds:.3f}"
+        print(line, flush=True)
+        summary["lengths"][str(length)] = entry
+    results.write(_OUTPUT.value, summary, None)
+
+
+if __name__ == "__main__":
+    app.run(main)

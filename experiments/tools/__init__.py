@@ -1,0 +1,1 @@
+"""Tools: calibrating per-layer, per-head thresholds, and an attention-only demo on synthetic inputs."""

@@ -1,0 +1,82 @@
+"""Calibrates per-layer, per-head SALE thresholds and writes them to a thresholds file.
+
+    python -m experiments.tools.calibrate --checkpoint=DIR --output=t.json --seq_len=65536 --num_samples=5
+    python -m experiments.tools.calibrate --output=/tmp/thresholds.json   # no checkpoint: synthetic LLM-like layers
+
+With a Hugging Face Llama checkpoint, the samples are the paper's JSON key-value retrieval prompts as bytes
+(meaningful for byte-level models; pass --tokens=prompts.npy, int [N, T], for a model with its own tokenizer), and
+each layer's (q, k, v) is captured from the model's dense forward pass one layer at a time. Without one, each
+layer of each sample is an independent draw of `sale_jax.workloads.llm_like_qkv`. Either way one layer's inputs
+are in memory at a time, so long sequences stay within bounds. The thresholds file records the model's name,
+theta and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags
+
+import sale_jax
+from experiments.lib import flags as common
+from models import checkpoint
+from models.calibration import calibrate_model
+from sale_jax import calibration, workloads
+from sale_jax.kv_prompts import json_kv_prompt
+
+_OUTPUT = flags.DEFINE_string("output", None, "Thresholds file to write (JSON).", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Llama folder to calibrate.")
+_TOKENS = flags.DEFINE_string("tokens", None, "With --checkpoint: prompts as an .npy of int [N, T].")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Calibration samples.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Layers (synthetic only).")
+_SEQ_LEN = common.define_seq_len(4096, "Tokens per sample.")
+_HEADS = common.HeadFlags.define(q_heads=8, kv_heads=2, head_dim=128)  # synthetic layers only
+_DTYPE = common.define_dtype("auto", "Input (or, with --checkpoint, model) dtype.")
+_SALE = common.SaleFlags.define(backend="auto")  # as at inference
+_THETA = flags.DEFINE_float("theta", calibration.DEFAULT_THETA, "Per-row L1 error bound.")
+_TAU0 = flags.DEFINE_float("tau0", sale_jax.DEFAULT_TAU, "Starting threshold.")
+_TAU_MIN = flags.DEFINE_float("tau_min", calibration.DEFAULT_TAU_MIN, "Below this a head becomes dense.")
+_SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
+
+
+def synthetic_layer_samples(dtype):
+    """Per sample, a generator over layers of LLM-like (q, k, v): each layer keeps its heads across samples."""
+    def layers(sample):
+        for layer in range(_NUM_LAYERS.value):
+            work = workloads.llm_like_qkv(_SEED.value * 1_000_003 + sample * 1009 + layer, 1, _SEQ_LEN.value,
+                                          *_HEADS.values(), dtype=dtype, head_seed=_SEED.value * 1009 + layer)
+            yield work.q, work.k, work.v
+
+    return [layers(sample) for sample in range(_NUM_SAMPLES.value)]
+
+
+def _calibrate_checkpoint(config: sale_jax.SaleConfig, dtype: str) -> sale_jax.Thresholds:
+    model = checkpoint.load_llama(_CHECKPOINT.value, dtype=dtype, attention="sale", sale=config)
+    if _TOKENS.value:
+        prompts = list(np.load(_TOKENS.value))
+    else:
+        prompts = [json_kv_prompt(_SEED.value + i, _SEQ_LEN.value).tokens % model.config.vocab_size
+                   for i in range(_NUM_SAMPLES.value)]
+    return calibrate_model(model, prompts, theta=_THETA.value, model_name=os.path.basename(
+        os.path.normpath(_CHECKPOINT.value)), tau0=_TAU0.value, tau_min=_TAU_MIN.value)
+
+
+def main(argv):
+    del argv
+    dtype = common.resolve_dtype(_DTYPE.value)
+    config = _SALE.config()
+    if _CHECKPOINT.value:
+        thresholds = _calibrate_checkpoint(config, dtype.name)
+    else:
+        thresholds = sale_jax.calibrate(
+            synthetic_layer_samples(dtype), _NUM_LAYERS.value, _HEADS.q_heads.value, config,
+            theta=_THETA.value, tau0=_TAU0.value, tau_min=_TAU_MIN.value,
+            model_name=f"synthetic-llm-like-{_SEQ_LEN.value}")
+    thresholds.save(_OUTPUT.value)
+    print(f"wrote {_OUTPUT.value}: tau [{thresholds.num_layers}, {thresholds.num_q_heads}], "
+          f"{int((thresholds.tau == 0).sum())} dense heads")
+
+
+if __name__ == "__main__":
+    app.run(main)
