@@ -1,7 +1,7 @@
-"""The committed retrieval-trained checkpoint (experiments/results/retrieval_model, trained by
-experiments/train_retrieval.py): it loads through the Hugging Face loader, retrieves at 1K tokens with dense
-attention, and SALE at the thresholds calibrated for it on the H200 (experiments/retrieval_eval.py) answers as well
-while skipping blocks; and the benchmark script's output on a small grid."""
+"""The committed retrieval-trained checkpoint (experiments/results/retrieval_training/h200/checkpoint): it loads
+through the Hugging Face loader, retrieves at 1K tokens with dense attention, and SALE at the thresholds calibrated
+for it on the H200 at the default block_q 128 (experiments/results/retrieval_accuracy/h200) answers as well while
+skipping blocks; and the benchmark script's output on a small grid."""
 
 import json
 import os
@@ -16,8 +16,8 @@ from models import checkpoint, llama
 
 REPOSITORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 RESULTS = os.path.join(REPOSITORY, "experiments", "results")
-MODEL = os.path.join(RESULTS, "retrieval_model")
-THRESHOLDS = os.path.join(RESULTS, "retrieval_eval_h200", "thresholds.json")
+MODEL = os.path.join(RESULTS, "retrieval_training", "h200", "checkpoint")
+THRESHOLDS = os.path.join(RESULTS, "retrieval_accuracy", "h200", "thresholds.json")
 # 512 fresh queries a run. The checkpoint misses about 0.15% at 1K (6 of 4,096 over two samples of 2,048, float32),
 # so a sample is judged by whether it is consistent with >= 99%: at most 9 misses of 512, which a model at exactly
 # 99% exceeds with probability 0.036 (binomial) and one at 99.5% with probability 0.0003.
