@@ -145,6 +145,7 @@ class Llama(nnx.Module):
             return None
         if thresholds is None:
             raise ValueError("attention='sale' needs thresholds (sale_jax.Thresholds [num_layers, num_heads])")
+        thresholds.check_config(self.config.sale)
         return thresholds.layer(layer)
 
     def prefill(self, tokens: jax.Array, lengths: jax.Array, thresholds: sale_jax.Thresholds | None = None,

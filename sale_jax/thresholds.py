@@ -16,6 +16,10 @@ from sale_jax.config import SaleConfig
 DEFAULT_TAU = 0.008
 _FILE_FORMAT = "sale-jax-thresholds"
 _FILE_VERSION = 1
+# The SaleConfig fields that decide which blocks a threshold keeps: the block grid, the always-kept sink and local
+# regions, the low-bit quantization of the estimate, and the softmax scale of the scores a threshold is compared
+# with. Backend, interpret and dense_below change how or whether the selection runs, not what it selects.
+SELECTION_FIELDS = ("block_q", "block_k", "sink_tokens", "local_tokens", "quant_granularity", "scale")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -59,6 +63,24 @@ class Thresholds:
         if not -self.num_layers <= index < self.num_layers:
             raise IndexError(f"layer {index} out of range for {self.num_layers} layers")
         return self.tau[index]
+
+    def check_config(self, config: SaleConfig) -> None:
+        """Raises ValueError if `config` differs from the calibration config in a field of `SELECTION_FIELDS`:
+        a threshold found for one block grid, region or quantization keeps other blocks under another. Thresholds
+        without a calibration config (e.g. `uniform`) run under any config."""
+        if self.config is None:
+            return
+        differing = [name for name in SELECTION_FIELDS if getattr(self.config, name) != getattr(config, name)]
+        if not differing:
+            return
+        source = f" of {self.model_name}" if self.model_name else ""
+        details = "; ".join(f"{name}: calibrated {getattr(self.config, name)!r}, requested {getattr(config, name)!r}"
+                            for name in differing)
+        calibrated = ", ".join(f"{name}={getattr(self.config, name)!r}" for name in differing)
+        raise ValueError(
+            f"thresholds{source} were calibrated under another SaleConfig ({details}). Recalibrate them under the "
+            f"requested config (sale_jax.calibrate, or python -m experiments.tools.calibrate), or run with the calibrated one "
+            f"({calibrated}).")
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes a JSON file with the values and their provenance (readable, diffable, exact for f32)."""

@@ -1,4 +1,5 @@
-"""Fresh random inputs each run; the seed is printed so a failure can be replayed with SALE_TEST_SEED=<seed>."""
+"""Fresh random inputs each run; the seed is printed so a failure can be replayed with SALE_TEST_SEED=<seed>.
+Tests marked `gpu` run only where JAX's default backend is a GPU."""
 
 import os
 import secrets
@@ -9,6 +10,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return
+    skip = pytest.mark.skip(reason=f"needs a GPU (JAX's default backend is {backend})")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture

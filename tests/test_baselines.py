@@ -77,7 +77,7 @@ def test_exact_estimator_matches_the_oracle(rng):
     cfg = case.config
     surely, maybe = oracle.selection(q, k, np.asarray(tau), bq=16, bk=8, sink=cfg.sink_tokens, local=cfg.local_tokens,
                                      granularity=cfg.quant_granularity, scale=case.scale, dtype_name="float32",
-                                     margin=1e-3, exact_estimate=True)
+                                     exact_estimate=True)
     assert not np.any(surely & ~got) and not np.any(got & ~maybe)
     with pytest.raises(ValueError, match="estimator"):
         selection_margins_reference(q, k, tau, case.config, estimator="int2")

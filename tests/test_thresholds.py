@@ -1,6 +1,9 @@
-"""Thresholds: construction, per-layer access, and a file format that round-trips and rejects bad contents."""
+"""Thresholds: construction, per-layer access, a file format that round-trips and rejects bad contents, and the
+check that they run only under the block grid, regions, quantization and scale they were calibrated with."""
 
+import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,11 @@ import numpy as np
 import pytest
 
 import sale_jax
+from models import checkpoint, llama
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_llama")
+CALIBRATED = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference",
+                                 dense_below=0)
 
 
 def test_uniform_and_layer():
@@ -78,3 +86,39 @@ def test_load_rejects_non_json(tmp_path):
     path.write_text("not json")
     with pytest.raises(ValueError, match="not a thresholds file"):
         sale_jax.Thresholds.load(path)
+
+
+def test_runs_under_its_calibration_config_whatever_the_backend_or_dense_below():
+    thresholds = sale_jax.Thresholds.uniform(2, 4, config=CALIBRATED)
+    thresholds.check_config(CALIBRATED)
+    thresholds.check_config(dataclasses.replace(CALIBRATED, backend="pallas", interpret=True, dense_below=None))
+
+
+def test_uniform_thresholds_without_a_config_run_under_any_config():
+    sale_jax.Thresholds.uniform(2, 4).check_config(sale_jax.SaleConfig(block_q=64, scale=0.5))
+
+
+@pytest.mark.parametrize("changes", [
+    dict(block_q=32), dict(block_k=32), dict(sink_tokens=0), dict(local_tokens=64),
+    dict(quant_granularity="per_block"), dict(scale=0.25), dict(block_q=32, local_tokens=64),
+])
+def test_another_selection_geometry_names_each_difference_and_the_remedy(changes):
+    thresholds = sale_jax.Thresholds.uniform(2, 4, model_name="tiny", config=CALIBRATED)
+    with pytest.raises(ValueError) as error:
+        thresholds.check_config(dataclasses.replace(CALIBRATED, **changes))
+    message = str(error.value)
+    assert "thresholds of tiny were calibrated under another SaleConfig" in message and "Recalibrate" in message
+    for name, requested in changes.items():
+        assert f"{name}: calibrated {getattr(CALIBRATED, name)!r}, requested {requested!r}" in message
+    assert message.count(", requested ") == len(changes)
+    assert ", ".join(f"{name}={getattr(CALIBRATED, name)!r}" for name in changes) in message
+
+
+def test_a_model_refuses_loaded_thresholds_made_for_other_blocks(tmp_path):
+    sale_jax.Thresholds.uniform(2, 4, config=dataclasses.replace(CALIBRATED, block_q=32)).save(tmp_path / "t.json")
+    loaded = sale_jax.Thresholds.load(tmp_path / "t.json", num_layers=2, num_q_heads=4)
+    model = checkpoint.load_llama(FIXTURE, dtype="float32", attention="sale", sale=CALIBRATED)
+    tokens = jnp.zeros((1, 64), jnp.int32)
+    with pytest.raises(ValueError, match="block_q: calibrated 32, requested 16"):
+        llama.prefill(model, tokens, jnp.asarray([64]), loaded)
+    llama.prefill(model, tokens, jnp.asarray([64]), dataclasses.replace(loaded, config=CALIBRATED))
