@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import sale_jax
-from experiments import retrieval_accuracy, retrieval_task
+from experiments.lib import retrieval_scoring, retrieval_task
 from models import checkpoint, llama
 
 REPOSITORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -41,8 +41,8 @@ def _dense_and_sale_misses(dtype, length, sequences, seed):
     dense_model = llama.with_attention(sale_model, "dense")
     thresholds = sale_jax.Thresholds.load(THRESHOLDS, num_layers=config.num_layers, num_q_heads=config.num_heads)
     data = retrieval_task.batch(seed, sequences, length, NUM_RECORDS, NUM_QUERIES)
-    dense_hits, _ = retrieval_accuracy.answer_hits(dense_model, data.tokens, data.query_positions)
-    sale_hits, density = retrieval_accuracy.answer_hits(sale_model, data.tokens, data.query_positions, thresholds)
+    dense_hits, _ = retrieval_scoring.answer_hits(dense_model, data.tokens, data.query_positions)
+    sale_hits, density = retrieval_scoring.answer_hits(sale_model, data.tokens, data.query_positions, thresholds)
     dense_misses, sale_misses = (int((~np.asarray(hits).all(axis=-1)).sum()) for hits in (dense_hits, sale_hits))
     return dense_misses, sale_misses, float(np.mean(density))
 
@@ -71,7 +71,8 @@ def test_committed_checkpoint_retrieves_at_16k_with_the_native_kernels(rng):
 def test_retrieval_eval_writes_every_cell_method_and_threshold(tmp_path):
     # In a process of its own: its absl flags would clash with train_retrieval's, which other tests import.
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.retrieval_eval", f"--checkpoint={MODEL}", f"--output_dir={tmp_path}",
+        [sys.executable, "-m", "experiments.accuracy.retrieval_eval", f"--checkpoint={MODEL}",
+         f"--output={tmp_path}/retrieval_eval.json",
          "--lengths=512", "--depths=0,1", "--sequences=2", "--calibration_samples=1", "--calibration_length=512",
          "--uniform_taus=0.008,0.1", "--block_q=128"],
         capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
@@ -79,7 +80,7 @@ def test_retrieval_eval_writes_every_cell_method_and_threshold(tmp_path):
     with open(tmp_path / "retrieval_eval.json") as f:
         results = json.load(f)
     methods = {"dense", "sale_calibrated_theta=0.4", "sale_uniform_tau=0.008", "sale_uniform_tau=0.1"}
-    assert results["sale_config"]["block_q"] == 128
+    assert results["provenance"]["sale_config"]["block_q"] == 128
     cells = results["cells"]["512"]
     assert len(cells) == 2 and all(set(cell) == methods for cell in cells)
     for cell in cells:
