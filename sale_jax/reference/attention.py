@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from sale_jax.layout import BlockLayout
-from sale_jax.reference.common import grouped_scores, grouped_values, pad_axis, q_block_visibility
+from sale_jax.ops import grouped_scores, grouped_values, pad_axis
+from sale_jax.reference.common import q_block_visibility
 
 
 def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout,
