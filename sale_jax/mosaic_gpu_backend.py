@@ -62,7 +62,7 @@ def _one_warpgroup_launch(config: SaleConfig) -> EstimateLaunch:
 def estimate_launch(kv_len: int, head_dim: int, config: SaleConfig) -> EstimateLaunch:
     """The split-rows kernel at block_q 128 from the tuning table's `mosaic_split_rows_from` keys on, where its two
     rows of flags (one per warpgroup) fit in shared memory; one warpgroup otherwise. Not at head_dim 256: three
-    stages of 256-key tiles would take 216 KB before the q codes and flags."""
+    stages of 256-key tiles would take 216 KB without the q codes and flags."""
     table = tuning.for_backend("mosaic_gpu")
     split = EstimateLaunch(2, 2 * mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, table.mosaic_split_rows_stages)
     if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= table.mosaic_split_rows_from

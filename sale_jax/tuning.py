@@ -14,7 +14,8 @@ import jax
 # The SaleConfig default: the kernels run fastest at 128 query rows a block, and a calibrated model's retrieval
 # accuracy there matched dense attention (docs/tuning.md#block-q).
 DEFAULT_BLOCK_Q = 128
-DEFAULT_DENSE_BELOW = 65536  # dense_below for backends and block sizes a table does not list (docs/tuning.md#dense-below)
+# dense_below for the backends and block sizes a table does not list (docs/tuning.md#dense-below)
+DEFAULT_DENSE_BELOW = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +84,8 @@ HOPPER = KernelTuning(
     mosaic_attention_stages=2,
 )
 
-# Every other device: the Triton kernels with the H200's choices, not timed there, and no measured crossover, so
-# dense_below resolves to DEFAULT_DENSE_BELOW (docs/tuning.md#other-devices).
+# Every other device: the Triton kernels with the H200's choices, which were not timed there, and no crossover
+# timed there either, so dense_below resolves to DEFAULT_DENSE_BELOW (docs/tuning.md#other-devices).
 OTHER_DEVICES = KernelTuning(
     device="any device but Hopper (untimed: the H200's Triton choices)",
     triton_estimate_tile=HOPPER.triton_estimate_tile,

@@ -61,7 +61,7 @@ def test_gqa_equals_repeated_kv_heads(rng):
 
 def test_query_chunk_equals_last_rows_of_full_call(rng):
     """With the same kept blocks, a chunk of the last T queries reproduces the last T rows (chunked prefill).
-    Selection itself is not chunk-invariant: Q is smoothed by the chunk's own mean (SALE_SPEC 3.1)."""
+    Selection itself is not chunk-invariant: Q is smoothed by the chunk's own mean (docs/algorithm.md, section 3)."""
     case = cases.draw_case(rng, chunked=False)
     bq = case.config.block_q
     full_blocks = -(-case.kv_len // bq)

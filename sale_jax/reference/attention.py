@@ -1,4 +1,4 @@
-"""Pass 3: exact attention over the kept blocks (SALE_SPEC section 5), one query block at a time."""
+"""Pass 3: exact attention over the kept blocks (docs/algorithm.md, section 6), one query block at a time."""
 
 from __future__ import annotations
 

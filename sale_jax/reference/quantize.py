@@ -1,4 +1,4 @@
-"""Pass 1: smoothing and symmetric 4-bit codes of Q and K (SALE_SPEC section 3)."""
+"""Pass 1: smoothing and symmetric 4-bit codes of Q and K (docs/algorithm.md, section 3)."""
 
 from __future__ import annotations
 

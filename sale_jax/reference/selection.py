@@ -1,5 +1,5 @@
 """Pass 2: exact sink-local statistics, low-bit score estimates and the per-block relative-score test
-(SALE_SPEC section 4). One query block's scores at a time, so it runs at 32K tokens on a CPU."""
+(docs/algorithm.md, sections 4 and 5). One query block's scores at a time, so it runs at 32K tokens on a CPU."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def select_blocks_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: 
 
 def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
                                 estimator: str = "int4") -> tuple[jax.Array, jax.Array]:
-    """The selection before its decision: bool `[B, Hq, nQ, nK]` of visible sink and local blocks, and f32
+    """The selection up to its decision: bool `[B, Hq, nQ, nK]` of visible sink and local blocks, and f32
     `[B, Hq, nQ, nK]` of each block's best `shat_ij - (m_i + log(tau * l_i))` over its visible pairs (-inf where
     nothing is visible, +inf for dense heads). A middle block is kept iff its margin is > 0; kernels that round
     differently may only disagree where the margin is near 0.
