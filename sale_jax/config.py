@@ -72,7 +72,8 @@ class SaleConfig:
         if self.quant_granularity not in QUANT_GRANULARITIES:
             raise ValueError(
                 f"SaleConfig.quant_granularity must be one of {QUANT_GRANULARITIES}, got {self.quant_granularity!r}")
-        object.__setattr__(self, "backend", BACKEND_ALIASES.get(self.backend, self.backend))
+        if isinstance(self.backend, str):
+            object.__setattr__(self, "backend", BACKEND_ALIASES.get(self.backend, self.backend))
         if self.backend not in BACKENDS:
             raise ValueError(f"SaleConfig.backend must be one of {BACKENDS} (or an alias in {BACKEND_ALIASES}), got "
                              f"{self.backend!r}")

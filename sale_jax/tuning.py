@@ -1,6 +1,6 @@
-"""The kernels' launch choices per device: one `KernelTuning` table each, every entry chosen by timing the
-alternatives on that device. The figures and the alternatives that lost are in docs/tuning.md, which each entry
-links to.
+"""The kernels' launch choices per device: one `KernelTuning` table each. The Hopper table's entries were chosen by
+timing the alternatives on the H200; the figures and the alternatives that lost are in docs/tuning.md, which each
+entry links to.
 
 Shape limits (what a kernel can run at all) are not tuning: they live beside the kernels and their backends.
 """
