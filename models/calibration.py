@@ -1,4 +1,4 @@
-"""Calibrating a Llama's SALE thresholds from its own dense forward passes (SALE_SPEC section 6)."""
+"""Calibrating a Llama's SALE thresholds from its own dense forward passes (docs/algorithm.md, section 8)."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def save_llama(model: Llama, directory: str | os.PathLike, max_shard_bytes: int 
         if max_shard_bytes and shards[-1] and _nbytes(shards[-1]) + value.nbytes > max_shard_bytes:
             shards.append({})
         shards[-1][name] = value
-    for stale in (_SINGLE_FILE, _INDEX_FILE):  # a folder saved to before must not mix two layouts
+    for stale in (_SINGLE_FILE, _INDEX_FILE):  # a folder already holding a checkpoint must not mix two layouts
         if os.path.exists(os.path.join(directory, stale)):
             os.remove(os.path.join(directory, stale))
     if len(shards) == 1:

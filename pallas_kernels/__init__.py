@@ -1,8 +1,9 @@
 """Pallas GPU kernels for the three SALE passes: Triton lowering, plus the selection's low-bit estimate and the
 computation pass as Mosaic GPU kernels (Hopper).
 
-A leaf package: arrays and static ints in, arrays out. It imports nothing from `sale_jax`; the API in
-`sale_jax.pallas_backend` pads the inputs, calls these kernels and assembles the results.
+A leaf package: arrays and static ints in, arrays out. It imports nothing from `sale_jax`; the backends
+`sale_jax.triton_backend` and `sale_jax.mosaic_gpu_backend` pad the inputs, pass the block geometry and SALE's
+regions as arrays and ints, call these kernels and assemble the results.
 """
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention

@@ -8,10 +8,10 @@ For batch b, q head h (kv head h // G), q block i and key block j, with 4-bit co
     hits[b, h, i, j] = max over the block's rows r and keys c of excess > 0,
 
 for middle_start // block_k <= j < middle_end[i] // block_k, and 0 for every other key block. It is the hot loop of
-the selection pass (`middle_tile` in `selection.py`); `sale_jax`'s `pallas_mosaic` backend runs it between the
+the selection pass (`middle_tile` in `selection.py`); `sale_jax`'s `mosaic_gpu` backend runs it between the
 Triton kernels `row_thresholds` and `compact_hits`.
 
-How (each step measured on the H200, experiments/results/PERF_NOTES.md):
+How (the alternatives each choice was timed against are in docs/tuning.md#mosaic-estimate):
 - The codes go to the tensor cores as float8_e4m3fn, which holds 4-bit codes exactly: Hopper's fp8 `wgmma` runs
   at the int8 rate into an f32 accumulator, whose code sums (|x| < 2**13) are exact.
 - The offsets go to the tensor cores too. Since k_scale > 0, `excess > 0` is `dots + offset > 0` with
@@ -21,18 +21,15 @@ How (each step measured on the H200, experiments/results/PERF_NOTES.md):
   alone.
 - The epilogue works below Pallas's array level, on the accumulator's registers (`_warp_or_hit_flags`): per
   thread the maximum of each block's registers, one bit per block, one `redux.sync.or` per warp, and lane j of
-  every warp stores block j's flag; no shuffles, no warpgroup barrier per tile (69.4 ms against 76.9 for the
-  array-level epilogue at 128K, block_q 128). Interpret mode cannot run inline Mosaic GPU code, so there the
-  array-level epilogue stands in: each block's keys reduced per row, then its rows across the warps, four blocks
-  per cross-warp sum (`_packed_row_counts`).
-- Keys arrive by TMA two tiles ahead (`plgpu.emit_pipeline`); each CTA is one warpgroup with a modest
-  shared-memory footprint, so several CTAs share an SM and one's epilogue runs while another's wgmma occupies
-  the tensor cores. Two consumer warpgroups taking turns (FA3's ping-pong) measured slower with the array-level
-  epilogue; three tiles in flight, and the offsets as FMAs in the epilogue instead of a tf32 wgmma, measured
-  slower with the warp-level one.
+  every warp stores block j's flag; no shuffles and no warpgroup barrier per tile. Interpret mode cannot run
+  inline Mosaic GPU code, so there the array-level epilogue stands in: each block's keys reduced per row, then its
+  rows across the warps, four blocks per cross-warp sum (`_packed_row_counts`).
+- Keys arrive by TMA `max_concurrent_steps` tiles ahead (`plgpu.emit_pipeline`); each CTA is one warpgroup with a
+  modest shared-memory footprint, so several CTAs share an SM and one's epilogue runs while another's wgmma
+  occupies the tensor cores.
 - `compute_warpgroups=2`: a 128-row q block's halves as two warpgroups taking turns on the tensor cores, fed by
-  a TMA warpgroup, with 256-key tiles (`_split_rows_kernel`): with three tiles in flight 5% faster than one
-  warpgroup at 64K and 128K keys, 5% slower at 32K (PERF_NOTES, session 10).
+  a TMA warpgroup, with tiles up to 256 keys (`_split_rows_kernel`); the caller picks it by key length.
+- Both kernels run the same per-tile body (`_tile_flags`).
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
 `tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag
@@ -40,10 +37,9 @@ per `block_k` keys and keeps the row of flags in shared memory, written out by o
 output element is written, zeros included).
 
 tests/test_mosaic_estimate.py checks it against `estimate_hits_reference` in Mosaic GPU interpret mode and runs
-Mosaic GPU's lowering for sm_90 on a CPU (everything short of ptxas), and natively on a GPU;
-experiments/bench_mosaic_estimate.py checks and times it there. The kernel's float operations differ from the
-reference's (tf32 halves, the excess divided by k_scale), so a block whose best excess is within f32 rounding of 0
-can flip relative to the reference.
+Mosaic GPU's lowering for sm_90 on a CPU (everything short of ptxas), and natively on a GPU. The kernel's float
+operations differ from the reference's (tf32 halves, the excess divided by k_scale), so a block whose best excess
+is within f32 rounding of 0 can flip relative to the reference.
 """
 
 from __future__ import annotations
@@ -281,6 +277,39 @@ def _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blo
             hits_smem[after] = 0
 
 
+def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, first_tile, step, *, rows, block_k,
+                tile_k, warp_level, after_issue=None, block_range=None):
+    """The per-tile body of both kernels: `rows` q rows against key tile `first_tile + step`, its flags into
+    `flags_smem` (one int32 per key block).
+
+    The offsets (tf32) and the dots (fp8) go into one f32 accumulator whose sign is the excess's; `after_issue`
+    runs while the wgmmas are in flight. Natively the warp-level epilogue ORs the tile's hits into the flags (the
+    caller clears the blocks outside the estimated range afterwards); in interpret mode the array-level epilogue
+    stores every block's flag, kept only inside `block_range = (first_block, end_block)` when one is given."""
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, row_terms_smem, key_terms_smem.T)  # the offsets (tf32)
+        plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # + the dots (fp8); both operands K-major, as wgmma needs
+        if after_issue is not None:
+            after_issue()
+        return acc_ref[...]
+
+    excess_over_scale = pl.run_scoped(mma, plgpu.ACC((rows, tile_k), jnp.float32))  # excess's sign
+    tile = first_tile + step
+    if warp_level:
+        blocks_per_tile = tile_k // block_k
+        _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)(
+            excess_over_scale, flags_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
+        return
+    offsets = range(0, tile_k, block_k)
+    row_best = [jnp.max(excess_over_scale[:, offset:offset + block_k], axis=1) for offset in offsets]
+    for offset, hit in zip(offsets, _packed_row_counts(row_best)):
+        block = (tile * tile_k + offset) // block_k
+        if block_range is not None:
+            first_block, end_block = block_range
+            hit = hit & (block >= first_block) & (block < end_block)
+        flags_smem[block] = hit.astype(jnp.int32)
+
+
 def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
                      row_terms_smem, hits_smem, q_barriers, *, block_q, block_k, tile_k, middle_start, group,
                      max_concurrent_steps, warp_level):
@@ -301,25 +330,9 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
     plgpu.barrier_wait(q_barriers.at[0])
     plgpu.barrier_wait(q_barriers.at[1])
 
-    blocks_per_tile = tile_k // block_k
-    warp_or_flags = _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)
-
     def tile_body(indices, k_smem, key_terms_smem):
-        def mma(acc_ref):
-            plgpu.wgmma(acc_ref, row_terms_smem, key_terms_smem.T)  # the offsets (tf32)
-            plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # + the dots (fp8); both operands K-major, as wgmma needs
-            return acc_ref[...]
-
-        excess_over_scale = pl.run_scoped(mma, plgpu.ACC((block_q, tile_k), jnp.float32))  # excess's sign
-        tile = first_tile + indices[0]
-        if warp_level:  # blocks outside [first_block, end_block) are cleared after the last tile
-            warp_or_flags(excess_over_scale, hits_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
-            return
-        offsets = range(0, tile_k, block_k)
-        row_best = [jnp.max(excess_over_scale[:, offset:offset + block_k], axis=1) for offset in offsets]
-        for offset, hit in zip(offsets, _packed_row_counts(row_best)):
-            block = (tile * tile_k + offset) // block_k
-            hits_smem[block] = (hit & (block >= first_block) & (block < end_block)).astype(jnp.int32)
+        _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, hits_smem, first_tile, indices[0], rows=block_q,
+                    block_k=block_k, tile_k=tile_k, warp_level=warp_level, block_range=(first_block, end_block))
 
     plgpu.emit_pipeline(
         tile_body,
@@ -332,7 +345,7 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
     )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
 
     if warp_level:
-        _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blocks_per_tile)
+        _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, tile_k // block_k)
     plgpu.commit_smem()  # flags visible to the TMA engine
     plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
     plgpu.wait_smem_to_gmem(0)
@@ -360,9 +373,6 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
     first_block, end_block, first_tile, num_tiles = _tile_range(
         middle_end_gmem, q_block, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
         num_k_blocks=num_k_blocks)
-    blocks_per_tile = tile_k // block_k
-    warp_or_flags = _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)
-
     def take_turn():
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
@@ -385,22 +395,11 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         pl.when(wg == 0)(take_turn)  # the first balances the second's extra turn
 
     def tile_body(indices, k_smem, key_terms_smem, carry):
-        def mma(acc_ref):
-            plgpu.wgmma(acc_ref, row_terms_smem.at[wg], key_terms_smem.T)  # the offsets (tf32)
-            plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.T)  # + the dots (fp8)
-            take_turn()  # the other warpgroup issues its wgmmas while this one waits for its own
-            return acc_ref[...]
-
-        excess_over_scale = pl.run_scoped(mma, plgpu.ACC((SPLIT_ROWS, tile_k), jnp.float32))
-        tile = first_tile + indices[0]
-        my_flags = hits_smem.at[wg]
-        if warp_level:
-            warp_or_flags(excess_over_scale, my_flags.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
-            return carry
-        offsets = range(0, tile_k, block_k)
-        row_best = [jnp.max(excess_over_scale[:, offset:offset + block_k], axis=1) for offset in offsets]
-        for offset, hit in zip(offsets, _packed_row_counts(row_best)):
-            my_flags[(tile * tile_k + offset) // block_k] = hit.astype(jnp.int32)
+        # take_turn: the other warpgroup issues its wgmmas while this one waits for its own. The flags are masked
+        # to [first_block, end_block) once both rows are combined.
+        _tile_flags(q_smem.at[wg], row_terms_smem.at[wg], k_smem, key_terms_smem, hits_smem.at[wg], first_tile,
+                    indices[0], rows=SPLIT_ROWS, block_k=block_k, tile_k=tile_k, warp_level=warp_level,
+                    after_issue=take_turn)
         return carry
 
     plgpu.emit_pipeline_warp_specialized(

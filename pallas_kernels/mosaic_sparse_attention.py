@@ -9,11 +9,9 @@ into one shared-memory tile by TMA (one copy per block, `stages` steps in flight
 
 The schedule is FlashAttention-3's ping-pong: the q block's two 64-row halves are consumer warpgroups (wgmma's M
 is 64) that take turns on the tensor cores, one's softmax under the other's wgmmas, while a producer warpgroup
-loads the K/V tiles they share. It measured fastest on the H200 (experiments/results/PERF_NOTES.md, session 9:
-31.5 ms against the Triton kernel's 39.0 at 128K, density 0.10); one warpgroup per 64 rows, with or without the
-next Q K^T under the softmax, and the ping-pong over two 64-row q blocks measured slower than Triton, so block_q
-64 stays on the Triton kernel. Exponentials use the hardware's approximate `ex2` (`approx_math`), as
-FlashAttention and the Triton kernel do.
+loads the K/V tiles they share. The kernel is built for block_q 128 only: at 64 rows a CTA has too little work
+between its barrier waits, and the Triton kernel runs block_q 64 (docs/tuning.md#mosaic-computation).
+Exponentials use the hardware's approximate `ex2` (`approx_math`), as FlashAttention and the Triton kernel do.
 
 Kept blocks come in ascending order, so only the steps at a row's end can reach past its first query position:
 the leading steps run without the causal mask (a lower bound on how many, computed from the layout's row), the
@@ -41,7 +39,7 @@ BLOCK_Q = CONSUMERS * ROWS  # a CTA's q block
 HEAD_DIMS = (64, 128)
 KEYS_PER_STEP = (64, 128)  # S (64 x keys f32) and P share the registers with O; 256 keys would spill
 # Of the 227 KB a CTA may hold on Hopper, what the tiles may take: Mosaic GPU adds barriers and alignment (2.6 KB
-# more than the tiles at 128-key steps, three stages, head_dim 128, which it refused on the H200).
+# more than the tiles at 128-key steps, three stages, head_dim 128, which then no longer fit).
 _MAX_SMEM_BYTES = 224 * 1024
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # wgmma's 16-bit operands
 _LOG2_E = math.log2(math.e)

@@ -7,34 +7,42 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sale_jax import checks
-from sale_jax.config import PALLAS_BACKENDS, SaleConfig
+from sale_jax import checks, mosaic_gpu_backend, triton_backend
+from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
-from sale_jax.pallas_backend import (block_sparse_attention_pallas, check_supported, fits,
-                                     select_blocks_mosaic, select_blocks_pallas)
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
 
 _DEFAULT_CONFIG = SaleConfig()
+_KERNEL_BACKENDS = {"triton": triton_backend, "mosaic_gpu": mosaic_gpu_backend}
 
 
 def _grid_for(q, k, config: SaleConfig) -> BlockGrid:
     return BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
 
 
+def _fits(q, k, config: SaleConfig, backend: str) -> bool:
+    """Whether the kernel backend `backend` takes these shapes and block sizes."""
+    try:
+        _KERNEL_BACKENDS[backend].check_supported(q, k, config)
+    except ValueError:
+        return False
+    return True
+
+
 def _backend_for(q, k, config: SaleConfig) -> str:
     """The backend this call runs: `auto` falls back from the Mosaic GPU selection to the Triton one where the
-    Mosaic kernel's limits (block sizes, head_dim, key length) rule it out; an explicit choice is kept (and
+    Mosaic GPU kernel's limits (block sizes, head_dim, key length) rule it out; an explicit choice is kept (and
     checked)."""
     backend = config.resolved_backend()
-    if backend == "pallas_mosaic" and config.backend == "auto" and not fits(q, k, config, "pallas_mosaic"):
-        return "pallas"
+    if backend == "mosaic_gpu" and config.backend == "auto" and not _fits(q, k, config, "mosaic_gpu"):
+        return "triton"
     return backend
 
 
 def _check_backend(q, k, config: SaleConfig) -> None:
     backend = _backend_for(q, k, config)
-    if backend in PALLAS_BACKENDS:
-        check_supported(q, k, config, backend)
+    if backend in _KERNEL_BACKENDS:
+        _KERNEL_BACKENDS[backend].check_supported(q, k, config)
 
 
 def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG) -> BlockLayout:
@@ -55,10 +63,8 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
 @functools.partial(jax.jit, static_argnames=("config",))
 def _select_blocks(q, k, tau, config: SaleConfig) -> BlockLayout:
     backend = _backend_for(q, k, config)
-    if backend == "pallas_mosaic":
-        return select_blocks_mosaic(q, k, tau, config)
-    if backend == "pallas":
-        return select_blocks_pallas(q, k, tau, config)
+    if backend in _KERNEL_BACKENDS:
+        return _KERNEL_BACKENDS[backend].select_blocks(q, k, tau, config)
     return select_blocks_reference(q, k, tau, config)
 
 
@@ -77,8 +83,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Blo
 @functools.partial(jax.jit, static_argnames=("config", "return_lse"))
 def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: bool):
     backend = _backend_for(q, k, config)
-    if backend in PALLAS_BACKENDS:
-        out, lse = block_sparse_attention_pallas(q, k, v, layout, config, backend)
+    if backend in _KERNEL_BACKENDS:
+        out, lse = _KERNEL_BACKENDS[backend].block_sparse_attention(q, k, v, layout, config)
     else:
         out, lse = block_sparse_attention_reference(q, k, v, layout, config.softmax_scale(q.shape[-1]))
     return (out, lse) if return_lse else out
@@ -87,8 +93,8 @@ def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: boo
 def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG,
                    return_lse: bool = False, return_layout: bool = False):
     """SALE attention: selection then block-sparse attention. Key sequences shorter than `config.dense_below`
-    (by default the measured crossover of the backend the call runs) run dense attention instead (their layout,
-    when asked for, keeps every visible block).
+    (by default the crossover of the backend the call runs, from the device's tuning table) run dense attention
+    instead (their layout, when asked for, keeps every visible block).
 
     Returns the output `[B, T, Hq, D]`, followed by the log-sum-exp `[B, Hq, T]` if `return_lse` and the
     `BlockLayout` if `return_layout`.
@@ -133,10 +139,10 @@ def _dense_attention(q, k, v, scale: float | None, implementation: str | None):
     q_len, kv_len = q.shape[1], k.shape[1]
     on_gpu_half = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     if implementation is None and on_gpu_half:
-        config = SaleConfig(backend="pallas", scale=scale)
+        config = SaleConfig(backend="triton", scale=scale)
         if q_len == kv_len:
             implementation = "cudnn"
-        elif fits(q, k, config, "pallas"):
+        elif _fits(q, k, config, "triton"):
             layout = BlockLayout.all_visible(q.shape[0], q.shape[2], _grid_for(q, k, config))
             return block_sparse_attention(q, k, v, layout, config)
     # f32 inputs get f32 dots (XLA's GPU default would be TF32).

@@ -1,4 +1,4 @@
-"""Offline per-head threshold calibration (SALE_SPEC section 6).
+"""Offline per-head threshold calibration (docs/algorithm.md, section 8).
 
 For each layer and q head: start at `tau0`; while the per-row L1 error of SALE's output against dense attention is
 `>= theta`, halve `tau`, and below `tau_min` make the head dense (`tau = 0`). Over several samples keep the smallest

@@ -1,4 +1,5 @@
-"""Block geometry of causal attention and `BlockLayout`, the kept key blocks of every query block.
+"""Block geometry of causal attention, SALE's sink / middle / local regions on it, and `BlockLayout`, the kept key
+blocks of every query block.
 
 The layout stores, for each (batch, q head, q block), the ascending indices of its kept key blocks. Rows are packed
 one after another with the width of their causally visible key blocks (the causal triangle, not the square), so
@@ -64,6 +65,69 @@ class BlockGrid:
     def index_dtype(self):
         """int16 while every key-block index fits (sequences up to ~1M tokens at block_k=32), int32 beyond."""
         return jnp.int16 if self.num_k_blocks <= np.iinfo(np.int16).max else jnp.int32
+
+    def regions(self, sink_tokens: int, local_tokens: int) -> "BlockRegions":
+        """The sink, middle and local key blocks of every query block (the one definition of SALE's regions)."""
+        return BlockRegions(self, sink_tokens, local_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRegions:
+    """SALE's three regions of each query block's visible key blocks, in ascending order:
+
+      sink    `[0, num_sink_blocks[I])`: the blocks intersecting keys `[0, sink_tokens)`;
+      middle  `[num_sink_blocks[I], local_first_block[I])`: the blocks the selection decides;
+      local   `[local_first_block[I], grid.visible_counts[I])`: the blocks intersecting the keys
+              `[p_first - local_tokens + 1, p_last]`, where `p_first` and `p_last` are the positions of the
+              block's first and last query rows (the diagonal block always among them, since local_tokens >= 1).
+
+    Sink and local blocks are always kept and are the blocks of the exact reference statistics. Where the two
+    overlap, the sink takes them (so the middle may be empty and the local region starts after the sink).
+    """
+
+    grid: BlockGrid
+    sink_tokens: int
+    local_tokens: int
+
+    @property
+    def sink_blocks(self) -> int:
+        """The sink blocks of a row that sees every key block (at most `grid.num_k_blocks`)."""
+        return min(-(-self.sink_tokens // self.grid.block_k), self.grid.num_k_blocks)
+
+    @functools.cached_property
+    def num_sink_blocks(self) -> np.ndarray:
+        """int32 `[nQ]`: the end of each query block's sink region (its visible sink blocks)."""
+        return np.minimum(self.sink_blocks, self.grid.visible_counts).astype(np.int32)
+
+    @functools.cached_property
+    def local_first_block(self) -> np.ndarray:
+        """int32 `[nQ]`: the first local block of each query block, which is where its middle region ends."""
+        grid = self.grid
+        first_position = np.arange(grid.num_q_blocks) * grid.block_q + grid.query_offset
+        first_local_key = np.maximum(first_position - self.local_tokens + 1, 0)
+        return np.maximum(first_local_key // grid.block_k, self.num_sink_blocks).astype(np.int32)
+
+    @property
+    def max_sink_blocks(self) -> int:
+        """The most sink blocks of any query block."""
+        return int(self.num_sink_blocks.max())
+
+    @property
+    def max_local_blocks(self) -> int:
+        """The most local blocks of any query block."""
+        return int((self.grid.visible_counts - self.local_first_block).max())
+
+    @functools.cached_property
+    def always_kept(self) -> np.ndarray:
+        """bool `[nQ, nK]`: the sink and local blocks of each query block."""
+        k_blocks = np.arange(self.grid.num_k_blocks)[None, :]
+        return self.grid.visible_mask & ((k_blocks < self.num_sink_blocks[:, None])
+                                         | (k_blocks >= self.local_first_block[:, None]))
+
+    @functools.cached_property
+    def middle(self) -> np.ndarray:
+        """bool `[nQ, nK]`: the middle blocks of each query block, the ones the selection decides."""
+        return self.grid.visible_mask & ~self.always_kept
 
 
 @jax.tree_util.register_pytree_node_class

@@ -64,13 +64,19 @@ def test_bad_tau(tau, message):
     (dict(local_tokens=0), "local_tokens"),
     (dict(sink_tokens=-1), "sink_tokens"),
     (dict(quant_granularity="per_channel"), "quant_granularity"),
-    (dict(backend="cuda"), "backend"),
+    (dict(backend="cuda"), r"backend must be one of \('auto', 'reference', 'triton', 'mosaic_gpu'\)"),
     (dict(scale=-1.0), "scale"),
     (dict(dense_below=-5), "dense_below"),
 ])
 def test_bad_config(fields, message):
     with pytest.raises(ValueError, match=message):
         sale_jax.SaleConfig(**fields)
+
+
+@pytest.mark.parametrize("alias, name", [("pallas", "triton"), ("pallas_mosaic", "mosaic_gpu")])
+def test_old_backend_names_are_accepted_as_aliases(alias, name):
+    assert sale_jax.SaleConfig(backend=alias).backend == name
+    assert sale_jax.SaleConfig.from_dict({"backend": alias}) == sale_jax.SaleConfig(backend=name)
 
 
 def test_layout_that_does_not_match_the_inputs():

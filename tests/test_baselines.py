@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import sale_jax
-from sale_jax.reference import baselines
+from sale_jax import baselines
 from sale_jax.reference.selection import selection_margins_reference
 from tests import cases, oracle
 

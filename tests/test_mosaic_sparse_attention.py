@@ -14,8 +14,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import sale_jax
 from pallas_kernels.mosaic_sparse_attention import mosaic_block_sparse_attention
-from sale_jax import pallas_backend
-from sale_jax.reference.common import pad_axis
+from sale_jax import mosaic_gpu_backend
+from sale_jax.ops import pad_axis
 from tests import cases, oracle
 
 INTERPRET = False if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams(uninitialized_memory="nan")
@@ -134,9 +134,9 @@ def test_kernel_lowers_for_hopper(block_k, head_dim, keys_per_step, stages):
 @pytest.mark.parametrize("dtype, head_dim, block_q, block_k, fits", [
     (jnp.bfloat16, 128, 128, 32, True), (jnp.float16, 64, 128, 16, True), (jnp.float32, 128, 128, 32, False),
     (jnp.bfloat16, 256, 128, 32, False), (jnp.bfloat16, 128, 128, 256, False), (jnp.bfloat16, 128, 64, 32, False)])
-def test_pallas_mosaic_runs_the_computation_where_the_kernel_fits(dtype, head_dim, block_q, block_k, fits):
+def test_mosaic_gpu_runs_the_computation_where_the_kernel_fits(dtype, head_dim, block_q, block_k, fits):
     """16-bit inputs, head_dim 64 or 128, block_q 128 and blocks that divide a step take the Mosaic kernel; the rest
-    (block_q 64 among them, where Triton measured faster) Triton."""
+    (block_q 64 among them, which the kernel is not built for) Triton."""
     q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), dtype)
-    config = sale_jax.SaleConfig(backend="pallas_mosaic", block_q=block_q, block_k=block_k)
-    assert pallas_backend.fits_mosaic_attention(q, config) == fits
+    config = sale_jax.SaleConfig(backend="mosaic_gpu", block_q=block_q, block_k=block_k)
+    assert mosaic_gpu_backend.fits_attention(q, config) == fits

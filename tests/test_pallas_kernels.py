@@ -15,10 +15,9 @@ import pallas_kernels
 import sale_jax
 import sale_jax.config
 from pallas_kernels import mosaic_estimate
-from sale_jax import api, pallas_backend
+from sale_jax import api, mosaic_gpu_backend, triton_backend, tuning
+from sale_jax.ops import pad_axis, smoothing_means
 from sale_jax.reference import block_sparse_attention_reference, quantize_reference
-from sale_jax.reference.common import pad_axis
-from sale_jax.reference.quantize import smoothing_means
 from sale_jax.reference.selection import selection_margins_reference
 from tests import cases, oracle
 
@@ -30,7 +29,7 @@ def draw_kernel_case(rng, **overrides):
     """Shapes the kernels accept: power-of-two head_dim >= 32 and blocks >= 16."""
     fields = dict(block_q=int(rng.choice([16, 32, 64])), block_k=int(rng.choice([16, 32])),
                   sink_tokens=int(rng.choice([0, 16, 40])), local_tokens=int(rng.choice([1, 32, 70])),
-                  quant_granularity=str(rng.choice(["per_token", "per_block"])), backend="pallas",
+                  quant_granularity=str(rng.choice(["per_token", "per_block"])), backend="triton",
                   interpret=INTERPRET)
     fields.update(overrides)
     case = cases.draw_case(rng, **fields)
@@ -86,14 +85,13 @@ def _kernel_layout(q, k, tau, config):
         return lambda *args, **kwargs: originals[name](*args, **kwargs, initial_outputs=poisoned_kernels[name])
 
     for name in poisoned_kernels:
-        setattr(pallas_backend.pallas_kernels, name, with_poison(name))
+        setattr(pallas_kernels, name, with_poison(name))
     try:
-        select = (pallas_backend.select_blocks_mosaic if config.backend == "pallas_mosaic"
-                  else pallas_backend.select_blocks_pallas)
-        return select(q, k, jnp.asarray(tau, jnp.float32), config)
+        backend = mosaic_gpu_backend if config.backend == "mosaic_gpu" else triton_backend
+        return backend.select_blocks(q, k, jnp.asarray(tau, jnp.float32), config)
     finally:
         for name, original in originals.items():
-            setattr(pallas_backend.pallas_kernels, name, original)
+            setattr(pallas_kernels, name, original)
 
 
 @pytest.mark.parametrize("trial", range(3))
@@ -111,7 +109,7 @@ def test_selection_kernel_middle_off_the_estimate_tile(rng):
     the middle would run past the padded keys in its last tile (in interpret mode, a clamped slice that shifts
     block 16's keys onto block 17). A needle in block 16 for the last query rows makes such a shift visible."""
     config = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=16, sink_tokens=16, local_tokens=70,
-                                 backend="pallas", interpret=INTERPRET)
+                                 backend="triton", interpret=INTERPRET)
     case = cases.Case(batch=1, q_len=370, kv_len=370, q_heads=2, kv_heads=1, head_dim=32, config=config)
     q, k, _ = cases.draw_structured_qkv(rng, case, jnp.float32)
     needle = 4.0 * q[:, 368:370].mean(axis=(1, 2))
@@ -150,8 +148,8 @@ def _check_selection_kernel(case, q, k, tau):
 
 
 def draw_mosaic_case(rng):
-    """A case for backend='pallas_mosaic': block_q 64 or 128, head_dim 64 or 128."""
-    case = draw_kernel_case(rng, backend="pallas_mosaic", block_q=int(rng.choice([64, 128])))
+    """A case for backend='mosaic_gpu': block_q 64 or 128, head_dim 64 or 128."""
+    case = draw_kernel_case(rng, backend="mosaic_gpu", block_q=int(rng.choice([64, 128])))
     return dataclasses.replace(case, head_dim=int(rng.choice([64, 128])))
 
 
@@ -167,19 +165,19 @@ def test_mosaic_selection_matches_reference_and_oracle(rng, trial):
 def test_mosaic_selection_through_the_split_rows_estimate(rng, monkeypatch):
     """block_q 128 routed through the split-rows estimate (two 64-row warpgroups, 256-key tiles), as long keys
     are (here from 0 keys on)."""
-    monkeypatch.setattr(pallas_backend, "MOSAIC_SPLIT_ROWS_FROM", 0)
+    monkeypatch.setattr(tuning, "HOPPER", dataclasses.replace(tuning.HOPPER, mosaic_split_rows_from=0))
     launches = []
     estimate_hits = pallas_kernels.estimate_hits
-    monkeypatch.setattr(pallas_backend.pallas_kernels, "estimate_hits",
+    monkeypatch.setattr(pallas_kernels, "estimate_hits",
                         lambda *args, **knobs: launches.append(knobs) or estimate_hits(*args, **knobs))
     config = sale_jax.SaleConfig(block_q=128, block_k=16, sink_tokens=16, local_tokens=32, dense_below=0,
-                                 backend="pallas_mosaic", interpret=INTERPRET)
+                                 backend="mosaic_gpu", interpret=INTERPRET)
     case = cases.Case(batch=1, q_len=448, kv_len=512, q_heads=2, kv_heads=1, head_dim=64, config=config)
     q, k, _ = cases.draw_structured_qkv(rng, case, jnp.bfloat16)
     _check_selection_kernel(case, q, k, cases.draw_tau(rng, case.q_heads))
     [knobs] = launches
     assert (knobs["compute_warpgroups"], knobs["tile_k"], knobs["max_concurrent_steps"]) == (
-        2, 256, pallas_backend.MOSAIC_SPLIT_ROWS_STAGES)
+        2, 256, tuning.HOPPER.mosaic_split_rows_stages)
 
 
 @pytest.mark.parametrize("block_q, block_k, kv_len, head_dim, warpgroups", [
@@ -189,7 +187,7 @@ def test_mosaic_selection_through_the_split_rows_estimate(rng, monkeypatch):
 ])
 def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, head_dim, warpgroups):
     config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k)
-    launch = pallas_backend.mosaic_estimate_launch(kv_len, head_dim, config)
+    launch = mosaic_gpu_backend.estimate_launch(kv_len, head_dim, config)
     assert launch.compute_warpgroups == warpgroups
     assert launch.tile_k * block_q // warpgroups == mosaic_estimate.MAX_ACC_ELEMENTS
 
@@ -230,7 +228,7 @@ def test_attention_kernel_matches_oracle(rng, dtype):
     np.testing.assert_allclose(oracle.as_f64(out), oracle.as_f64(ref_out), atol=tolerance, rtol=tolerance)
 
 
-def test_sale_attention_pallas_backend_matches_reference(rng):
+def test_sale_attention_triton_backend_matches_reference(rng):
     case = draw_kernel_case(rng)
     q, k, v = cases.draw_structured_qkv(rng, case, jnp.bfloat16)
     tau = cases.draw_tau(rng, case.q_heads)
@@ -245,19 +243,19 @@ def test_sale_attention_pallas_backend_matches_reference(rng):
     (dict(block_q=8), 32, "block_q >= 16"),
     (dict(block_k=8), 32, "block_k >= 16"),
     (dict(), 24, "head_dim to be a power of two"),
-    (dict(backend="pallas_mosaic", block_q=32), 64, r"block_q in \(64, 128\)"),
-    (dict(backend="pallas_mosaic"), 32, r"head_dim in \(64, 128, 256\)"),
-    (dict(backend="pallas_mosaic", block_k=256), 64, "block_k <= 128"),
+    (dict(backend="mosaic_gpu", block_q=32), 64, r"block_q in \(64, 128\)"),
+    (dict(backend="mosaic_gpu"), 32, r"head_dim in \(64, 128, 256\)"),
+    (dict(backend="mosaic_gpu", block_k=256), 64, "block_k <= 128"),
 ])
-def test_pallas_backend_rejects_unsupported_shapes(overrides, head_dim, message):
-    config = sale_jax.SaleConfig(**{"dense_below": 0, "backend": "pallas", "interpret": INTERPRET, **overrides})
+def test_kernel_backends_reject_unsupported_shapes(overrides, head_dim, message):
+    config = sale_jax.SaleConfig(**{"dense_below": 0, "backend": "triton", "interpret": INTERPRET, **overrides})
     q = jnp.ones((1, 64, 2, head_dim), jnp.bfloat16)
     with pytest.raises(ValueError, match=message):
         sale_jax.sale_attention(q, q, q, jnp.zeros(2), config)
 
 
 def test_mosaic_backend_rejects_keys_beyond_its_shared_memory():
-    config = sale_jax.SaleConfig(dense_below=0, backend="pallas_mosaic", block_k=16, interpret=INTERPRET)
+    config = sale_jax.SaleConfig(dense_below=0, backend="mosaic_gpu", block_k=16, interpret=INTERPRET)
     q = jnp.ones((1, 64, 1, 64), jnp.bfloat16)
     k = jnp.ones((1, 16384 * 16 + 1, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="at most 16384"):
@@ -267,14 +265,14 @@ def test_mosaic_backend_rejects_keys_beyond_its_shared_memory():
 def test_auto_takes_the_mosaic_selection_on_hopper_where_it_fits(monkeypatch):
     """`auto` on an sm_90 GPU: the Mosaic GPU selection, except for shapes and blocks only the Triton one takes."""
     monkeypatch.setattr(sale_jax.config.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(sale_jax.config, "_on_hopper", lambda: True)
+    monkeypatch.setattr(tuning, "on_hopper", lambda: True)
     q = jnp.ones((1, 64, 2, 128), jnp.bfloat16)
     auto = sale_jax.SaleConfig()
-    assert auto.resolved_backend() == "pallas_mosaic"
-    assert api._backend_for(q, q, auto) == "pallas_mosaic"
-    assert api._backend_for(q[..., :32], q[..., :32], auto) == "pallas"  # head_dim 32
-    assert api._backend_for(q, q, sale_jax.SaleConfig(block_q=32)) == "pallas"
-    explicit = sale_jax.SaleConfig(backend="pallas_mosaic", block_q=32)
-    assert api._backend_for(q, q, explicit) == "pallas_mosaic"  # kept, so that the checks name what is wrong
-    monkeypatch.setattr(sale_jax.config, "_on_hopper", lambda: False)
-    assert auto.resolved_backend() == "pallas"
+    assert auto.resolved_backend() == "mosaic_gpu"
+    assert api._backend_for(q, q, auto) == "mosaic_gpu"
+    assert api._backend_for(q[..., :32], q[..., :32], auto) == "triton"  # head_dim 32
+    assert api._backend_for(q, q, sale_jax.SaleConfig(block_q=32)) == "triton"
+    explicit = sale_jax.SaleConfig(backend="mosaic_gpu", block_q=32)
+    assert api._backend_for(q, q, explicit) == "mosaic_gpu"  # kept, so that the checks name what is wrong
+    monkeypatch.setattr(tuning, "on_hopper", lambda: False)
+    assert auto.resolved_backend() == "triton"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sale_jax
-from sale_jax import config as config_module
+from sale_jax import tuning
 from sale_jax import api
 from tests import cases, oracle
 
@@ -61,7 +61,7 @@ def test_gqa_equals_repeated_kv_heads(rng):
 
 def test_query_chunk_equals_last_rows_of_full_call(rng):
     """With the same kept blocks, a chunk of the last T queries reproduces the last T rows (chunked prefill).
-    Selection itself is not chunk-invariant: Q is smoothed by the chunk's own mean (SALE_SPEC 3.1)."""
+    Selection itself is not chunk-invariant: Q is smoothed by the chunk's own mean (docs/algorithm.md, section 3)."""
     case = cases.draw_case(rng, chunked=False)
     bq = case.config.block_q
     full_blocks = -(-case.kv_len // bq)
@@ -92,10 +92,10 @@ def test_new_thresholds_do_not_recompile(rng):
 
 
 @pytest.mark.parametrize("backend, block_q, dense_below, want", [
-    ("pallas_mosaic", 128, None, 16384), ("pallas_mosaic", 64, None, 65536), ("pallas", 128, None, 65536),
-    ("reference", 128, None, config_module.DEFAULT_DENSE_BELOW), ("pallas_mosaic", 128, 4096, 4096),
-    ("pallas", 64, 0, 0)])
-def test_dense_below_defaults_to_the_backends_measured_crossover(backend, block_q, dense_below, want):
+    ("mosaic_gpu", 128, None, 16384), ("mosaic_gpu", 64, None, 65536), ("triton", 128, None, 65536),
+    ("reference", 128, None, tuning.DEFAULT_DENSE_BELOW), ("mosaic_gpu", 128, 4096, 4096),
+    ("triton", 64, 0, 0)])
+def test_dense_below_defaults_to_the_tuning_tables_crossover(backend, block_q, dense_below, want):
     config = sale_jax.SaleConfig(block_q=block_q, dense_below=dense_below)
     assert config.resolved_dense_below(backend) == want
 

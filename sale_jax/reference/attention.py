@@ -1,4 +1,4 @@
-"""Pass 3: exact attention over the kept blocks (SALE_SPEC section 5), one query block at a time."""
+"""Pass 3: exact attention over the kept blocks (docs/algorithm.md, section 6), one query block at a time."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from sale_jax.layout import BlockLayout
-from sale_jax.reference.common import grouped_scores, grouped_values, pad_axis, q_block_visibility
+from sale_jax.ops import grouped_scores, grouped_values, pad_axis
+from sale_jax.reference.common import q_block_visibility
 
 
 def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout,

@@ -1,4 +1,4 @@
-"""Pass 1: smoothing and symmetric 4-bit codes of Q and K (SALE_SPEC section 3)."""
+"""Pass 1: smoothing and symmetric 4-bit codes of Q and K (docs/algorithm.md, section 3)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sale_jax.ops import column_bias, smoothing_means
 
 CODE_MAX = 7  # symmetric 4-bit codes in [-7, 7], no zero point
 
@@ -42,21 +44,6 @@ def _scales(smoothed: jax.Array, group: int | None) -> jax.Array:
 def _codes(smoothed: jax.Array, scale: jax.Array) -> jax.Array:
     # jnp.round rounds half to even, as the spec asks.
     return jnp.clip(jnp.round(smoothed / scale[..., None]), -CODE_MAX, CODE_MAX).astype(jnp.int8)
-
-
-def smoothing_means(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """f32 means over the sequence: `[B, 1, Hq, D]` of Q and `[B, 1, Hkv, D]` of K."""
-    return jnp.mean(q.astype(jnp.float32), axis=1, keepdims=True), jnp.mean(k.astype(jnp.float32), axis=1,
-                                                                              keepdims=True)
-
-
-def column_bias(q_mean: jax.Array, k_smooth: jax.Array) -> jax.Array:
-    """f32 `[B, Hq, S]`: `c_j = qbar . Ks_j` per q head, from `q_mean [B, 1, Hq, D]` and f32 `k_smooth`."""
-    batch, _, q_heads, head_dim = q_mean.shape
-    kv_heads = k_smooth.shape[2]
-    grouped = q_mean.reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
-    bias = jnp.einsum("bkgd,bskd->bkgs", grouped, k_smooth, precision=jax.lax.Precision.HIGHEST)
-    return bias.reshape(batch, q_heads, -1)
 
 
 def quantize_reference(q: jax.Array, k: jax.Array, *, granularity: str, block_q: int, block_k: int) -> QuantizedQK:

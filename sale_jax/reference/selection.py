@@ -1,5 +1,5 @@
 """Pass 2: exact sink-local statistics, low-bit score estimates and the per-block relative-score test
-(SALE_SPEC section 4). One query block's scores at a time, so it runs at 32K tokens on a CPU."""
+(docs/algorithm.md, sections 4 and 5). One query block's scores at a time, so it runs at 32K tokens on a CPU."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
-from sale_jax.reference.common import grouped_scores, pad_axis, q_block_visibility
+from sale_jax.ops import grouped_scores, pad_axis
+from sale_jax.reference.common import q_block_visibility
 from sale_jax.reference.quantize import QuantizedQK, quantize_reference
 
 
@@ -22,7 +23,7 @@ def select_blocks_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: 
 
 def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
                                 estimator: str = "int4") -> tuple[jax.Array, jax.Array]:
-    """The selection before its decision: bool `[B, Hq, nQ, nK]` of visible sink and local blocks, and f32
+    """The selection up to its decision: bool `[B, Hq, nQ, nK]` of visible sink and local blocks, and f32
     `[B, Hq, nQ, nK]` of each block's best `shat_ij - (m_i + log(tau * l_i))` over its visible pairs (-inf where
     nothing is visible, +inf for dense heads). A middle block is kept iff its margin is > 0; kernels that round
     differently may only disagree where the margin is near 0.
@@ -49,17 +50,13 @@ def _block_margins(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConf
     k_scale = jnp.repeat(pad_axis(quant.k_scale, 1, bk), group, axis=2).transpose(0, 2, 1)  # [B, Hq, S_pad]
     column_bias = pad_axis(quant.column_bias, 2, bk)
 
-    key_block = jnp.arange(nk * bk) // bk
-    num_sink_blocks = -(-config.sink_tokens // bk)
+    always_kept_blocks = jnp.asarray(grid.regions(config.sink_tokens, config.local_tokens).always_kept)
     log_tau = jnp.where(tau > 0, jnp.log(jnp.where(tau > 0, tau, 1.0)), -jnp.inf)[:, None]  # -inf: dense head
-    visible_blocks = jnp.asarray(grid.visible_mask)
 
     def margins_for_q_block(q_block):
         visible, row_is_real = q_block_visibility(grid, q_block)
-        first_position = q_block * bq + grid.query_offset
-        local_first_block = jnp.maximum(first_position - config.local_tokens + 1, 0) // bk
-        in_reference_blocks = (key_block < num_sink_blocks) | (key_block >= local_first_block)
-        reference_pairs = visible & in_reference_blocks
+        always_kept = always_kept_blocks[q_block]  # [nK]: the sink and local blocks
+        reference_pairs = visible & jnp.repeat(always_kept, bk)  # the statistics' (row, key) pairs
 
         def rows(x):
             return jax.lax.dynamic_slice_in_dim(x, q_block * bq, bq, axis=1)
@@ -80,9 +77,7 @@ def _block_margins(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConf
         # estimate > threshold  <=>  estimate - threshold > 0 for finite IEEE floats.
         margin = jnp.where(visible, estimate - threshold[..., None], -jnp.inf)
         block_margin = margin.reshape(*margin.shape[:3], nk, bk).max(axis=(2, 4))  # [B, Hq, nK]
-        always_kept = (jnp.arange(nk) < num_sink_blocks) | (jnp.arange(nk) >= local_first_block)
-        return visible_blocks[q_block] & always_kept, block_margin
+        return block_margin
 
-    always_kept, margins = jax.lax.map(margins_for_q_block, jnp.arange(grid.num_q_blocks))  # [nQ, B, Hq, nK]
-    return jnp.broadcast_to(always_kept[:, None, None], margins.shape).transpose(1, 2, 0, 3), margins.transpose(
-        1, 2, 0, 3)
+    margins = jax.lax.map(margins_for_q_block, jnp.arange(grid.num_q_blocks)).transpose(1, 2, 0, 3)
+    return jnp.broadcast_to(always_kept_blocks, margins.shape), margins

@@ -16,32 +16,25 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sale_jax.config import SaleConfig
-from sale_jax.layout import BlockGrid
-from sale_jax.reference.common import grouped_scores, pad_axis
+from sale_jax.layout import BlockGrid, BlockRegions
+from sale_jax.ops import grouped_scores, pad_axis
 
 
-def always_kept_blocks(grid: BlockGrid, config: SaleConfig) -> np.ndarray:
-    """bool `[nQ, nK]`: the visible sink and local blocks of each q block (SALE_SPEC section 2)."""
-    q_blocks = np.arange(grid.num_q_blocks)
-    first_position = q_blocks * grid.block_q + grid.query_offset
-    local_first = np.maximum(first_position - config.local_tokens + 1, 0) // grid.block_k
-    k_blocks = np.arange(grid.num_k_blocks)[None, :]
-    num_sink = -(-config.sink_tokens // grid.block_k)
-    return grid.visible_mask & ((k_blocks < num_sink) | (k_blocks >= local_first[:, None]))
+def _regions(grid: BlockGrid, config: SaleConfig) -> BlockRegions:
+    return grid.regions(config.sink_tokens, config.local_tokens)
 
 
 def sink_local_mask(batch: int, q_heads: int, grid: BlockGrid, config: SaleConfig) -> jax.Array:
-    return jnp.broadcast_to(jnp.asarray(always_kept_blocks(grid, config)),
+    return jnp.broadcast_to(jnp.asarray(_regions(grid, config).always_kept),
                             (batch, q_heads, grid.num_q_blocks, grid.num_k_blocks))
 
 
 def _keep_top_middle(scores: jax.Array, grid: BlockGrid, config: SaleConfig, keep: jax.Array) -> jax.Array:
     """Keeps, per row, the `keep[..., I]` middle blocks of highest `scores` ([B, Hq, nQ, nK]) plus the always-kept."""
-    always = jnp.asarray(always_kept_blocks(grid, config))
-    middle = jnp.asarray(grid.visible_mask) & ~always
+    regions = _regions(grid, config)
+    always, middle = jnp.asarray(regions.always_kept), jnp.asarray(regions.middle)
     ranked = jnp.where(middle, scores, -jnp.inf)
     order = jnp.argsort(-ranked, axis=-1)
     rank = jnp.argsort(order, axis=-1)
@@ -61,7 +54,7 @@ def pooled_topk_mask(q: jax.Array, k: jax.Array, grid: BlockGrid, config: SaleCo
     keys = jnp.minimum(grid.kv_len - jnp.arange(grid.num_k_blocks) * grid.block_k, grid.block_k)
     k_mean = k_pool.sum(2) / keys[None, :, None, None]
     scores = grouped_scores(q_mean, k_mean)  # [B, Hq, nQ, nK]
-    middle_count = (grid.visible_mask & ~always_kept_blocks(grid, config)).sum(-1)
+    middle_count = _regions(grid, config).middle.sum(-1)
     keep = jnp.ceil(keep_fraction * jnp.asarray(middle_count)).astype(jnp.int32)
     return _keep_top_middle(scores, grid, config, jnp.broadcast_to(keep, scores.shape[:3]))
 
@@ -89,8 +82,8 @@ def xattention_mask(q: jax.Array, k: jax.Array, grid: BlockGrid, config: SaleCon
     share = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
     share = share.reshape(batch, q_heads, grid.num_q_blocks, bq // stride, grid.num_k_blocks, bk // stride)
     mass = share.sum(axis=(3, 5))  # [B, Hq, nQ, nK]
-    always = jnp.asarray(always_kept_blocks(grid, config))
-    middle = jnp.asarray(grid.visible_mask) & ~always
+    regions = _regions(grid, config)
+    always, middle = jnp.asarray(regions.always_kept), jnp.asarray(regions.middle)
     # The always-kept blocks count toward the mass first; then middle blocks by decreasing mass.
     middle_mass = jnp.where(middle, mass, 0.0)
     needed = jnp.maximum(threshold * mass.sum(-1) - jnp.where(always, mass, 0.0).sum(-1), 0.0)

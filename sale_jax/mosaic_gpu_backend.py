@@ -1,0 +1,122 @@
+"""The `mosaic_gpu` backend (Hopper): the selection in three launches, row thresholds (Triton), the low-bit
+estimate's hit flags (`pallas_kernels.mosaic_estimate`, Mosaic GPU, fp8 codes, which hold the 4-bit codes exactly)
+and their compaction into the kept-block lists (Triton); the computation pass on the Mosaic GPU kernel where it
+takes the inputs, else on the Triton one. The same kept blocks as the `triton` backend up to float rounding at the
+threshold. Launch choices come from the Hopper tuning table (`sale_jax.tuning`)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+import pallas_kernels
+from pallas_kernels import mosaic_estimate, mosaic_sparse_attention
+from sale_jax import triton_backend, tuning
+from sale_jax.config import SaleConfig
+from sale_jax.layout import BlockGrid, BlockLayout
+
+HEAD_DIMS = (64, 128, 256)  # the estimate's swizzled fp8 rows
+BLOCK_QS = (64, 128)  # wgmma rows come in groups of 64; the estimate holds one q block's accumulator
+MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory (half each with split rows)
+
+
+def _interpret(config: SaleConfig):
+    return plgpu.InterpretGPUParams() if config.interpret else False
+
+
+def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig) -> None:
+    """The limits of the Triton kernels this backend runs, and the Mosaic GPU estimate's, as errors that say what
+    is accepted."""
+    triton_backend.check_supported(q, k, config, backend="mosaic_gpu")
+    head_dim = q.shape[-1]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"backend='mosaic_gpu' needs head_dim in {HEAD_DIMS}, got {head_dim}")
+    if config.block_q not in BLOCK_QS:
+        raise ValueError(f"backend='mosaic_gpu' needs block_q in {BLOCK_QS} (wgmma rows), got {config.block_q}")
+    one_warpgroup = _one_warpgroup_launch(config)
+    if config.block_k > one_warpgroup.tile_k:
+        raise ValueError(f"backend='mosaic_gpu' needs block_k <= {one_warpgroup.tile_k}, got {config.block_k}")
+    padded_k_blocks = _padded_key_blocks(k.shape[1], config, one_warpgroup)
+    if padded_k_blocks > MAX_K_BLOCKS:
+        raise ValueError(f"backend='mosaic_gpu' holds a q block's key-block flags in shared memory: at most "
+                         f"{MAX_K_BLOCKS} (key length <= {MAX_K_BLOCKS * config.block_k} at "
+                         f"block_k={config.block_k}), got key length {k.shape[1]} ({padded_k_blocks} blocks)")
+
+
+class EstimateLaunch(NamedTuple):
+    """`mosaic_estimate.estimate_hits`' knobs for one call."""
+    compute_warpgroups: int
+    tile_k: int
+    max_concurrent_steps: int
+
+
+def _one_warpgroup_launch(config: SaleConfig) -> EstimateLaunch:
+    """The widest key tile one warpgroup's f32 accumulator of block_q rows holds."""
+    return EstimateLaunch(1, mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q,
+                          tuning.for_backend("mosaic_gpu").mosaic_estimate_stages)
+
+
+def estimate_launch(kv_len: int, head_dim: int, config: SaleConfig) -> EstimateLaunch:
+    """The split-rows kernel at block_q 128 from the tuning table's `mosaic_split_rows_from` keys on, where its two
+    rows of flags (one per warpgroup) fit in shared memory; one warpgroup otherwise. Not at head_dim 256: three
+    stages of 256-key tiles would take 216 KB without the q codes and flags."""
+    table = tuning.for_backend("mosaic_gpu")
+    split = EstimateLaunch(2, 2 * mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, table.mosaic_split_rows_stages)
+    if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= table.mosaic_split_rows_from
+            and head_dim <= 128 and 2 * _padded_key_blocks(kv_len, config, split) <= MAX_K_BLOCKS):
+        return split
+    return _one_warpgroup_launch(config)
+
+
+def _key_padding(config: SaleConfig, launch: EstimateLaunch) -> int:
+    """Keys pad to whole estimate tiles and to whole compaction chunks of flags."""
+    return max(launch.tile_k, pallas_kernels.COMPACTION_CHUNK * config.block_k)
+
+
+def _padded_key_blocks(kv_len: int, config: SaleConfig, launch: EstimateLaunch) -> int:
+    padding = _key_padding(config, launch)
+    return padding * -(-kv_len // padding) // config.block_k
+
+
+def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    regions = grid.regions(config.sink_tokens, config.local_tokens)
+    launch = estimate_launch(k.shape[1], k.shape[-1], config)
+    quant = triton_backend.quantize(q, k, config, _key_padding(config, launch))
+    kernel_regions = triton_backend.kernel_regions(grid, config)
+    rows = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q)
+    row_threshold = pallas_kernels.row_thresholds(
+        quant.q_rows, quant.q_scale, quant.k_smooth, tau, *kernel_regions.arrays, **rows, block_k=config.block_k,
+        scale=config.softmax_scale(q.shape[-1]), interpret=config.interpret)
+    middle_end = jnp.asarray(regions.local_first_block * config.block_k)
+    hits = pallas_kernels.estimate_hits(
+        quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn), 1.0 / quant.q_scale,
+        row_threshold, quant.k_scale, quant.bias, middle_end, block_q=config.block_q, block_k=config.block_k,
+        middle_start=regions.sink_blocks * config.block_k, **launch._asdict(), interpret=_interpret(config))
+    indices, counts = pallas_kernels.compact_hits(
+        hits, *kernel_regions.arrays, num_slots=grid.num_slots, **rows, **kernel_regions.bounds,
+        index_dtype=grid.index_dtype(), interpret=config.interpret)
+    return BlockLayout(indices=indices, counts=counts, grid=grid)
+
+
+def fits_attention(q: jax.Array, config: SaleConfig) -> bool:
+    """Whether the Mosaic GPU computation pass takes these inputs: 16-bit, head_dim 64 or 128, block_q 128 (the
+    only one it is built for, docs/tuning.md#mosaic-computation) and blocks that divide a step."""
+    keys_per_step = tuning.for_backend("mosaic_gpu").mosaic_attention_keys_per_step
+    return (q.dtype in mosaic_sparse_attention.DTYPES and q.shape[-1] in mosaic_sparse_attention.HEAD_DIMS
+            and config.block_q == mosaic_sparse_attention.BLOCK_Q and keys_per_step % config.block_k == 0)
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, config: SaleConfig) -> tuple[jax.Array, jax.Array]:
+    """The computation pass: the Mosaic GPU kernel where it takes the inputs (`fits_attention`), else Triton's."""
+    if not fits_attention(q, config):
+        return triton_backend.block_sparse_attention(q, k, v, layout, config)
+    table = tuning.for_backend("mosaic_gpu")
+    arrays, shape = triton_backend.padded_attention_inputs(q, k, v, layout, config)
+    out, lse = pallas_kernels.mosaic_block_sparse_attention(
+        *arrays, **shape, keys_per_step=table.mosaic_attention_keys_per_step, stages=table.mosaic_attention_stages,
+        interpret=_interpret(config))
+    return out[:, :layout.grid.q_len], lse[..., :layout.grid.q_len]

@@ -1,0 +1,110 @@
+"""The `triton` backend: pads the inputs to the kernels' tiles, runs the Pallas kernels of `pallas_kernels` in their
+Triton lowering (any GPU; interpret mode on a CPU) and assembles the results in the API's types. The means and the
+column correction are the XLA reductions of `sale_jax.ops` that the reference quantizes around too, so both backends
+see bit-identical means."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from sale_jax import tuning
+from sale_jax.config import SaleConfig
+from sale_jax.layout import BlockGrid, BlockLayout
+from sale_jax.ops import column_bias, pad_axis, smoothing_means
+
+MIN_TILE = 16  # Triton's smallest dot operand dimension
+MIN_HEAD_DIM = 32  # int8 tensor-core dots contract over at least 32 (Hopper's int8 MMA k)
+
+
+def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str = "triton") -> None:
+    """The Triton kernels' shape limits, as errors that say what is accepted. `backend` names the caller's backend
+    in the messages (`mosaic_gpu` runs some of these kernels too)."""
+    del k  # every key length is accepted
+    head_dim = q.shape[-1]
+    if head_dim < MIN_HEAD_DIM or head_dim & (head_dim - 1):
+        raise ValueError(f"backend={backend!r} needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}")
+    for name in ("block_q", "block_k"):
+        if getattr(config, name) < MIN_TILE:
+            raise ValueError(f"backend={backend!r} needs {name} >= {MIN_TILE}, got {getattr(config, name)}")
+
+
+def estimate_tile(config: SaleConfig) -> int:
+    """Keys per estimate tile of the selection kernel: the tuning table's, and a multiple of block_k."""
+    return max(tuning.for_backend("triton").triton_estimate_tile, config.block_k)
+
+
+class Quantized(NamedTuple):
+    """Pass 1 on the kernels, lengths padded: q rows to block_q, keys to `key_padding`."""
+    q_rows: jax.Array
+    q_codes: jax.Array
+    q_scale: jax.Array
+    k_codes: jax.Array
+    k_scale: jax.Array
+    k_smooth: jax.Array
+    bias: jax.Array
+
+
+def quantize(q: jax.Array, k: jax.Array, config: SaleConfig, key_padding: int) -> Quantized:
+    per_block = config.quant_granularity == "per_block"
+    q_mean, k_mean = smoothing_means(q, k)
+    q_rows = pad_axis(q, 1, config.block_q)
+    q_codes, q_scale = pallas_kernels.quantize_rows(
+        q_rows, q_mean[:, 0], length=q.shape[1], tile=config.block_q, per_tile_scale=per_block,
+        return_smooth=False, interpret=config.interpret)
+    k_codes, k_scale, k_smooth = pallas_kernels.quantize_rows(
+        pad_axis(k, 1, key_padding), k_mean[:, 0], length=k.shape[1], tile=config.block_k,
+        per_tile_scale=per_block, return_smooth=True, interpret=config.interpret)
+    bias = pad_axis(column_bias(q_mean, k.astype(jnp.float32) - k_mean), 2, key_padding)
+    return Quantized(q_rows, q_codes, q_scale, k_codes, k_scale, k_smooth, bias)
+
+
+class KernelRegions(NamedTuple):
+    """A grid's rows and regions as the selection kernels take them: `arrays` (row_offsets, num_sink_blocks,
+    local_first_block) and the static `bounds` (max_sink_blocks, max_local_blocks)."""
+    arrays: tuple[jax.Array, jax.Array, jax.Array]
+    bounds: dict
+
+
+def kernel_regions(grid: BlockGrid, config: SaleConfig) -> KernelRegions:
+    regions = grid.regions(config.sink_tokens, config.local_tokens)
+    arrays = tuple(jnp.asarray(a) for a in (grid.row_offsets, regions.num_sink_blocks, regions.local_first_block))
+    return KernelRegions(arrays, dict(max_sink_blocks=regions.max_sink_blocks,
+                                      max_local_blocks=regions.max_local_blocks))
+
+
+def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    table = tuning.for_backend("triton")
+    quant = quantize(q, k, config, estimate_tile(config))
+    regions = kernel_regions(grid, config)
+    indices, counts = pallas_kernels.select_blocks(
+        quant.q_rows, quant.q_codes, quant.q_scale, quant.k_smooth, quant.k_codes, quant.k_scale, quant.bias, tau,
+        *regions.arrays, num_slots=grid.num_slots, q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q,
+        block_k=config.block_k, **regions.bounds, scale=config.softmax_scale(q.shape[-1]),
+        estimate_tile=estimate_tile(config), num_warps=table.triton_selection_warps,
+        num_stages=table.triton_selection_stages, index_dtype=grid.index_dtype(), interpret=config.interpret)
+    return BlockLayout(indices=indices, counts=counts, grid=grid)
+
+
+def padded_attention_inputs(q, k, v, layout: BlockLayout, config: SaleConfig):
+    """The computation kernels' arguments: q, k, v padded to whole blocks, the layout's arrays, and its shape."""
+    grid = layout.grid
+    arrays = (pad_axis(q, 1, config.block_q), pad_axis(k, 1, config.block_k), pad_axis(v, 1, config.block_k),
+              layout.indices, layout.counts, jnp.asarray(grid.row_offsets))
+    shape = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q, block_k=config.block_k,
+                 scale=config.softmax_scale(q.shape[-1]))
+    return arrays, shape
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, config: SaleConfig) -> tuple[jax.Array, jax.Array]:
+    """The computation pass on the Triton kernel: out `[B, T, Hq, D]` and the log-sum-exp f32 `[B, Hq, T]`."""
+    table = tuning.for_backend("triton")
+    arrays, shape = padded_attention_inputs(q, k, v, layout, config)
+    out, lse = pallas_kernels.block_sparse_attention(
+        *arrays, **shape, num_warps=table.triton_attention_warps, num_stages=table.triton_attention_stages,
+        interpret=config.interpret)
+    return out[:, :layout.grid.q_len], lse[..., :layout.grid.q_len]
