@@ -33,7 +33,7 @@ _SALE = common.SaleFlags.define(backend="auto")
 _DTYPE = common.define_dtype("auto", "The model's dtype.")
 _DENSE_BELOW = flags.DEFINE_integer("dense_below", 0, "SaleConfig.dense_below: 0 shows SALE at every length; "
                                     "the library's default is the measured crossover of the backend that runs "
-                                    "(sale_jax.config.MEASURED_DENSE_BELOW).", lower_bound=0)
+                                    "(sale_jax.tuning).", lower_bound=0)
 _REPEATS = common.define_repeats(3, "Timed prefills (median reported).")
 _OUTPUT = common.define_output(required=False)
 

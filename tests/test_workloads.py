@@ -8,7 +8,6 @@ import pytest
 
 import sale_jax
 from sale_jax import kv_prompts, workloads
-from sale_jax.reference import baselines
 
 
 def test_llm_like_qkv_shapes_seeds_and_needles(rng):
@@ -44,7 +43,7 @@ def test_needles_carry_real_attention_mass_and_sale_keeps_them(rng):
     q_blocks, k_blocks = rows // config.block_q, keys // config.block_k
     assert np.all(mask[heads, q_blocks, k_blocks])
     # Most needles sit in middle blocks, where keeping them was the estimate's decision (a few land in the sink).
-    always = baselines.always_kept_blocks(layout.grid, config)
+    always = layout.grid.regions(config.sink_tokens, config.local_tokens).always_kept
     assert np.mean(always[q_blocks, k_blocks]) < 0.5
 
 

@@ -99,7 +99,7 @@ def main(argv):
     batch, heads = 1, _HEADS.q_heads.value
     dense = sale_jax.block_sparse_attention(q, k, v, sale_jax.BlockLayout.all_visible(batch, heads, grid), config)
 
-    always = baselines.always_kept_blocks(grid, config)
+    always = grid.regions(config.sink_tokens, config.local_tokens).always_kept
     rows_per_q_block = np.minimum(grid.q_len - np.arange(grid.num_q_blocks) * grid.block_q, grid.block_q)
     middle_pairs = int(((grid.visible_mask & ~always).sum(-1) * rows_per_q_block).sum() * grid.block_k)
     reference_pairs = int((always.sum(-1) * rows_per_q_block).sum() * grid.block_k)

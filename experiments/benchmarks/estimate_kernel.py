@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+import sale_jax
 from experiments.lib import flags as common, results
 from experiments.lib.attention_targets import dense_attention, dense_baseline
 from experiments.lib.timing import median_seconds
@@ -45,12 +46,20 @@ _REPEATS = common.define_repeats(5)
 _OUTPUT = common.define_output()
 
 
+def regions(length: int) -> sale_jax.BlockRegions:
+    """The sink, middle and local regions of each q block (queries = keys)."""
+    grid = sale_jax.BlockGrid(length, length, _SALE.block_q.value, _SALE.block_k.value)
+    return grid.regions(_SALE.sink_tokens.value, _SALE.local_tokens.value)
+
+
 def middle_end(length: int) -> np.ndarray:
-    """Per q block, where its local window starts (queries = keys, so q block i ends at key (i + 1) * block_q)."""
-    block_q, block_k = _SALE.block_q.value, _SALE.block_k.value
-    first_rows = np.arange(length // block_q) * block_q
-    local_start = np.maximum(first_rows - _SALE.local_tokens.value + 1, 0) // block_k * block_k
-    return np.maximum(local_start, _SALE.sink_tokens.value).astype(np.int32)
+    """Per q block, the first key of its local region, where the estimated middle keys end."""
+    return (regions(length).local_first_block * _SALE.block_k.value).astype(np.int32)
+
+
+def middle_start(length: int) -> int:
+    """The first key after the sink blocks, where the estimated middle keys start."""
+    return regions(length).sink_blocks * _SALE.block_k.value
 
 
 def random_inputs(length: int, seed: int, thresholds: np.ndarray | None = None) -> tuple:
@@ -73,7 +82,7 @@ def random_inputs(length: int, seed: int, thresholds: np.ndarray | None = None) 
 
 def calibrated_thresholds(length: int) -> np.ndarray:
     """Per head, the margin quantile (threshold 0) that leaves about --hit_fraction of the estimated blocks."""
-    margins = np.asarray(estimate_margins_reference(*random_inputs(length, seed=1), **reference_knobs()))
+    margins = np.asarray(estimate_margins_reference(*random_inputs(length, seed=1), **reference_knobs(length)))
     thresholds = []
     for head in range(margins.shape[1]):
         estimated = margins[:, head][np.isfinite(margins[:, head])]
@@ -81,23 +90,27 @@ def calibrated_thresholds(length: int) -> np.ndarray:
     return np.asarray(thresholds, np.float32)
 
 
-def reference_knobs() -> dict:
-    return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, middle_start=_SALE.sink_tokens.value)
+def reference_knobs(length: int) -> dict:
+    return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, middle_start=middle_start(length))
 
 
-def kernel_knobs() -> dict:
-    return dict(reference_knobs(), tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
-                compute_warpgroups=_COMPUTE_WARPGROUPS.value)
+def launch_knobs() -> dict:
+    return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, tile_k=_TILE_K.value,
+                max_concurrent_steps=_STAGES.value, compute_warpgroups=_COMPUTE_WARPGROUPS.value)
+
+
+def kernel_knobs(length: int) -> dict:
+    return dict(launch_knobs(), middle_start=middle_start(length))
 
 
 def estimate(inputs):
     interpret = plgpu.InterpretGPUParams() if _SALE.interpret.value else False
-    return estimate_hits(*inputs, **kernel_knobs(), interpret=interpret)
+    return estimate_hits(*inputs, **kernel_knobs(inputs[0].shape[1]), interpret=interpret)
 
 
 def check(inputs) -> dict:
     hits = np.asarray(estimate(inputs))
-    margins = np.asarray(estimate_margins_reference(*inputs, **reference_knobs()))
+    margins = np.asarray(estimate_margins_reference(*inputs, **reference_knobs(inputs[0].shape[1])))
     want = (margins > 0).astype(np.int32)
     flips = hits != want
     worst = float(np.max(np.abs(margins[flips]))) if flips.any() else 0.0
@@ -115,7 +128,7 @@ def estimated_int8_ops(inputs) -> float:
     """Multiply-adds the kernel issues (whole tiles, masked blocks included), counted as 2 ops each."""
     middle_ends = np.asarray(inputs[6])
     block_k, tile_k = _SALE.block_k.value, _TILE_K.value
-    first_tile = _SALE.sink_tokens.value // block_k * block_k // tile_k
+    first_tile = middle_start(inputs[0].shape[1]) // tile_k
     tiles = np.maximum(-(-(middle_ends // block_k * block_k) // tile_k) - first_tile, 0).sum()
     hq, _, d = _HEADS.values()
     return 2.0 * hq * _SALE.block_q.value * tile_k * d * float(tiles)
@@ -137,11 +150,11 @@ def main(argv):
                          f"{jax.default_backend()!r}. Run it on an H100/H200, or pass --interpret for a smoke run.")
     lengths = sorted(_LENGTHS.value)
     thresholds = calibrated_thresholds(min(4096, lengths[0]))
-    print(f"device {jax.devices()[0].device_kind}; knobs {kernel_knobs()}, {_CODES.value} codes; thresholds "
+    print(f"device {jax.devices()[0].device_kind}; knobs {launch_knobs()}, {_CODES.value} codes; thresholds "
           f"per head {np.round(thresholds[:4], 3).tolist()}...", flush=True)
     baseline = dense_baseline()
     hq, hkv, d = _HEADS.values()
-    summary = {"knobs": kernel_knobs(), "codes": _CODES.value, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+    summary = {"knobs": launch_knobs(), "codes": _CODES.value, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
                "local_tokens": _SALE.local_tokens.value, "dense_baseline": baseline, "repeats": _REPEATS.value,
                "lengths": {}}
     for length in lengths:

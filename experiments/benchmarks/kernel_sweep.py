@@ -25,7 +25,7 @@ from experiments.lib.attention_targets import quantize_only
 from experiments.lib.layouts import random_layout
 from experiments.lib.timing import median_seconds
 from pallas_kernels.mosaic_sparse_attention import mosaic_block_sparse_attention
-from sale_jax import workloads
+from sale_jax import triton_backend, workloads
 from sale_jax.ops import column_bias, pad_axis, smoothing_means
 
 _LENGTHS = common.define_lengths([32768])
@@ -79,7 +79,7 @@ def sweep(length: int, config: sale_jax.SaleConfig) -> dict:
                                               return_smooth=False))
     record("quant/k_kernel", lambda: quantize(k, k_mean[:, 0], tile=block_k, return_smooth=True))
     # The whole pass, compiled as one program, as benchmarks.attention's quantization_ms times it.
-    record(f"quant/pallas_backend_bq{block_q}", lambda: quantize_only(q, k, config))
+    record(f"quant/triton_backend_bq{block_q}", lambda: quantize_only(q, k, config))
     bias_fn = jax.jit(lambda q_mean, k, k_mean: column_bias(q_mean, k.astype(jnp.float32) - k_mean))
     record("quant/column_bias", lambda: bias_fn(q_mean, k, k_mean))
 
@@ -88,19 +88,19 @@ def sweep(length: int, config: sale_jax.SaleConfig) -> dict:
     k_codes, k_scale, k_smooth = quantize(k, k_mean[:, 0], tile=block_k, return_smooth=True)
     bias = bias_fn(q_mean, k, k_mean)
     tau = jnp.full((hq,), sale_jax.DEFAULT_TAU, jnp.float32)
-    offsets = jnp.asarray(grid.row_offsets)
+    regions = triton_backend.kernel_regions(grid, config)
     for tile, warps, stages in _variants(_SELECTION, 3):
         args = (q_rows, q_codes, q_scale, pad_axis(k_smooth, 1, tile), pad_axis(k_codes, 1, tile),
-                pad_axis(k_scale, 2, tile), pad_axis(bias, 2, tile), tau, offsets)
+                pad_axis(k_scale, 2, tile), pad_axis(bias, 2, tile), tau, *regions.arrays)
         record(f"select/tile{tile}_w{warps}_s{stages}", lambda: pallas_kernels.select_blocks(
             *args, num_slots=grid.num_slots, q_len=length, kv_len=length, block_q=block_q, block_k=block_k,
-            sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, scale=d ** -0.5, estimate_tile=tile,
+            **regions.bounds, scale=d ** -0.5, estimate_tile=tile,
             num_warps=warps, num_stages=stages, index_dtype=grid.index_dtype(), interpret=config.interpret))
 
     mosaic_interpret = plgpu.InterpretGPUParams() if config.interpret else False
     for density in _DENSITIES.value:
         layout = random_layout(7, batch, hq, grid, density)
-        arrays = (q, k, v, layout.indices, layout.counts, offsets)
+        arrays = (q, k, v, layout.indices, layout.counts, jnp.asarray(grid.row_offsets))
         shape = dict(q_len=length, kv_len=length, block_q=block_q, block_k=block_k, scale=d ** -0.5)
         for warps, stages in _variants(_ATTENTION, 2):
             record(f"attend/bq{block_q}_density{density}_w{warps}_s{stages}",

@@ -7,7 +7,7 @@ import functools
 import jax
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
-from sale_jax import SaleConfig, pallas_backend
+from sale_jax import SaleConfig, triton_backend
 
 
 def dense_baseline() -> str:
@@ -25,7 +25,7 @@ def dense_attention(q, k, v, implementation: str):
 def quantize_only(q, k, config: SaleConfig):
     """The quantization half of the Pallas selection (means, kernels, column correction), compiled as one program
     as it runs inside the selection (called eagerly, each of its ops would be dispatched and timed apart)."""
-    return pallas_backend.quantize(q, k, config, pallas_backend.estimate_tile(config))
+    return triton_backend.quantize(q, k, config, triton_backend.estimate_tile(config))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
