@@ -1,22 +1,164 @@
-"""Calibrating a Llama's SALE thresholds from its own dense forward passes (docs/algorithm.md, section 8)."""
+"""Calibrating a Llama's SALE thresholds from its own forward passes.
+
+Recipes:
+- `"paper"`: the paper's per-head halving search on each layer's per-row L1 error (`sale_jax.calibrate`,
+  docs/algorithm.md, section 8).
+- `"kl_budget"`: the sparsest thresholds whose model keeps its next-token distribution within `kl_budget` nats
+  (mean KL divergence from the dense model over the last `score_tokens` positions of the prompts).
+- `"density_budget"`: the thresholds that spend a mean density of `density` where it costs the model least.
+The budget recipes price each head's thresholds by the first-order change of the model's loss on its own greedy
+predictions (`sale_jax.budget_calibration`); no task labels are used.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 import sale_jax
+from models import llama
 from models.llama import Llama
+from sale_jax import budget_calibration
+
+RECIPES = ("paper", "kl_budget", "density_budget")
+DEFAULT_KL_BUDGET = 0.01
+DEFAULT_SCORE_TOKENS = 256
 
 
-def calibrate_model(model: Llama, prompts: Sequence[jax.Array], theta: float = 0.4, model_name: str = "",
+def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "paper", *, theta: float = 0.4,
+                    kl_budget: float = DEFAULT_KL_BUDGET, density: float | None = None,
+                    score_tokens: int = DEFAULT_SCORE_TOKENS, cost: str = "first_order", model_name: str = "",
                     progress: bool = True, **search) -> sale_jax.Thresholds:
     """Per-layer, per-head thresholds from `prompts` (each int `[T]` or `[1, T]`), with the model's own SALE
-    configuration (the one inference runs). Layers are captured one at a time from a dense forward pass; `search`
-    passes `tau0` / `tau_min` on to `sale_jax.calibrate`."""
-    samples = [model.attention_inputs(jnp.atleast_2d(jnp.asarray(prompt, jnp.int32))) for prompt in prompts]
+    configuration (the one inference runs).
+
+    Args:
+      recipe: one of `RECIPES`.
+      theta: the paper recipe's per-row L1 bound; `search` passes `tau0` / `tau_min` on to `sale_jax.calibrate`.
+      kl_budget: the `"kl_budget"` recipe's bound on the mean KL divergence (nats) from the dense model.
+      density: the `"density_budget"` recipe's mean density of kept blocks, in (0, 1].
+      score_tokens: the budget recipes score the next-token distribution at each prompt's last this many
+        positions (where a prefill's answer starts).
+      cost: the budget recipes' price of a head's attention error: `"first_order"` (the loss's first-order
+        change) or `"l1"` (the paper's per-row L1 error, for comparison).
+    """
     config = model.config
-    return sale_jax.calibrate(samples, config.num_layers, config.num_heads, config.sale, theta=theta,
-                              model_name=model_name, progress=progress, **search)
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "paper":
+        samples = [model.attention_inputs(jnp.atleast_2d(jnp.asarray(prompt, jnp.int32))) for prompt in prompts]
+        return sale_jax.calibrate(samples, config.num_layers, config.num_heads, config.sale, theta=theta,
+                                  model_name=model_name, progress=progress, **search)
+    if search:
+        raise ValueError(f"recipe {recipe!r} takes no {sorted(search)}")
+    if cost not in budget_calibration.COSTS:
+        raise ValueError(f"cost must be one of {budget_calibration.COSTS}, got {cost!r}")
+    if recipe == "kl_budget" and not kl_budget > 0:
+        raise ValueError(f"kl_budget must be > 0 nats, got {kl_budget}")
+    if recipe == "density_budget" and not (density is not None and 0 < density <= 1):
+        raise ValueError(f"the density_budget recipe needs density in (0, 1], got {density}")
+    if not score_tokens >= 1:
+        raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
+
+    sale_config = dataclasses.replace(config.sale, dense_below=0)
+    sale_model = llama.with_attention(model, "sale", sale_config)
+    references, table = _cost_table(sale_model, prompts, score_tokens, cost, progress)
+
+    def mean_kl(taus):
+        thresholds = sale_jax.Thresholds(jnp.asarray(taus))
+        return float(np.mean([_kl_from_dense(sale_model, tokens, scored, dense, thresholds)
+                              for tokens, scored, dense in references]))
+
+    def mean_density(taus):
+        return float(np.mean(_table_density(table, taus)))
+
+    if recipe == "kl_budget":
+        measured, budget = mean_kl, kl_budget
+    else:
+        measured, budget = mean_density, density
+    bar = tqdm(desc=f"{recipe} search", unit="step", disable=not progress)
+
+    def within_budget(taus):
+        value = measured(taus)
+        bar.update(1)
+        bar.set_postfix(measured=f"{value:.3g}", density=f"{mean_density(taus):.3f}")
+        return value <= budget
+
+    _, taus = budget_calibration.search_price(table, within_budget, accepted_above=recipe == "kl_budget")
+    bar.close()
+    params = {"name": recipe, "cost": cost, "score_tokens": score_tokens, "prompts": len(prompts),
+              "calibration_density": mean_density(taus)}
+    if recipe == "kl_budget":
+        params.update(kl_budget=kl_budget, calibration_kl=mean_kl(taus))
+    else:
+        params.update(density=density)
+    if progress:
+        for layer, layer_taus in enumerate(taus):
+            print(f"layer {layer:3d}: tau {np.array2string(layer_taus, precision=3)}")
+    return sale_jax.Thresholds(jnp.asarray(taus), model_name=model_name, recipe=params, config=config.sale)
+
+
+def _scored_positions(length: int, score_tokens: int) -> jax.Array:
+    return jnp.arange(max(length - score_tokens, 0), length)
+
+
+def _cost_table(sale_model: Llama, prompts, score_tokens: int, cost: str, progress: bool):
+    """The dense model's scored log-probabilities per prompt, and the heads' cost table averaged over prompts."""
+    config = sale_model.config
+    shape = (config.num_layers, len(budget_calibration.TAU_GRID), config.num_heads)
+    cost_sum, density_sum = np.zeros(shape), np.zeros(shape)
+    dense_model = llama.with_attention(sale_model, "dense")
+    references = []
+    with tqdm(total=len(prompts) * config.num_layers, desc="pricing heads", unit="layer",
+              disable=not progress) as bar:
+        for prompt in prompts:
+            tokens = jnp.atleast_2d(jnp.asarray(prompt, jnp.int32))
+            scored = _scored_positions(tokens.shape[1], score_tokens)
+            dense, qkvs, grads = _dense_sensitivities(dense_model, tokens, scored)
+            references.append((tokens, scored, dense))
+            for layer, ((q, k, v), grad) in enumerate(zip(qkvs, grads)):
+                layer_cost, layer_density = budget_calibration.head_costs(
+                    q, k, v, config.sale, grad if cost == "first_order" else None)
+                cost_sum[layer] += layer_cost
+                density_sum[layer] += layer_density
+                bar.update(1)
+    count = len(prompts)
+    return references, budget_calibration.CostTable(cost_sum / count, density_sum / count,
+                                                   budget_calibration.TAU_GRID)
+
+
+def _table_density(table: budget_calibration.CostTable, taus: np.ndarray) -> np.ndarray:
+    """Each layer's mean density over its heads at thresholds `taus` (values of the table's grid)."""
+    index = np.searchsorted(table.taus, taus)
+    return np.take_along_axis(table.density, index[:, None, :], axis=1)[:, 0].mean(-1)
+
+
+@nnx.jit
+def _dense_sensitivities(model: Llama, tokens: jax.Array, scored: jax.Array):
+    """The dense model's log-probabilities at `scored`, each layer's `(q, k, v)`, and the gradient of its loss on
+    its own greedy predictions there (`-sum log p(argmax)`) with respect to each layer's head outputs."""
+    batch, length = tokens.shape
+    shape = (batch, length, model.config.num_heads, model.config.head_dim)
+    shifts = [jnp.zeros(shape, jnp.float32) for _ in range(model.config.num_layers)]
+
+    def log_probs(head_shifts):
+        return model.scored_log_probs(tokens, scored, head_shifts=head_shifts)
+
+    log_p, pullback, qkvs = jax.vjp(log_probs, shifts, has_aux=True)
+    greedy = jax.nn.one_hot(jnp.argmax(log_p, axis=-1), log_p.shape[-1], dtype=log_p.dtype)
+    (grads,) = pullback(-greedy)
+    return log_p, qkvs, grads
+
+
+@nnx.jit
+def _kl_from_dense(model: Llama, tokens: jax.Array, scored: jax.Array, dense_log_p: jax.Array,
+                   thresholds: sale_jax.Thresholds) -> jax.Array:
+    """Mean KL divergence (nats) of the SALE model's next-token distribution from the dense one at `scored`."""
+    log_p, _ = model.scored_log_probs(tokens, scored, thresholds)
+    return jnp.mean(jnp.sum(jnp.exp(dense_log_p) * (dense_log_p - log_p), axis=-1))

@@ -74,9 +74,11 @@ class Attention(nnx.Module):
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def prefill(self, x: jax.Array, positions: jax.Array, tau: jax.Array | None):
+    def prefill(self, x: jax.Array, positions: jax.Array, tau: jax.Array | None, head_shift: jax.Array | None = None):
         """Attention over the prompt: SALE with thresholds `tau [N]`, dense when `tau` is None. Returns the output,
-        this layer's post-RoPE (q, k, v), and the density of kept blocks (1 for dense)."""
+        this layer's post-RoPE (q, k, v), and the density of kept blocks (1 for dense). `head_shift` (`[B, T, N, H]`)
+        is added to the heads' outputs before the output projection: at zero, its gradient is the loss's
+        sensitivity to each head's output (what threshold calibration weighs attention errors by)."""
         q, k, v = self._qkv(x, positions)
         mesh = self.config.mesh
         if tau is None:
@@ -86,6 +88,8 @@ class Attention(nnx.Module):
             attend = sale_jax.sale_attention if mesh is None else functools.partial(sharding.sale_attention, mesh=mesh)
             out, layout = attend(q, k, v, tau, self.config.sale, return_layout=True)
             density = layout.density()
+        if head_shift is not None:
+            out = out + head_shift.astype(out.dtype)
         return self.o_proj(out.reshape(*x.shape[:2], -1)), (q, k, v), density
 
     def decode(self, x: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array):
@@ -113,8 +117,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, rngs)
 
-    def prefill(self, x, positions, tau):
-        attended, qkv, density = self.self_attn.prefill(self.input_layernorm(x), positions, tau)
+    def prefill(self, x, positions, tau, head_shift=None):
+        attended, qkv, density = self.self_attn.prefill(self.input_layernorm(x), positions, tau, head_shift)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), qkv, density
 
@@ -183,6 +187,19 @@ class Llama(nnx.Module):
             hidden, _, _ = layer.prefill(hidden, positions, None)
             residuals.append(hidden)
         return self._logits(hidden), residuals
+
+    def scored_log_probs(self, tokens: jax.Array, scored: jax.Array, thresholds: sale_jax.Thresholds | None = None,
+                         head_shifts: list[jax.Array] | None = None):
+        """f32 log-probabilities `[B, P, V]` of the next token at positions `scored: int [P]` of every sequence,
+        and each layer's post-RoPE `(q, k, v)`; `head_shifts` (per layer, `[B, T, N, H]`) as in
+        `Attention.prefill`."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden, qkvs = self.embed_tokens(tokens), []
+        for index, layer in enumerate(self.layers):
+            shift = None if head_shifts is None else head_shifts[index]
+            hidden, qkv, _ = layer.prefill(hidden, positions, self._layer_tau(thresholds, index), shift)
+            qkvs.append(qkv)
+        return jax.nn.log_softmax(self._logits(hidden[:, scored]), axis=-1), qkvs
 
     def attention_inputs(self, tokens: jax.Array):
         """Runs a dense forward pass one layer at a time, yielding each layer's post-RoPE `(q, k, v)`: the inputs a

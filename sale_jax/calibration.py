@@ -105,4 +105,5 @@ def calibrate(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers
             for layer, tau in enumerate(smallest):
                 bar.write(f"layer {layer:3d}: tau min {tau.min():.2e} median {np.median(tau):.2e} "
                           f"max {tau.max():.2e}, dense heads {int((tau == 0).sum())}/{num_q_heads}")
-    return Thresholds(jnp.asarray(smallest), model_name=model_name, theta=theta, config=config)
+    return Thresholds(jnp.asarray(smallest), model_name=model_name, config=config,
+                      recipe={"name": "paper", "theta": theta, "tau0": tau0, "tau_min": tau_min})

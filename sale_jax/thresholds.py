@@ -15,7 +15,8 @@ from sale_jax.config import SaleConfig
 
 DEFAULT_TAU = 0.008
 _FILE_FORMAT = "sale-jax-thresholds"
-_FILE_VERSION = 1
+_FILE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 recorded only the paper recipe's theta
 # The SaleConfig fields that decide which blocks a threshold keeps: the block grid, the always-kept sink and local
 # regions, the low-bit quantization of the estimate, and the softmax scale of the scores a threshold is compared
 # with. Backend, interpret and dense_below change how or whether the selection runs, not what it selects.
@@ -27,17 +28,23 @@ SELECTION_FIELDS = ("block_q", "block_k", "sink_tokens", "local_tokens", "quant_
 class Thresholds:
     """`tau: f32[num_layers, num_q_heads]`; `tau == 0` marks a dense head.
 
-    Only `tau` is a pytree leaf, so new values do not recompile a jitted function; the provenance (model name,
-    calibration bound `theta`, the `SaleConfig` it was calibrated with) is static metadata.
+    Only `tau` is a pytree leaf, so new values do not recompile a jitted function; the provenance (model name, the
+    calibration recipe and its parameters, the `SaleConfig` it was calibrated with) is static metadata. `recipe` is
+    given as a dict of numbers and strings (e.g. `{"name": "paper", "theta": 0.4}`) and kept as sorted pairs, so
+    that the metadata stays hashable.
     """
 
     tau: jax.Array
     model_name: str = ""
-    theta: float | None = None
+    recipe: tuple = ()
     config: SaleConfig | None = None
 
+    def __post_init__(self):
+        if isinstance(self.recipe, dict):
+            object.__setattr__(self, "recipe", tuple(sorted(self.recipe.items())))
+
     def tree_flatten(self):
-        return (self.tau,), (self.model_name, self.theta, self.config)
+        return (self.tau,), (self.model_name, self.recipe, self.config)
 
     @classmethod
     def tree_unflatten(cls, metadata, children):
@@ -49,6 +56,11 @@ class Thresholds:
             raise ValueError(f"need num_layers >= 1 and num_q_heads >= 1, got {num_layers}, {num_q_heads}")
         _check_values(np.full((num_layers, num_q_heads), value, np.float64))
         return cls(jnp.full((num_layers, num_q_heads), value, jnp.float32), **metadata)
+
+    @property
+    def recipe_params(self) -> dict:
+        """The calibration recipe's name and parameters (empty for thresholds that were not calibrated)."""
+        return dict(self.recipe)
 
     @property
     def num_layers(self) -> int:
@@ -88,7 +100,7 @@ class Thresholds:
             "format": _FILE_FORMAT,
             "version": _FILE_VERSION,
             "model_name": self.model_name,
-            "theta": self.theta,
+            "recipe": self.recipe_params,
             "config": None if self.config is None else self.config.to_dict(),
             "tau": np.asarray(self.tau, np.float32).astype(np.float64).tolist(),
         }
@@ -106,8 +118,9 @@ class Thresholds:
                 raise ValueError(f"{path}: not a thresholds file ({e})") from None
         if not isinstance(contents, dict) or contents.get("format") != _FILE_FORMAT:
             raise ValueError(f"{path}: not a thresholds file (no 'format': '{_FILE_FORMAT}')")
-        if contents.get("version") != _FILE_VERSION:
-            raise ValueError(f"{path}: thresholds file version {contents.get('version')!r}, expected {_FILE_VERSION}")
+        if contents.get("version") not in _READABLE_VERSIONS:
+            raise ValueError(f"{path}: thresholds file version {contents.get('version')!r}, expected one of "
+                             f"{_READABLE_VERSIONS}")
         try:
             tau = np.asarray(contents["tau"], np.float64)
         except (KeyError, ValueError, TypeError) as e:
@@ -120,16 +133,30 @@ class Thresholds:
             if expected is not None and expected != actual:
                 raise ValueError(f"{path}: holds {actual} for {name}, expected {expected}")
         _check_values(tau, where=str(path))
-        theta = contents.get("theta")
-        if theta is not None and not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
-            raise ValueError(f"{path}: 'theta' must be a positive number or null, got {theta!r}")
+        recipe = _recipe_of(contents, path)
         config = contents.get("config")
         return cls(
             jnp.asarray(tau, jnp.float32),
             model_name=str(contents.get("model_name", "")),
-            theta=None if theta is None else float(theta),
+            recipe=recipe,
             config=None if config is None else SaleConfig.from_dict(config),
         )
+
+
+def _recipe_of(contents: dict, path) -> dict:
+    """The file's recipe; version 1 files record only the paper recipe's `theta`."""
+    if contents["version"] == 1:
+        theta = contents.get("theta")
+        if theta is None:
+            return {}
+        if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            raise ValueError(f"{path}: 'theta' must be a positive number or null, got {theta!r}")
+        return {"name": "paper", "theta": float(theta)}
+    recipe = contents.get("recipe", {})
+    if not isinstance(recipe, dict) or not all(
+            isinstance(value, (int, float, str)) and not isinstance(value, bool) for value in recipe.values()):
+        raise ValueError(f"{path}: 'recipe' must map names to numbers or strings, got {recipe!r}")
+    return recipe
 
 
 def _check_values(tau: np.ndarray, where: str = "thresholds") -> None:

@@ -47,7 +47,7 @@ def test_calibrate_keeps_the_smallest_tau_over_samples_and_round_trips(rng, tmp_
     thresholds = sale_jax.calibrate(samples, num_layers=2, num_q_heads=2, config=CONFIG, model_name="toy",
                                     progress=False)
     np.testing.assert_array_equal(thresholds.tau, np.asarray([[0.0, 0.008], [0.008, 0.0]], np.float32))
-    assert (thresholds.model_name, thresholds.theta, thresholds.config) == ("toy", 0.4, CONFIG)
+    assert (thresholds.model_name, thresholds.recipe_params["theta"], thresholds.config) == ("toy", 0.4, CONFIG)
     thresholds.save(tmp_path / "t.json")
     loaded = sale_jax.Thresholds.load(tmp_path / "t.json", num_layers=2, num_q_heads=2)
     np.testing.assert_array_equal(loaded.tau, thresholds.tau)

@@ -146,7 +146,7 @@ def test_attention_inputs_are_the_dense_forward_and_calibration_meets_its_bound(
     from sale_jax.calibration import per_row_l1_error
     theta = 0.05
     thresholds = calibrate_model(model, [prompt[0]], theta=theta, model_name="tiny", progress=False)
-    assert thresholds.tau.shape == (2, 4) and thresholds.config == sale and thresholds.theta == theta
+    assert thresholds.tau.shape == (2, 4) and thresholds.config == sale and thresholds.recipe_params["theta"] == theta
     for layer, (q, k, v) in enumerate(captured):
         tau = thresholds.layer(layer)
         error = per_row_l1_error(sale_jax.sale_attention(q, k, v, tau, sale), sale_jax.dense_attention(q, k, v))

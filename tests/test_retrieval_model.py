@@ -68,18 +68,18 @@ def test_committed_checkpoint_retrieves_at_16k_with_the_native_kernels(rng):
     assert density < 0.85, f"SALE kept {density:.2f} of the blocks at 16K"
 
 
-def test_retrieval_eval_writes_every_cell_method_and_threshold(tmp_path):
+def test_retrieval_eval_writes_every_cell_method_threshold_and_prefill_time(tmp_path):
     # In a process of its own: its absl flags would clash with train_retrieval's, which other tests import.
     result = subprocess.run(
         [sys.executable, "-m", "experiments.accuracy.retrieval_eval", f"--checkpoint={MODEL}",
-         f"--output={tmp_path}/retrieval_eval.json",
-         "--lengths=512", "--depths=0,1", "--sequences=2", "--calibration_samples=1", "--calibration_length=512",
-         "--uniform_taus=0.008,0.1", "--block_q=128"],
-        capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
+         f"--output={tmp_path}/retrieval_eval.json", "--lengths=512", "--depths=0,1", "--sequences=2",
+         "--calibration_samples=1", "--calibration_length=512", "--recipes=kl_budget", "--score_tokens=64",
+         "--uniform_taus=0.008,0.1", "--block_q=128", "--prefill_repeats=1"],
+        capture_output=True, text=True, timeout=600, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "retrieval_eval.json") as f:
         results = json.load(f)
-    methods = {"dense", "sale_calibrated_theta=0.4", "sale_uniform_tau=0.008", "sale_uniform_tau=0.1"}
+    methods = {"dense", "sale_kl_budget", "sale_uniform_tau=0.008", "sale_uniform_tau=0.1"}
     assert results["provenance"]["sale_config"]["block_q"] == 128
     cells = results["cells"]["512"]
     assert len(cells) == 2 and all(set(cell) == methods for cell in cells)
@@ -87,6 +87,9 @@ def test_retrieval_eval_writes_every_cell_method_and_threshold(tmp_path):
         assert cell["dense"]["density"] == 1 and cell["dense"]["queries"] == 2 * NUM_QUERIES
         # A larger threshold keeps fewer blocks on the same tokens.
         assert cell["sale_uniform_tau=0.1"]["density"] < cell["sale_uniform_tau=0.008"]["density"] < 1
-    assert results["thresholds"]["sale_uniform_tau=0.1"] == 0.1
-    assert np.asarray(results["thresholds"]["sale_calibrated_theta=0.4"]).shape == (4, 4)
-    assert (tmp_path / "retrieval_eval.png").exists() and (tmp_path / "thresholds.json").exists()
+    assert set(results["prefill_ms"]["512"]) == methods
+    assert results["calibration"]["recipes"]["sale_kl_budget"]["calibration_kl"] <= 0.01
+    for name in methods - {"dense"}:
+        assert np.asarray(results["thresholds"][name]).shape == (4, 4)
+    for name in ("retrieval_eval.png", "payoff.png", "thresholds_kl_budget.json"):
+        assert (tmp_path / name).exists(), name

@@ -29,11 +29,12 @@ def test_uniform_and_layer():
 
 
 def test_is_a_pytree_with_tau_as_its_only_leaf(rng):
-    thresholds = sale_jax.Thresholds(jnp.asarray(rng.uniform(size=(2, 4)), jnp.float32), model_name="m", theta=0.4)
+    thresholds = sale_jax.Thresholds(jnp.asarray(rng.uniform(size=(2, 4)), jnp.float32), model_name="m",
+                                    recipe={"name": "paper", "theta": 0.4})
     leaves, treedef = jax.tree_util.tree_flatten(thresholds)
     assert len(leaves) == 1
     doubled = jax.tree_util.tree_map(lambda t: 2 * t, thresholds)
-    assert doubled.model_name == "m" and doubled.theta == 0.4
+    assert doubled.model_name == "m" and doubled.recipe_params == {"name": "paper", "theta": 0.4}
     np.testing.assert_allclose(doubled.tau, 2 * thresholds.tau)
 
 
@@ -41,12 +42,18 @@ def test_save_load_round_trip(rng, tmp_path):
     tau = rng.uniform(0, 0.01, size=(4, 6)).astype(np.float32)
     tau[1, 2] = 0.0
     config = sale_jax.SaleConfig(dense_below=0, block_q=128, local_tokens=256, backend="reference")
-    original = sale_jax.Thresholds(jnp.asarray(tau), model_name="llama-test", theta=0.4, config=config)
+    recipe = {"name": "kl_budget", "kl_budget": 0.01, "score_tokens": 256, "cost": "first_order"}
+    original = sale_jax.Thresholds(jnp.asarray(tau), model_name="llama-test", recipe=recipe, config=config)
     path = tmp_path / "thresholds.json"
     original.save(path)
     loaded = sale_jax.Thresholds.load(path, num_layers=4, num_q_heads=6)
     np.testing.assert_array_equal(loaded.tau, tau)  # bit-exact
-    assert (loaded.model_name, loaded.theta, loaded.config) == ("llama-test", 0.4, config)
+    assert (loaded.model_name, loaded.recipe_params, loaded.config) == ("llama-test", recipe, config)
+
+
+def test_loads_version_1_files_as_the_paper_recipe(tmp_path):
+    loaded = sale_jax.Thresholds.load(_write(tmp_path / "t.json"))
+    assert loaded.recipe_params == {"name": "paper", "theta": 0.4}
 
 
 def _write(path, **overrides):
@@ -65,6 +72,7 @@ def _write(path, **overrides):
     (dict(tau=[[0.1, -0.2]]), ">= 0"),
     (dict(tau=[[0.1, float("nan")]]), "finite"),
     (dict(theta=-1), "theta"),
+    (dict(version=2, recipe={"name": ["paper"]}), "recipe"),
     (dict(config={"block_q": 48}), "power of two"),
     (dict(config={"bogus": 1}), "unknown SaleConfig fields"),
 ])

@@ -1,16 +1,19 @@
-r"""Long-context retrieval accuracy of a retrieval-trained byte-level Llama: dense attention against SALE.
+r"""Long-context retrieval accuracy and prefill time of a retrieval-trained byte-level Llama: dense attention
+against SALE under each calibration recipe and uniform thresholds.
 
     python -m experiments.accuracy.retrieval_eval --checkpoint=experiments/results/retrieval_training/h200/checkpoint \
-        --sequences=16 --lengths=16384,65536,131072 --uniform_taus=0.008,0.1,0.4 \
-        --output=experiments/results/retrieval_accuracy/h200/retrieval_eval.json
+        --sequences=16 --lengths=16384,65536,131072 --recipes=paper,kl_budget --uniform_taus=0.008,0.1,1 \
+        --prefill_repeats=5 --output=experiments/results/retrieval_accuracy/h200/retrieval_eval.json
 
 A grid of context lengths x record depths (where in the context the queried records sit). Each cell holds
 --sequences sequences of the training task (experiments/lib/retrieval_task.py) that no training step saw, scored
-three ways on the same tokens: dense attention; SALE at thresholds calibrated on --calibration_samples sequences of
-the same task (the paper's recipe, bound --theta; or a --thresholds file); SALE at each uniform threshold of
---uniform_taus (several trace the accuracy-density curve). Per cell: exact-match query accuracy, first-digit
-accuracy and the mean density of kept blocks. Writes the JSON (with the per-layer, per-head thresholds) and, beside
-it, a plot (accuracy heatmaps, length x depth) and the calibrated thresholds as thresholds.json.
+on the same tokens by every method: dense attention; SALE at thresholds calibrated by each recipe of --recipes
+(models.calibration: the paper's, bound --theta; the budget recipes, --kl_budget or --density_budget) on
+--calibration_samples other sequences of --calibration_length tokens (or read from --thresholds files); SALE at each
+uniform threshold of --uniform_taus. Per cell: exact-match query accuracy, first-digit accuracy and the mean density
+of kept blocks; per length and method, with --prefill_repeats, the median time of a one-sequence prefill. Writes
+the JSON, each calibrated thresholds file beside it (thresholds_<recipe>.json), and plots: accuracy heatmaps
+(length x depth) and accuracy against prefill speedup over dense.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from absl import app, flags
 
 import sale_jax
 from experiments.lib import flags as common, results, retrieval_scoring, retrieval_task
-from models import checkpoint, llama
-from models.calibration import calibrate_model
+from experiments.lib import timing
+from models import calibration, checkpoint, llama
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face folder of the trained model.", required=True)
 _OUTPUT = common.define_output()
@@ -35,10 +38,19 @@ _SEQUENCES = flags.DEFINE_integer("sequences", 8, "Sequences per cell.", lower_b
 _TASK = common.RetrievalTaskFlags.define()  # as trained
 _TOKENS_PER_BATCH = flags.DEFINE_integer("tokens_per_batch", 131_072, "Sequences per call: this // length.",
                                          lower_bound=1)
-_THETA = flags.DEFINE_float("theta", 0.4, "Calibration's per-row L1 error bound.")
+_RECIPES = flags.DEFINE_list("recipes", ["paper"], f"Calibration recipes compared, of {calibration.RECIPES}.")
+_THETA = flags.DEFINE_float("theta", 0.4, "The paper recipe's per-row L1 error bound.")
+_KL_BUDGET = flags.DEFINE_float("kl_budget", calibration.DEFAULT_KL_BUDGET,
+                                "The kl_budget recipe's mean KL divergence from dense (nats).")
+_DENSITY_BUDGET = flags.DEFINE_float("density_budget", 0.1, "The density_budget recipe's mean density.")
+_SCORE_TOKENS = flags.DEFINE_integer("score_tokens", calibration.DEFAULT_SCORE_TOKENS,
+                                     "The budget recipes score each calibration prompt's last this many positions.")
 _CALIBRATION_SAMPLES = flags.DEFINE_integer("calibration_samples", 2, "Calibration sequences.", lower_bound=1)
 _CALIBRATION_LENGTH = flags.DEFINE_integer("calibration_length", 16384, "Tokens per calibration sequence.")
-_THRESHOLDS = flags.DEFINE_string("thresholds", None, "Use this thresholds file instead of calibrating.")
+_THRESHOLDS = flags.DEFINE_list("thresholds", [], "Thresholds files to use instead of calibrating (one method "
+                                "each, named by the recipe it records).")
+_PREFILL_REPEATS = flags.DEFINE_integer("prefill_repeats", 0, "Timed one-sequence prefills per length and method "
+                                        "(median reported); 0: no timing.", lower_bound=0)
 _UNIFORM_TAUS = common.define_numbers("uniform_taus", [sale_jax.DEFAULT_TAU],
                                       "Uniform thresholds compared (one SALE run per value).")
 _SALE = common.SaleFlags.define(backend="auto")
@@ -69,15 +81,30 @@ def score_cell(models: dict, thresholds: dict, length: int, depth_index: int, de
     return cell
 
 
-def calibrated_thresholds(sale_model: llama.Llama) -> sale_jax.Thresholds:
+def calibrated_thresholds(sale_model: llama.Llama) -> dict[str, sale_jax.Thresholds]:
+    """Per method name, the thresholds each recipe of --recipes calibrates (or each --thresholds file holds)."""
+    config = sale_model.config
     if _THRESHOLDS.value:
-        return sale_jax.Thresholds.load(_THRESHOLDS.value, num_layers=sale_model.config.num_layers,
-                                        num_q_heads=sale_model.config.num_heads)
+        loaded = [sale_jax.Thresholds.load(path, num_layers=config.num_layers, num_q_heads=config.num_heads)
+                  for path in _THRESHOLDS.value]
+        return {f"sale_{thresholds.recipe_params.get('name', 'file')}": thresholds for thresholds in loaded}
     prompts = [retrieval_task.sequence((_SEED.value, 3, index), _CALIBRATION_LENGTH.value, _TASK.num_records.value,
                                        _TASK.num_queries.value, filler=_TASK.filler.value).tokens
                for index in range(_CALIBRATION_SAMPLES.value)]
-    return calibrate_model(sale_model, prompts, theta=_THETA.value,
-                           model_name=os.path.basename(os.path.normpath(_CHECKPOINT.value)))
+    name = os.path.basename(os.path.normpath(_CHECKPOINT.value))
+    return {f"sale_{recipe}": calibration.calibrate_model(
+        sale_model, prompts, recipe, theta=_THETA.value, kl_budget=_KL_BUDGET.value, density=_DENSITY_BUDGET.value,
+        score_tokens=_SCORE_TOKENS.value, model_name=name) for recipe in _RECIPES.value}
+
+
+def prefill_ms(models: dict, thresholds: dict, length: int) -> dict:
+    """Per method, the median time (ms) of prefilling one sequence of `length` tokens (last logits only)."""
+    data = retrieval_task.batch((_SEED.value, 4, length), 1, length, _TASK.num_records.value,
+                                _TASK.num_queries.value, filler=_TASK.filler.value)
+    tokens, lengths = jax.numpy.asarray(data.tokens), jax.numpy.asarray([length])
+    return {name: 1e3 * timing.median_seconds(
+        lambda: llama.prefill(model, tokens, lengths, thresholds[name], all_logits=False), _PREFILL_REPEATS.value)
+        for name, model in models.items()}
 
 
 def _plot(cells: dict, lengths: list[int], depths: list[float], path: str) -> None:
@@ -101,11 +128,34 @@ def _plot(cells: dict, lengths: list[int], depths: list[float], path: str) -> No
     fig.savefig(path, dpi=120)
 
 
+def _plot_payoff(cells: dict, prefill: dict, lengths: list[int], path: str) -> None:
+    plt = results.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    methods = [name for name in prefill[str(lengths[0])] if name != "dense"]
+    for length, marker in zip(lengths, "osD^v<>"):
+        times = prefill[str(length)]
+        for index, method in enumerate(methods):
+            accuracy = np.mean([cell[method]["exact_match"] for cell in cells[str(length)]])
+            ax.scatter(times["dense"] / times[method], accuracy, marker=marker, color=f"C{index}",
+                       label=method if length == lengths[0] else None)
+        dense_accuracy = np.mean([cell["dense"]["exact_match"] for cell in cells[str(length)]])
+        ax.scatter(1.0, dense_accuracy, marker=marker, color="k", label=f"dense, {length // 1024}K")
+    ax.set_xlabel("prefill speedup over dense attention")
+    ax.set_ylabel("exact-match accuracy")
+    ax.legend(fontsize=7)
+    ax.set_title(f"accuracy against prefill speed, {jax.devices()[0].device_kind}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv):
     del argv
     lengths, depths, uniform_taus = _LENGTHS.value, _DEPTHS.value, _UNIFORM_TAUS.value
-    if any(not 0 <= tau <= 1 for tau in uniform_taus):
-        raise ValueError(f"--uniform_taus must lie in [0, 1], got {uniform_taus}")
+    if any(tau < 0 for tau in uniform_taus):
+        raise ValueError(f"--uniform_taus must be >= 0, got {uniform_taus}")
+    unknown = sorted(set(_RECIPES.value) - set(calibration.RECIPES))
+    if unknown:
+        raise ValueError(f"--recipes: unknown {unknown}; accepted: {calibration.RECIPES}")
     for length in lengths + [_CALIBRATION_LENGTH.value]:
         if length < retrieval_task.min_length(_TASK.num_records.value, _TASK.num_queries.value):
             raise ValueError(f"length {length} is too short for {_TASK.num_records.value} records and "
@@ -115,37 +165,46 @@ def main(argv):
     sale_model = checkpoint.load_llama(_CHECKPOINT.value, dtype=dtype, attention="sale", sale=sale)
     config = sale_model.config
     calibrated = calibrated_thresholds(sale_model)
-    thresholds_path = results.beside(_OUTPUT.value, "thresholds.json")
-    os.makedirs(os.path.dirname(thresholds_path), exist_ok=True)
-    calibrated.save(thresholds_path)
-    calibrated_name = f"sale_calibrated_theta={_THETA.value:g}"
-    uniform_names = {f"sale_uniform_tau={tau:g}": tau for tau in uniform_taus}
-    models = {"dense": llama.with_attention(sale_model, "dense"), calibrated_name: sale_model,
-              **{name: sale_model for name in uniform_names}}
-    thresholds = {"dense": None, calibrated_name: calibrated,
-                  **{name: sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, tau)
-                     for name, tau in uniform_names.items()}}
+    files = []
+    for name, thresholds in calibrated.items():
+        files.append(results.beside(_OUTPUT.value, f"thresholds_{name.removeprefix('sale_')}.json"))
+        os.makedirs(os.path.dirname(files[-1]), exist_ok=True)
+        thresholds.save(files[-1])
+    uniform = {f"sale_uniform_tau={tau:g}": sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, tau)
+               for tau in uniform_taus}
+    thresholds = {"dense": None, **calibrated, **uniform}
+    models = {name: sale_model for name in thresholds}
+    models["dense"] = llama.with_attention(sale_model, "dense")
 
-    cells = {}
-    print(f"{'length':>7} {'depth':>5}  " + "  ".join(f"{name:>28}" for name in models))
+    cells, prefill = {}, {}
+    print(f"{'length':>7} {'depth':>5}  " + "  ".join(f"{name:>24}" for name in models))
     for length in lengths:
         cells[str(length)] = []
         for depth_index, depth in enumerate(depths):
             cell = score_cell(models, thresholds, length, depth_index, depth)
             cells[str(length)].append(cell)
             print(f"{length:>7} {depth:>5.2f}  " + "  ".join(
-                f"{cell[name]['exact_match']:>19.3f} (d {cell[name]['density']:.2f})" for name in models),
+                f"{cell[name]['exact_match']:>15.3f} (d {cell[name]['density']:.2f})" for name in models),
                 flush=True)
+        if _PREFILL_REPEATS.value:
+            prefill[str(length)] = prefill_ms(models, thresholds, length)
+            print(f"{length:>7} prefill ms  " + "  ".join(
+                f"{prefill[str(length)][name]:>24.1f}" for name in models), flush=True)
     plot = results.plot_path(_OUTPUT.value)
+    _plot(cells, lengths, depths, plot)
+    files.append(plot)
+    if prefill:
+        files.append(results.beside(_OUTPUT.value, "payoff.png"))
+        _plot_payoff(cells, prefill, lengths, files[-1])
     results.write(_OUTPUT.value, {
         "checkpoint": _CHECKPOINT.value, "dtype": dtype, "lengths": lengths, "depths": depths,
         "sequences_per_cell": _SEQUENCES.value, "num_records": _TASK.num_records.value,
-        "num_queries": _TASK.num_queries.value, "filler": _TASK.filler.value, "theta": _THETA.value,
+        "num_queries": _TASK.num_queries.value, "filler": _TASK.filler.value,
         "calibration": {"samples": _CALIBRATION_SAMPLES.value, "length": _CALIBRATION_LENGTH.value,
-                        "file": _THRESHOLDS.value},
-        "thresholds": {calibrated_name: np.asarray(calibrated.tau).tolist(), **uniform_names},
-        "cells": cells}, config.sale, files=[plot, thresholds_path])
-    _plot(cells, lengths, depths, plot)
+                        "files": _THRESHOLDS.value,
+                        "recipes": {name: t.recipe_params for name, t in calibrated.items()}},
+        "thresholds": {name: np.asarray(t.tau).tolist() for name, t in {**calibrated, **uniform}.items()},
+        "prefill_ms": prefill, "cells": cells}, config.sale, files=files)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ from models.config import LlamaConfig
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the checkpoint, logs and evaluation.",
                                   required=True)
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the last save in --output_dir.")
+_INIT_CHECKPOINT = flags.DEFINE_string(
+    "init_checkpoint", None, "Start from this Hugging Face checkpoint's weights, with a fresh optimizer and probe, "
+    "to extend a trained model's curriculum; its shape replaces the model-shape flags.")
 
 _HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 256, "Model width.", lower_bound=1)
 _INTERMEDIATE_SIZE = flags.DEFINE_integer("intermediate_size", 1024, "SwiGLU hidden width.", lower_bound=1)
@@ -114,7 +117,7 @@ _EVAL_LENGTHS = flags.DEFINE_list("eval_lengths", [], "Lengths for the exact-mat
 _EVAL_SEQUENCES = flags.DEFINE_integer("eval_sequences", 64, "Sequences evaluated per length.", lower_bound=1)
 
 # The flags that define a run: --resume refuses to continue a run under different values.
-_RUN_FLAGS = (_HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM, _ROPE_THETA,
+_RUN_FLAGS = (_INIT_CHECKPOINT, _HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM, _ROPE_THETA,
               _COMPUTE_DTYPE, _CURRICULUM, _REPLAY_FRACTION, _PLACED_FRACTION, _TOKENS_PER_STEP, _TASK.num_records,
               _TASK.num_queries, _TASK.filler, _FILLER_LOSS_WEIGHT, _LOOKBACK_TOKENS, _LOOKBACK_LOSS_WEIGHT,
               _LEARNING_RATE, _WARMUP_STEPS, _WEIGHT_DECAY, _SEED)
@@ -326,6 +329,17 @@ def _run_flags() -> dict:
     return {holder.name: holder.value for holder in _RUN_FLAGS}
 
 
+def _initial_model() -> llama.Llama:
+    if _INIT_CHECKPOINT.value:
+        return checkpoint.load_llama(_INIT_CHECKPOINT.value, dtype=PARAM_DTYPE)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=_HIDDEN_SIZE.value, intermediate_size=_INTERMEDIATE_SIZE.value,
+        num_layers=_NUM_LAYERS.value, num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_KV_HEADS.value,
+        head_dim=_HEAD_DIM.value, rope_theta=_ROPE_THETA.value, rope_scaling=None, attention="dense",
+        dtype=PARAM_DTYPE)
+    return llama.Llama(config, nnx.Rngs(_SEED.value))
+
+
 def _resume(output_dir: str, run_flags: dict) -> tuple[llama.Llama, int]:
     """The saved model and the steps done, after checking that the saved run is this one."""
     with open(os.path.join(output_dir, _STATE_FILE)) as f:
@@ -372,12 +386,7 @@ def main(argv):
         if os.path.exists(os.path.join(output_dir, _STATE_FILE)):
             raise ValueError(f"{output_dir} already holds a run: pass --resume, or another --output_dir")
         os.makedirs(output_dir, exist_ok=True)
-        config = LlamaConfig(
-            vocab_size=256, hidden_size=_HIDDEN_SIZE.value, intermediate_size=_INTERMEDIATE_SIZE.value,
-            num_layers=_NUM_LAYERS.value, num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_KV_HEADS.value,
-            head_dim=_HEAD_DIM.value, rope_theta=_ROPE_THETA.value, rope_scaling=None, attention="dense",
-            dtype=PARAM_DTYPE)
-        model, step = llama.Llama(config, nnx.Rngs(_SEED.value)), 0
+        model, step = _initial_model(), 0
         open(log_path, "w").close()
     probe = None
     if _LOOKBACK_TOKENS.value:
