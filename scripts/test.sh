@@ -28,7 +28,8 @@ declare -A files=(
   [mosaic_estimate]=tests/test_mosaic_estimate.py
   [mosaic_attention]=tests/test_mosaic_sparse_attention.py
   [triton_kernels]=tests/test_pallas_kernels.py
-  [models_and_scripts]="tests/test_llama.py tests/test_retrieval_model.py tests/test_retrieval_task.py tests/test_experiments.py"
+  [models_and_scripts]="tests/test_llama.py tests/test_retrieval_model.py tests/test_retrieval_task.py
+                        tests/test_experiments.py"
 )
 rest_args=(tests)
 # shellcheck disable=SC2086  # a group's file list splits into one --ignore per file
