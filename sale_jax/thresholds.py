@@ -91,8 +91,8 @@ class Thresholds:
         calibrated = ", ".join(f"{name}={getattr(self.config, name)!r}" for name in differing)
         raise ValueError(
             f"thresholds{source} were calibrated under another SaleConfig ({details}). Recalibrate them under the "
-            f"requested config (sale_jax.calibrate, or python -m experiments.tools.calibrate), or run with the calibrated one "
-            f"({calibrated}).")
+            f"requested config (sale_jax.calibrate, or python -m experiments.tools.calibrate), or run with the "
+            f"calibrated one ({calibrated}).")
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes a JSON file with the values and their provenance (readable, diffable, exact for f32)."""
