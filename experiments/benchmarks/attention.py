@@ -78,7 +78,9 @@ def bench_length(length: int, config: sale_jax.SaleConfig) -> dict:
         tau = tau_for_density(q, k, config, target)
         thresholds[f"density~{target} (tau={tau:.3g})"] = jnp.full((hq,), tau, jnp.float32)
     if _THRESHOLDS.value:
-        thresholds["calibrated layer 0"] = sale_jax.Thresholds.load(_THRESHOLDS.value).layer(0)
+        calibrated = sale_jax.Thresholds.load(_THRESHOLDS.value)
+        calibrated.check_config(config)
+        thresholds["calibrated layer 0"] = calibrated.layer(0)
     result["sale"] = []
     for name, tau in thresholds.items():
         layout = sale_jax.select_blocks(q, k, tau, config)
