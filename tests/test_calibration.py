@@ -1,10 +1,12 @@
 """Calibration on heads built to have a known answer, and the halving search itself."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sale_jax
+from sale_jax import workloads
 from sale_jax.calibration import search_thresholds
 
 LENGTH, HEAD_DIM = 2048, 32
@@ -81,3 +83,24 @@ def test_bad_samples_and_arguments_raise(rng):
         sale_jax.calibrate([], num_layers=1, num_q_heads=2, config=CONFIG, progress=False)
     with pytest.raises(ValueError, match="tau_min"):
         sale_jax.calibrate([[layer]], num_layers=1, num_q_heads=2, config=CONFIG, tau_min=0.1, progress=False)
+
+
+# The paper recipe's thresholds on fixed LLM-like layers, as the recipe gave them before the budget recipes were
+# added beside it (f32, reference backend, full-f32 matmuls): the recipe itself must not drift.
+PINNED_PAPER_THRESHOLDS = {
+    0.1: [[0.008, 0.008, 0.008, 0.008], [0.004, 0.008, 0.008, 0.008]],
+    0.02: [[0.008, 0.004, 0.004, 0.008], [0.004, 0.004, 0.008, 0.008]],
+}
+
+
+@pytest.mark.parametrize("theta", sorted(PINNED_PAPER_THRESHOLDS))
+def test_paper_recipe_gives_its_pinned_thresholds(theta):
+    config = sale_jax.SaleConfig(dense_below=0, block_q=32, block_k=16, sink_tokens=16, local_tokens=32,
+                                 backend="reference")
+    samples = [[(work.q, work.k, work.v) for work in (
+        workloads.llm_like_qkv(100 * sample + layer, 1, 1024, 4, 2, 64, dtype=np.float32, head_seed=layer)
+        for layer in range(2))] for sample in range(2)]
+    with jax.default_matmul_precision("highest"):
+        thresholds = sale_jax.calibrate(samples, 2, 4, config, theta=theta, progress=False)
+    np.testing.assert_array_equal(np.asarray(thresholds.tau), np.float32(PINNED_PAPER_THRESHOLDS[theta]))
+    assert thresholds.recipe_params == {"name": "paper", "theta": theta, "tau0": 0.008, "tau_min": 1e-4}

@@ -279,7 +279,10 @@ def test_demo_runs_as_a_command(smoke_runs):
     assert record["provenance"]["command"] == shlex.join(
         ["python", "-m", "experiments.demo", *DEMO_ARGV, f"--output={out / 'demo.json'}"])
     assert record["provenance"]["sale_config"]["dense_below"] == 0
-    assert {"density_per_layer", "greedy_token_agreement", "max_abs_logit_diff"} <= set(record)
+    # By default: the committed retrieval model answering fresh questions, dense and SALE side by side.
+    assert {"density_per_layer", "dense_exact_match", "sale_exact_match", "questions"} <= set(record)
+    assert len(record["questions"]) == len(record["true_answers"]) == len(record["sale_answers"]) == 2 * 4
+    assert record["dense_answers"] == record["true_answers"] or record["dense_exact_match"] < 1
 
 
 if __name__ == "__main__":

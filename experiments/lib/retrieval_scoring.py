@@ -16,19 +16,34 @@ from models import llama
 
 
 @nnx.jit
-def answer_hits(model: llama.Llama, tokens: jax.Array, query_positions: jax.Array,
-                thresholds: sale_jax.Thresholds | None = None):
-    """bool `[B, Q, 4]`: whether the argmax at each answer digit is right, the true digits before it (teacher
-    forcing; a query is answered exactly when all 4 are), and the density of kept blocks per layer (f32 `[L]`, 1
-    for dense attention). `thresholds` are traced: new values do not recompile."""
+def answer_predictions(model: llama.Llama, tokens: jax.Array, query_positions: jax.Array,
+                       thresholds: sale_jax.Thresholds | None = None):
+    """int32 `[B, Q, 4]`: the model's argmax at each answer digit given the true digits before it (teacher forcing),
+    and the density of kept blocks per layer (f32 `[L]`, 1 for dense attention). `thresholds` are traced: new
+    values do not recompile."""
     batch, num_queries = query_positions.shape
     lengths = jnp.full((batch,), tokens.shape[1], jnp.int32)
     logits, _, density = model.prefill(tokens, lengths, thresholds, return_density=True)
     digit_positions = (query_positions[..., None] + jnp.arange(retrieval_task.ANSWER_LENGTH)).reshape(batch, -1)
     # Only the logits that predict answer digits are needed: take them before the argmax over the vocabulary.
     predictions = jnp.argmax(jnp.take_along_axis(logits, digit_positions[..., None] - 1, axis=1), axis=-1)
-    hits = predictions == jnp.take_along_axis(tokens, digit_positions, axis=1)
-    return hits.reshape(batch, num_queries, -1), density
+    return predictions.reshape(batch, num_queries, -1).astype(jnp.int32), density
+
+
+def answer_hits(model: llama.Llama, tokens: jax.Array, query_positions: jax.Array,
+                thresholds: sale_jax.Thresholds | None = None):
+    """bool `[B, Q, 4]`: whether each answer digit is predicted right (a query is answered exactly when all 4
+    are), and the density of kept blocks per layer (`answer_predictions`)."""
+    predictions, density = answer_predictions(model, tokens, query_positions, thresholds)
+    return predictions == true_answers(tokens, query_positions), density
+
+
+def true_answers(tokens: jax.Array, query_positions: jax.Array) -> jax.Array:
+    """int32 `[B, Q, 4]`: the answer digits as the sequences hold them."""
+    digit_positions = query_positions[..., None] + jnp.arange(retrieval_task.ANSWER_LENGTH)
+    batch = tokens.shape[0]
+    flat = jnp.take_along_axis(jnp.asarray(tokens), digit_positions.reshape(batch, -1), axis=1)
+    return flat.reshape(digit_positions.shape).astype(jnp.int32)
 
 
 def summarize(hits: np.ndarray) -> dict:

@@ -1,14 +1,18 @@
 """Calibrates per-layer, per-head SALE thresholds and writes them to a thresholds file.
 
     python -m experiments.tools.calibrate --checkpoint=DIR --output=t.json --seq_len=65536 --num_samples=5
+    python -m experiments.tools.calibrate --checkpoint=DIR --recipe=kl_budget --kl_budget=0.01 --output=t.json
     python -m experiments.tools.calibrate --output=/tmp/thresholds.json   # no checkpoint: synthetic LLM-like layers
 
 With a Hugging Face Llama checkpoint, the samples are the paper's JSON key-value retrieval prompts as bytes
-(meaningful for byte-level models; pass --tokens=prompts.npy, int [N, T], for a model with its own tokenizer), and
-each layer's (q, k, v) is captured from the model's dense forward pass one layer at a time. Without one, each
-layer of each sample is an independent draw of `sale_jax.workloads.llm_like_qkv`. Either way one layer's inputs
-are in memory at a time, so long sequences stay within bounds. The thresholds file records the model's name,
-theta and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
+(--prompts=json_kv, meaningful for byte-level models), sequences of the retrieval task the project's retrieval
+model was trained on (--prompts=retrieval, drawn from a stream no training or evaluation uses), or --tokens
+(prompts.npy, int [N, T], for a model with its own tokenizer). The recipe (models.calibration) is the paper's
+(bound --theta; each layer's (q, k, v) captured from the dense forward pass one layer at a time) or a budget
+recipe: the sparsest thresholds whose model stays within --kl_budget nats of dense, or spends --density_budget.
+Without a checkpoint only the paper recipe runs, each layer of each sample an independent draw of
+`sale_jax.workloads.llm_like_qkv`. The thresholds file records the model's name, the recipe with its parameters
+and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
 """
 
 from __future__ import annotations
@@ -21,13 +25,26 @@ from absl import app, flags
 import sale_jax
 from experiments.lib import flags as common
 from models import checkpoint
-from models.calibration import calibrate_model
-from sale_jax import calibration, workloads
+from experiments.lib import retrieval_task
+from models import calibration as model_calibration
+from sale_jax import budget_calibration, calibration, workloads
 from sale_jax.kv_prompts import json_kv_prompt
 
 _OUTPUT = flags.DEFINE_string("output", None, "Thresholds file to write (JSON).", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Llama folder to calibrate.")
 _TOKENS = flags.DEFINE_string("tokens", None, "With --checkpoint: prompts as an .npy of int [N, T].")
+_PROMPTS = flags.DEFINE_enum("prompts", "json_kv", ["json_kv", "retrieval"], "With --checkpoint and no --tokens: "
+                             "the paper's JSON key-value prompts, or the retrieval task's sequences.")
+_TASK = common.RetrievalTaskFlags.define()  # --prompts=retrieval: as the model was trained
+_RECIPE = flags.DEFINE_enum("recipe", "paper", list(model_calibration.RECIPES), "Calibration recipe (budget "
+                            "recipes need --checkpoint).")
+_KL_BUDGET = flags.DEFINE_float("kl_budget", model_calibration.DEFAULT_KL_BUDGET,
+                                "kl_budget recipe: mean KL divergence from dense (nats).")
+_DENSITY_BUDGET = flags.DEFINE_float("density_budget", 0.1, "density_budget recipe: mean density.")
+_SCORE_TOKENS = flags.DEFINE_integer("score_tokens", model_calibration.DEFAULT_SCORE_TOKENS,
+                                     "Budget recipes: positions scored at the end of each prompt.")
+_COST = flags.DEFINE_enum("cost", "first_order", list(budget_calibration.COSTS),
+                          "Budget recipes: the price of a head's attention error.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Calibration samples.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Layers (synthetic only).")
 _SEQ_LEN = common.define_seq_len(4096, "Tokens per sample.")
@@ -51,15 +68,24 @@ def synthetic_layer_samples(dtype):
     return [layers(sample) for sample in range(_NUM_SAMPLES.value)]
 
 
+def _prompts(vocab_size: int) -> list[np.ndarray]:
+    if _TOKENS.value:
+        return list(np.load(_TOKENS.value))
+    if _PROMPTS.value == "retrieval":
+        # Stream (seed, 6, i): apart from training's (seed 0) and retrieval_eval's (seed, 2 or 3, ...) streams.
+        return [retrieval_task.sequence((_SEED.value, 6, i), _SEQ_LEN.value, _TASK.num_records.value,
+                                        _TASK.num_queries.value, filler=_TASK.filler.value).tokens
+                for i in range(_NUM_SAMPLES.value)]
+    return [json_kv_prompt(_SEED.value + i, _SEQ_LEN.value).tokens % vocab_size for i in range(_NUM_SAMPLES.value)]
+
+
 def _calibrate_checkpoint(config: sale_jax.SaleConfig, dtype: str) -> sale_jax.Thresholds:
     model = checkpoint.load_llama(_CHECKPOINT.value, dtype=dtype, attention="sale", sale=config)
-    if _TOKENS.value:
-        prompts = list(np.load(_TOKENS.value))
-    else:
-        prompts = [json_kv_prompt(_SEED.value + i, _SEQ_LEN.value).tokens % model.config.vocab_size
-                   for i in range(_NUM_SAMPLES.value)]
-    return calibrate_model(model, prompts, theta=_THETA.value, model_name=os.path.basename(
-        os.path.normpath(_CHECKPOINT.value)), tau0=_TAU0.value, tau_min=_TAU_MIN.value)
+    search = dict(tau0=_TAU0.value, tau_min=_TAU_MIN.value) if _RECIPE.value == "paper" else {}
+    return model_calibration.calibrate_model(
+        model, _prompts(model.config.vocab_size), _RECIPE.value, theta=_THETA.value, kl_budget=_KL_BUDGET.value,
+        density=_DENSITY_BUDGET.value, score_tokens=_SCORE_TOKENS.value, cost=_COST.value,
+        model_name=os.path.basename(os.path.normpath(_CHECKPOINT.value)), **search)
 
 
 def main(argv):
@@ -68,6 +94,8 @@ def main(argv):
     config = _SALE.config()
     if _CHECKPOINT.value:
         thresholds = _calibrate_checkpoint(config, dtype.name)
+    elif _RECIPE.value != "paper":
+        raise ValueError(f"--recipe={_RECIPE.value} prices thresholds by a model's loss: it needs --checkpoint")
     else:
         thresholds = sale_jax.calibrate(
             synthetic_layer_samples(dtype), _NUM_LAYERS.value, _HEADS.q_heads.value, config,
