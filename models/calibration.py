@@ -70,13 +70,18 @@ def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "p
     sale_model = llama.with_attention(model, "sale", sale_config)
     references, table = _cost_table(sale_model, prompts, score_tokens, cost, progress)
 
+    measured_kl = {}  # by allocation: the search's own measurements, reused for the recipe's record
+
     def mean_kl(taus):
-        thresholds = sale_jax.Thresholds(jnp.asarray(taus))
-        return float(np.mean([_kl_from_dense(sale_model, tokens, scored, dense, thresholds)
-                              for tokens, scored, dense in references]))
+        key = taus.tobytes()
+        if key not in measured_kl:
+            thresholds = sale_jax.Thresholds(jnp.asarray(taus))
+            measured_kl[key] = float(np.mean([_kl_from_dense(sale_model, tokens, scored, dense, thresholds)
+                                              for tokens, scored, dense in references]))
+        return measured_kl[key]
 
     def mean_density(taus):
-        return float(np.mean(_table_density(table, taus)))
+        return float(np.mean(table.layer_density(taus)))
 
     if recipe == "kl_budget":
         measured, budget = mean_kl, kl_budget
@@ -131,12 +136,6 @@ def _cost_table(sale_model: Llama, prompts, score_tokens: int, cost: str, progre
     count = len(prompts)
     return references, budget_calibration.CostTable(cost_sum / count, density_sum / count,
                                                    budget_calibration.TAU_GRID)
-
-
-def _table_density(table: budget_calibration.CostTable, taus: np.ndarray) -> np.ndarray:
-    """Each layer's mean density over its heads at thresholds `taus` (values of the table's grid)."""
-    index = np.searchsorted(table.taus, taus)
-    return np.take_along_axis(table.density, index[:, None, :], axis=1)[:, 0].mean(-1)
 
 
 @nnx.jit

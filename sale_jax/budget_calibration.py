@@ -53,6 +53,11 @@ class CostTable:
         best_from_top = np.argmin(objective[:, ::-1], axis=1)
         return self.taus[len(self.taus) - 1 - best_from_top]
 
+    def layer_density(self, taus: np.ndarray) -> np.ndarray:
+        """Each layer's mean density over its heads at thresholds `taus` (`[L, Hq]`, values of `self.taus`)."""
+        index = np.searchsorted(self.taus, taus)
+        return np.take_along_axis(self.density, index[:, None, :], axis=1)[:, 0].mean(-1)
+
 
 def head_costs(q: jax.Array, k: jax.Array, v: jax.Array, config: SaleConfig, output_grad: jax.Array | None = None,
                taus: np.ndarray = TAU_GRID) -> tuple[np.ndarray, np.ndarray]:
