@@ -79,7 +79,7 @@ def test_retrieval_eval_writes_every_cell_method_threshold_and_prefill_time(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "retrieval_eval.json") as f:
         results = json.load(f)
-    methods = {"dense", "sale_kl_budget", "sale_uniform_tau=0.008", "sale_uniform_tau=0.1"}
+    methods = {"dense", "sale_kl_budget=0.01", "sale_uniform_tau=0.008", "sale_uniform_tau=0.1"}
     assert results["provenance"]["sale_config"]["block_q"] == 128
     cells = results["cells"]["512"]
     assert len(cells) == 2 and all(set(cell) == methods for cell in cells)
@@ -88,8 +88,8 @@ def test_retrieval_eval_writes_every_cell_method_threshold_and_prefill_time(tmp_
         # A larger threshold keeps fewer blocks on the same tokens.
         assert cell["sale_uniform_tau=0.1"]["density"] < cell["sale_uniform_tau=0.008"]["density"] < 1
     assert set(results["prefill_ms"]["512"]) == methods
-    assert results["calibration"]["recipes"]["sale_kl_budget"]["calibration_kl"] <= 0.01
+    assert results["calibration"]["recipes"]["sale_kl_budget=0.01"]["calibration_kl"] <= 0.01
     for name in methods - {"dense"}:
         assert np.asarray(results["thresholds"][name]).shape == (4, 4)
-    for name in ("retrieval_eval.png", "payoff.png", "thresholds_kl_budget.json"):
+    for name in ("retrieval_eval.png", "payoff.png", "thresholds_kl_budget_0.01.json"):
         assert (tmp_path / name).exists(), name

@@ -12,7 +12,7 @@ on the same tokens by every method: dense attention; SALE at thresholds calibrat
 --calibration_samples other sequences of --calibration_length tokens (or read from --thresholds files); SALE at each
 uniform threshold of --uniform_taus. Per cell: exact-match query accuracy, first-digit accuracy and the mean density
 of kept blocks; per length and method, with --prefill_repeats, the median time of a one-sequence prefill. Writes
-the JSON, each calibrated thresholds file beside it (thresholds_<recipe>.json), and plots: accuracy heatmaps
+the JSON, each calibrated thresholds file beside it (thresholds_<recipe>_<bound>.json), and plots: accuracy heatmaps
 (length x depth) and accuracy against prefill speedup over dense.
 """
 
@@ -81,20 +81,37 @@ def score_cell(models: dict, thresholds: dict, length: int, depth_index: int, de
     return cell
 
 
+_RECIPE_BOUNDS = {"paper": "theta", "kl_budget": "kl_budget", "density_budget": "density"}
+
+
+def recipe_label(thresholds: sale_jax.Thresholds) -> str:
+    """The recipe and the bound it was calibrated to, e.g. `kl_budget=0.01` (`_l1` when priced by L1 error)."""
+    params = thresholds.recipe_params
+    name = params.get("name", "uncalibrated")
+    if name not in _RECIPE_BOUNDS:
+        return name
+    label = f"{name}={params[_RECIPE_BOUNDS[name]]:g}"
+    return label + ("_l1" if params.get("cost") == "l1" else "")
+
+
 def calibrated_thresholds(sale_model: llama.Llama) -> dict[str, sale_jax.Thresholds]:
     """Per method name, the thresholds each recipe of --recipes calibrates (or each --thresholds file holds)."""
     config = sale_model.config
     if _THRESHOLDS.value:
         loaded = [sale_jax.Thresholds.load(path, num_layers=config.num_layers, num_q_heads=config.num_heads)
                   for path in _THRESHOLDS.value]
-        return {f"sale_{thresholds.recipe_params.get('name', 'file')}": thresholds for thresholds in loaded}
+        methods = {f"sale_{recipe_label(thresholds)}": thresholds for thresholds in loaded}
+        if len(methods) < len(loaded):
+            raise ValueError(f"--thresholds: two files record the same recipe and bound: {_THRESHOLDS.value}")
+        return methods
     prompts = [retrieval_task.sequence((_SEED.value, 3, index), _CALIBRATION_LENGTH.value, _TASK.num_records.value,
                                        _TASK.num_queries.value, filler=_TASK.filler.value).tokens
                for index in range(_CALIBRATION_SAMPLES.value)]
     name = os.path.basename(os.path.normpath(_CHECKPOINT.value))
-    return {f"sale_{recipe}": calibration.calibrate_model(
+    calibrated = [calibration.calibrate_model(
         sale_model, prompts, recipe, theta=_THETA.value, kl_budget=_KL_BUDGET.value, density=_DENSITY_BUDGET.value,
-        score_tokens=_SCORE_TOKENS.value, model_name=name) for recipe in _RECIPES.value}
+        score_tokens=_SCORE_TOKENS.value, model_name=name) for recipe in _RECIPES.value]
+    return {f"sale_{recipe_label(thresholds)}": thresholds for thresholds in calibrated}
 
 
 def prefill_ms(models: dict, thresholds: dict, length: int) -> dict:
@@ -167,7 +184,8 @@ def main(argv):
     calibrated = calibrated_thresholds(sale_model)
     files = []
     for name, thresholds in calibrated.items():
-        files.append(results.beside(_OUTPUT.value, f"thresholds_{name.removeprefix('sale_')}.json"))
+        label = name.removeprefix("sale_").replace("=", "_")
+        files.append(results.beside(_OUTPUT.value, f"thresholds_{label}.json"))
         os.makedirs(os.path.dirname(files[-1]), exist_ok=True)
         thresholds.save(files[-1])
     uniform = {f"sale_uniform_tau={tau:g}": sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, tau)
