@@ -6,11 +6,11 @@
     python -m experiments.demo --checkpoint=random           # a small random-weight Llama
 
 By default the model is the byte-level Llama trained on key-value retrieval
-(experiments/results/retrieval_training/h200/checkpoint) and its prompts are fresh sequences of that task: records
+(experiments/results/retrieval_training_128k/h200/checkpoint) and its prompts are fresh sequences of that task: records
 `#KK:dddd#` hidden in filler, then questions `?KK:`. For every question it prints the true answer and the answers
 dense attention and SALE (at the thresholds calibrated for the model) gave, then exact-match accuracy, the density
 of kept blocks per layer and median prefill times. Any other checkpoint (or random weights) prefills the paper's
-JSON key-value prompt instead and compares the logits and greedy continuations. --seq_len 0 picks 4K tokens on a
+JSON key-value prompt instead (--prompts) and compares the logits and greedy continuations. --seq_len 0 picks 4K tokens on a
 CPU and 128K on a GPU.
 """
 
@@ -32,12 +32,15 @@ from models.config import LlamaConfig
 from sale_jax.kv_prompts import json_kv_prompt
 
 _RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-RETRIEVAL_MODEL = os.path.join(_RESULTS, "retrieval_training", "h200", "checkpoint")
-RETRIEVAL_THRESHOLDS = os.path.join(_RESULTS, "retrieval_accuracy", "h200", "thresholds.json")
+RETRIEVAL_MODEL = os.path.join(_RESULTS, "retrieval_training_128k", "h200", "checkpoint")
+RETRIEVAL_THRESHOLDS = os.path.join(_RESULTS, "retrieval_accuracy", "h200", "thresholds_kl_budget_0.01.json")
 RANDOM = "random"
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", RETRIEVAL_MODEL, "Hugging Face Llama folder, or 'random' for a "
                                   "small random-weight Llama.")
+_PROMPTS = flags.DEFINE_enum("prompts", None, ["retrieval", "json_kv"], "Retrieval questions, or the paper's JSON "
+                              "key-value prompt with greedy continuations; default: retrieval for the committed "
+                              "retrieval model, json_kv for other models.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Prompt tokens; 0: 4096 on a CPU, 131072 on a GPU.", lower_bound=0)
 _SEQUENCES = flags.DEFINE_integer("sequences", 2, "Retrieval prompts (each with --num_queries questions).",
                                   lower_bound=1)
@@ -130,7 +133,7 @@ def main(argv):
     dense_model, sale_model = _models(sale, dtype)
     config = dense_model.config
     thresholds = _thresholds(config)
-    is_retrieval = _CHECKPOINT.value == RETRIEVAL_MODEL
+    is_retrieval = _PROMPTS.value == "retrieval" or (_PROMPTS.value is None and _CHECKPOINT.value == RETRIEVAL_MODEL)
     name = os.path.relpath(_CHECKPOINT.value) if os.path.isdir(_CHECKPOINT.value) else _CHECKPOINT.value
     print(f"model {name} ({config.num_layers} layers, {config.num_heads} q / {config.num_kv_heads} kv "
           f"heads, {config.dtype}) on {jax.devices()[0].device_kind}, SALE backend {sale.resolved_backend()}; "

@@ -4,7 +4,9 @@ Recipes:
 - `"paper"`: the paper's per-head halving search on each layer's per-row L1 error (`sale_jax.calibrate`,
   docs/algorithm.md, section 8).
 - `"kl_budget"`: the sparsest thresholds whose model keeps its next-token distribution within `kl_budget` nats
-  (mean KL divergence from the dense model over the last `score_tokens` positions of the prompts).
+  (mean KL divergence from the dense model over the scored positions: by default the last `score_tokens` of each
+  prompt, where a prefill's continuation starts; or the positions a caller names, e.g. where a model was trained to
+  answer).
 - `"density_budget"`: the thresholds that spend a mean density of `density` where it costs the model least.
 The budget recipes price each head's thresholds by the first-order change of the model's loss on its own greedy
 predictions (`sale_jax.budget_calibration`); no task labels are used.
@@ -33,8 +35,9 @@ DEFAULT_SCORE_TOKENS = 256
 
 def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "paper", *, theta: float = 0.4,
                     kl_budget: float = DEFAULT_KL_BUDGET, density: float | None = None,
-                    score_tokens: int = DEFAULT_SCORE_TOKENS, cost: str = "first_order", model_name: str = "",
-                    progress: bool = True, **search) -> sale_jax.Thresholds:
+                    score_tokens: int = DEFAULT_SCORE_TOKENS, scored_positions: Sequence | None = None,
+                    cost: str = "first_order", model_name: str = "", progress: bool = True,
+                    **search) -> sale_jax.Thresholds:
     """Per-layer, per-head thresholds from `prompts` (each int `[T]` or `[1, T]`), with the model's own SALE
     configuration (the one inference runs).
 
@@ -44,7 +47,10 @@ def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "p
       kl_budget: the `"kl_budget"` recipe's bound on the mean KL divergence (nats) from the dense model.
       density: the `"density_budget"` recipe's mean density of kept blocks, in (0, 1].
       score_tokens: the budget recipes score the next-token distribution at each prompt's last this many
-        positions (where a prefill's answer starts).
+        positions (where a prefill's continuation starts).
+      scored_positions: instead of the last `score_tokens`, per prompt the positions (int `[P]`, each in
+        `[0, T)`) whose next-token distributions are scored: where the model's predictions matter. The targets
+        stay the dense model's own predictions, never labels.
       cost: the budget recipes' price of a head's attention error: `"first_order"` (the loss's first-order
         change) or `"l1"` (the paper's per-row L1 error, for comparison).
     """
@@ -65,10 +71,12 @@ def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "p
         raise ValueError(f"the density_budget recipe needs density in (0, 1], got {density}")
     if not score_tokens >= 1:
         raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
+    prompts = [jnp.atleast_2d(jnp.asarray(prompt, jnp.int32)) for prompt in prompts]
+    scored = _scored(prompts, score_tokens, scored_positions)
 
     sale_config = dataclasses.replace(config.sale, dense_below=0)
     sale_model = llama.with_attention(model, "sale", sale_config)
-    references, table = _cost_table(sale_model, prompts, score_tokens, cost, progress)
+    references, table = _cost_table(sale_model, prompts, scored, cost, progress)
 
     measured_kl = {}  # by allocation: the search's own measurements, reused for the recipe's record
 
@@ -97,8 +105,9 @@ def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "p
 
     _, taus = budget_calibration.search_price(table, within_budget, accepted_above=recipe == "kl_budget")
     bar.close()
-    params = {"name": recipe, "cost": cost, "score_tokens": score_tokens, "prompts": len(prompts),
-              "calibration_density": mean_density(taus)}
+    params = {"name": recipe, "cost": cost, "prompts": len(prompts), "calibration_density": mean_density(taus),
+              **({"scored": "end", "score_tokens": score_tokens} if scored_positions is None else
+                 {"scored": "given", "scored_per_prompt": float(np.mean([len(p) for p in scored]))})}
     if recipe == "kl_budget":
         params.update(kl_budget=kl_budget, calibration_kl=mean_kl(taus))
     else:
@@ -109,11 +118,25 @@ def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "p
     return sale_jax.Thresholds(jnp.asarray(taus), model_name=model_name, recipe=params, config=config.sale)
 
 
-def _scored_positions(length: int, score_tokens: int) -> jax.Array:
-    return jnp.arange(max(length - score_tokens, 0), length)
+def _scored(prompts: list[jax.Array], score_tokens: int, scored_positions: Sequence | None) -> list[jax.Array]:
+    """Per prompt, the positions whose next-token distributions the budget recipes score."""
+    if scored_positions is None:
+        return [jnp.arange(max(tokens.shape[1] - score_tokens, 0), tokens.shape[1]) for tokens in prompts]
+    if len(scored_positions) != len(prompts):
+        raise ValueError(f"scored_positions names positions for {len(scored_positions)} prompts; there are "
+                         f"{len(prompts)}")
+    scored = []
+    for tokens, positions in zip(prompts, scored_positions):
+        positions = np.asarray(positions)
+        if positions.ndim != 1 or positions.size == 0 or not np.issubdtype(positions.dtype, np.integer) or (
+                positions.min() < 0 or positions.max() >= tokens.shape[1]):
+            raise ValueError(f"scored_positions: each prompt's must be a non-empty int [P] within [0, "
+                             f"{tokens.shape[1]}), got {positions!r}")
+        scored.append(jnp.asarray(positions, jnp.int32))
+    return scored
 
 
-def _cost_table(sale_model: Llama, prompts, score_tokens: int, cost: str, progress: bool):
+def _cost_table(sale_model: Llama, prompts, scored_positions: list[jax.Array], cost: str, progress: bool):
     """The dense model's scored log-probabilities per prompt, and the heads' cost table averaged over prompts."""
     config = sale_model.config
     shape = (config.num_layers, len(budget_calibration.TAU_GRID), config.num_heads)
@@ -122,9 +145,7 @@ def _cost_table(sale_model: Llama, prompts, score_tokens: int, cost: str, progre
     references = []
     with tqdm(total=len(prompts) * config.num_layers, desc="pricing heads", unit="layer",
               disable=not progress) as bar:
-        for prompt in prompts:
-            tokens = jnp.atleast_2d(jnp.asarray(prompt, jnp.int32))
-            scored = _scored_positions(tokens.shape[1], score_tokens)
+        for tokens, scored in zip(prompts, scored_positions):
             dense, qkvs, grads = _dense_sensitivities(dense_model, tokens, scored)
             references.append((tokens, scored, dense))
             for layer, ((q, k, v), grad) in enumerate(zip(qkvs, grads)):

@@ -1,19 +1,22 @@
 r"""Long-context retrieval accuracy and prefill time of a retrieval-trained byte-level Llama: dense attention
 against SALE under each calibration recipe and uniform thresholds.
 
-    python -m experiments.accuracy.retrieval_eval --checkpoint=experiments/results/retrieval_training/h200/checkpoint \
-        --sequences=16 --lengths=16384,65536,131072 --recipes=paper,kl_budget --uniform_taus=0.008,0.1,1 \
-        --prefill_repeats=5 --output=experiments/results/retrieval_accuracy/h200/retrieval_eval.json
+    python -m experiments.accuracy.retrieval_eval \
+        --checkpoint=experiments/results/retrieval_training_128k/h200/checkpoint --sequences=16 \
+        --lengths=4096,16384,65536,131072 --recipes=paper,kl_budget --costs=first_order,l1 \
+        --uniform_taus=0.1,1 --prefill_repeats=5 --output=experiments/results/retrieval_accuracy/h200/retrieval_eval.json
 
 A grid of context lengths x record depths (where in the context the queried records sit). Each cell holds
 --sequences sequences of the training task (experiments/lib/retrieval_task.py) that no training step saw, scored
 on the same tokens by every method: dense attention; SALE at thresholds calibrated by each recipe of --recipes
-(models.calibration: the paper's, bound --theta; the budget recipes, --kl_budget or --density_budget) on
---calibration_samples other sequences of --calibration_length tokens (or read from --thresholds files); SALE at each
-uniform threshold of --uniform_taus. Per cell: exact-match query accuracy, first-digit accuracy and the mean density
-of kept blocks; per length and method, with --prefill_repeats, the median time of a one-sequence prefill. Writes
-the JSON, each calibrated thresholds file beside it (thresholds_<recipe>_<bound>.json), and plots: accuracy heatmaps
-(length x depth) and accuracy against prefill speedup over dense.
+(models.calibration: the paper's, bound --theta; the budget recipes, --kl_budget or --density_budget, under each
+price of --costs, scoring the model's own predictions where it answers or, --scored=end, at the prompts' ends) on
+--calibration_samples other sequences of --calibration_length tokens; SALE at the thresholds of each --thresholds
+file; SALE at each uniform threshold of --uniform_taus. Per cell: exact-match query accuracy, first-digit accuracy
+and the mean density of kept blocks; per length and method, with --prefill_repeats, the median time of a
+one-sequence prefill. Writes the JSON, each calibrated thresholds file beside it
+(thresholds_<recipe>_<bound>.json), and plots: accuracy heatmaps (length x depth) and accuracy against prefill
+speedup over dense.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sale_jax
 from experiments.lib import flags as common, results, retrieval_scoring, retrieval_task
 from experiments.lib import timing
 from models import calibration, checkpoint, llama
+from sale_jax import budget_calibration
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face folder of the trained model.", required=True)
 _OUTPUT = common.define_output()
@@ -44,11 +48,17 @@ _KL_BUDGET = flags.DEFINE_float("kl_budget", calibration.DEFAULT_KL_BUDGET,
                                 "The kl_budget recipe's mean KL divergence from dense (nats).")
 _DENSITY_BUDGET = flags.DEFINE_float("density_budget", 0.1, "The density_budget recipe's mean density.")
 _SCORE_TOKENS = flags.DEFINE_integer("score_tokens", calibration.DEFAULT_SCORE_TOKENS,
-                                     "The budget recipes score each calibration prompt's last this many positions.")
+                                     "With --scored=end: the budget recipes score each calibration prompt's last "
+                                     "this many positions.")
+_COSTS = flags.DEFINE_list("costs", ["first_order"], "The budget recipes' prices of a head's attention error, "
+                          f"of {budget_calibration.COSTS}: each budget recipe is calibrated under each.")
+_SCORED = flags.DEFINE_enum("scored", "answers", ["answers", "end"], "The budget recipes score the model's own "
+                            "predictions where it answers (the positions it was trained on), or at the end of "
+                            "each calibration prompt (--score_tokens).")
 _CALIBRATION_SAMPLES = flags.DEFINE_integer("calibration_samples", 2, "Calibration sequences.", lower_bound=1)
 _CALIBRATION_LENGTH = flags.DEFINE_integer("calibration_length", 16384, "Tokens per calibration sequence.")
-_THRESHOLDS = flags.DEFINE_list("thresholds", [], "Thresholds files to use instead of calibrating (one method "
-                                "each, named by the recipe it records).")
+_THRESHOLDS = flags.DEFINE_list("thresholds", [], "Thresholds files compared beside the calibrated recipes (one "
+                                "method each, named by the recipe it records).")
 _PREFILL_REPEATS = flags.DEFINE_integer("prefill_repeats", 0, "Timed one-sequence prefills per length and method "
                                         "(median reported); 0: no timing.", lower_bound=0)
 _UNIFORM_TAUS = common.define_numbers("uniform_taus", [sale_jax.DEFAULT_TAU],
@@ -85,33 +95,41 @@ _RECIPE_BOUNDS = {"paper": "theta", "kl_budget": "kl_budget", "density_budget": 
 
 
 def recipe_label(thresholds: sale_jax.Thresholds) -> str:
-    """The recipe and the bound it was calibrated to, e.g. `kl_budget=0.01` (`_l1` when priced by L1 error)."""
+    """The recipe and the bound it was calibrated to, e.g. `kl_budget=0.01`; `_l1` when priced by L1 error, `_end`
+    when scored at the prompts' ends in a study that scores answers."""
     params = thresholds.recipe_params
     name = params.get("name", "uncalibrated")
     if name not in _RECIPE_BOUNDS:
         return name
     label = f"{name}={params[_RECIPE_BOUNDS[name]]:g}"
-    return label + ("_l1" if params.get("cost") == "l1" else "")
+    if params.get("cost") == "l1":
+        label += "_l1"
+    if params.get("scored") == "end" and _SCORED.value != "end":
+        label += "_end"
+    return label
 
 
 def calibrated_thresholds(sale_model: llama.Llama) -> dict[str, sale_jax.Thresholds]:
-    """Per method name, the thresholds each recipe of --recipes calibrates (or each --thresholds file holds)."""
+    """Per method name, the thresholds each recipe of --recipes calibrates (under each of --costs) and each
+    --thresholds file holds."""
     config = sale_model.config
-    if _THRESHOLDS.value:
-        loaded = [sale_jax.Thresholds.load(path, num_layers=config.num_layers, num_q_heads=config.num_heads)
-                  for path in _THRESHOLDS.value]
-        methods = {f"sale_{recipe_label(thresholds)}": thresholds for thresholds in loaded}
-        if len(methods) < len(loaded):
-            raise ValueError(f"--thresholds: two files record the same recipe and bound: {_THRESHOLDS.value}")
-        return methods
-    prompts = [retrieval_task.sequence((_SEED.value, 3, index), _CALIBRATION_LENGTH.value, _TASK.num_records.value,
-                                       _TASK.num_queries.value, filler=_TASK.filler.value).tokens
-               for index in range(_CALIBRATION_SAMPLES.value)]
+    sequences = [retrieval_task.sequence((_SEED.value, 3, index), _CALIBRATION_LENGTH.value,
+                                         _TASK.num_records.value, _TASK.num_queries.value, filler=_TASK.filler.value)
+                 for index in range(_CALIBRATION_SAMPLES.value)]
+    scored = [np.flatnonzero(s.loss_mask) for s in sequences] if _SCORED.value == "answers" else None
     name = os.path.basename(os.path.normpath(_CHECKPOINT.value))
     calibrated = [calibration.calibrate_model(
-        sale_model, prompts, recipe, theta=_THETA.value, kl_budget=_KL_BUDGET.value, density=_DENSITY_BUDGET.value,
-        score_tokens=_SCORE_TOKENS.value, model_name=name) for recipe in _RECIPES.value]
-    return {f"sale_{recipe_label(thresholds)}": thresholds for thresholds in calibrated}
+        sale_model, [s.tokens for s in sequences], recipe, theta=_THETA.value, kl_budget=_KL_BUDGET.value,
+        density=_DENSITY_BUDGET.value, score_tokens=_SCORE_TOKENS.value, scored_positions=scored, cost=cost,
+        model_name=name)
+        for recipe in _RECIPES.value for cost in (["first_order"] if recipe == "paper" else _COSTS.value)]
+    calibrated += [sale_jax.Thresholds.load(path, num_layers=config.num_layers, num_q_heads=config.num_heads)
+                   for path in _THRESHOLDS.value]
+    methods = {f"sale_{recipe_label(thresholds)}": thresholds for thresholds in calibrated}
+    if len(methods) < len(calibrated):
+        raise ValueError(f"two methods of --recipes and --thresholds record the same recipe and bound: "
+                         f"{[recipe_label(thresholds) for thresholds in calibrated]}")
+    return methods
 
 
 def prefill_ms(models: dict, thresholds: dict, length: int) -> dict:
@@ -173,6 +191,9 @@ def main(argv):
     unknown = sorted(set(_RECIPES.value) - set(calibration.RECIPES))
     if unknown:
         raise ValueError(f"--recipes: unknown {unknown}; accepted: {calibration.RECIPES}")
+    unknown = sorted(set(_COSTS.value) - set(budget_calibration.COSTS))
+    if unknown:
+        raise ValueError(f"--costs: unknown {unknown}; accepted: {budget_calibration.COSTS}")
     for length in lengths + [_CALIBRATION_LENGTH.value]:
         if length < retrieval_task.min_length(_TASK.num_records.value, _TASK.num_queries.value):
             raise ValueError(f"length {length} is too short for {_TASK.num_records.value} records and "

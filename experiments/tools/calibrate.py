@@ -42,7 +42,10 @@ _KL_BUDGET = flags.DEFINE_float("kl_budget", model_calibration.DEFAULT_KL_BUDGET
                                 "kl_budget recipe: mean KL divergence from dense (nats).")
 _DENSITY_BUDGET = flags.DEFINE_float("density_budget", 0.1, "density_budget recipe: mean density.")
 _SCORE_TOKENS = flags.DEFINE_integer("score_tokens", model_calibration.DEFAULT_SCORE_TOKENS,
-                                     "Budget recipes: positions scored at the end of each prompt.")
+                                     "Budget recipes with --scored=end: positions scored at the end of each prompt.")
+_SCORED = flags.DEFINE_enum("scored", "end", ["end", "answers"], "Budget recipes: score the model's predictions at "
+                            "each prompt's last --score_tokens positions, or (--prompts=retrieval) where the "
+                            "retrieval model answers (its own predictions there, not the true answers).")
 _COST = flags.DEFINE_enum("cost", "first_order", list(budget_calibration.COSTS),
                           "Budget recipes: the price of a head's attention error.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Calibration samples.")
@@ -68,23 +71,31 @@ def synthetic_layer_samples(dtype):
     return [layers(sample) for sample in range(_NUM_SAMPLES.value)]
 
 
-def _prompts(vocab_size: int) -> list[np.ndarray]:
+def _prompts(vocab_size: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The calibration prompts and, with --scored=answers, each one's scored positions."""
+    if _SCORED.value == "answers" and (_TOKENS.value or _PROMPTS.value != "retrieval"):
+        raise ValueError("--scored=answers needs --prompts=retrieval and no --tokens: only the retrieval task's "
+                         "prompts mark where the model answers")
     if _TOKENS.value:
-        return list(np.load(_TOKENS.value))
+        return list(np.load(_TOKENS.value)), None
     if _PROMPTS.value == "retrieval":
         # Stream (seed, 6, i): apart from training's (seed 0) and retrieval_eval's (seed, 2 or 3, ...) streams.
-        return [retrieval_task.sequence((_SEED.value, 6, i), _SEQ_LEN.value, _TASK.num_records.value,
-                                        _TASK.num_queries.value, filler=_TASK.filler.value).tokens
-                for i in range(_NUM_SAMPLES.value)]
-    return [json_kv_prompt(_SEED.value + i, _SEQ_LEN.value).tokens % vocab_size for i in range(_NUM_SAMPLES.value)]
+        sequences = [retrieval_task.sequence((_SEED.value, 6, i), _SEQ_LEN.value, _TASK.num_records.value,
+                                             _TASK.num_queries.value, filler=_TASK.filler.value)
+                     for i in range(_NUM_SAMPLES.value)]
+        scored = [np.flatnonzero(s.loss_mask) for s in sequences] if _SCORED.value == "answers" else None
+        return [s.tokens for s in sequences], scored
+    return [json_kv_prompt(_SEED.value + i, _SEQ_LEN.value).tokens % vocab_size
+            for i in range(_NUM_SAMPLES.value)], None
 
 
 def _calibrate_checkpoint(config: sale_jax.SaleConfig, dtype: str) -> sale_jax.Thresholds:
     model = checkpoint.load_llama(_CHECKPOINT.value, dtype=dtype, attention="sale", sale=config)
     search = dict(tau0=_TAU0.value, tau_min=_TAU_MIN.value) if _RECIPE.value == "paper" else {}
+    prompts, scored = _prompts(model.config.vocab_size)
     return model_calibration.calibrate_model(
-        model, _prompts(model.config.vocab_size), _RECIPE.value, theta=_THETA.value, kl_budget=_KL_BUDGET.value,
-        density=_DENSITY_BUDGET.value, score_tokens=_SCORE_TOKENS.value, cost=_COST.value,
+        model, prompts, _RECIPE.value, theta=_THETA.value, kl_budget=_KL_BUDGET.value,
+        density=_DENSITY_BUDGET.value, score_tokens=_SCORE_TOKENS.value, scored_positions=scored, cost=_COST.value,
         model_name=os.path.basename(os.path.normpath(_CHECKPOINT.value)), **search)
 
 
