@@ -22,14 +22,14 @@ if [ "$backend" != gpu ] || [ $# -gt 0 ]; then
   exec "$python" -m pytest -q "$@"
 fi
 
-# One group per kernel family, one for the models and the experiment scripts (the longest runs), and the rest.
-groups=(mosaic_estimate mosaic_attention triton_kernels models_and_scripts rest)
+# One group per kernel family, one for the models, one for the experiment scripts (the longest runs), and the rest.
+groups=(mosaic_estimate mosaic_attention triton_kernels models scripts rest)
 declare -A files=(
   [mosaic_estimate]=tests/test_mosaic_estimate.py
   [mosaic_attention]=tests/test_mosaic_sparse_attention.py
   [triton_kernels]=tests/test_pallas_kernels.py
-  [models_and_scripts]="tests/test_llama.py tests/test_retrieval_model.py tests/test_retrieval_task.py
-                        tests/test_experiments.py"
+  [models]="tests/test_llama.py tests/test_retrieval_model.py tests/test_retrieval_task.py"
+  [scripts]=tests/test_experiments.py
 )
 rest_args=(tests)
 # shellcheck disable=SC2086  # a group's file list splits into one --ignore per file

@@ -1,6 +1,7 @@
 """Every experiment script runs end to end at tiny sizes on a CPU and writes its results with their provenance.
 
-The Pallas kernels run in interpret mode (--interpret), so the GPU-only scripts run too. Smoke runs share Python
+Without a GPU the Pallas kernels run in interpret mode (--interpret), so the GPU-only scripts run too; on a GPU
+they run natively. Smoke runs share Python
 processes, which compile the same programs once: `python tests/test_experiments.py OUTPUT_DIR MODULE...` runs the
 named scripts one after another, each as `python -m` would, with only its own flags defined. Two such processes
 (the scripts on synthetic attention inputs, the others) and the main job's own command, `python -m
@@ -19,13 +20,14 @@ import sys
 import time
 import traceback
 
+import jax
 import pytest
 
 REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 # One shape for every script on synthetic attention inputs (compiled once: the workload generator, the passes),
 # which the Mosaic GPU kernels take too (bf16, head_dim 64).
 ATTENTION_SHAPE = ("--q_heads=2", "--kv_heads=1", "--head_dim=64", "--dtype=bfloat16")
-KERNELS = ("--interpret",)
+KERNELS = () if jax.default_backend() == "gpu" else ("--interpret",)
 # The retrieval model's smoke runs train and load LlamaConfig.tiny's shapes (its initializers compile once).
 TINY_LLAMA = ("--hidden_size=64", "--intermediate_size=128", "--num_heads=4", "--num_kv_heads=2", "--head_dim=16")
 # Per entry point, its flags (`{out}`: the run's output folder; `{checkpoint}`: a tiny random Llama) and the file
