@@ -9,7 +9,7 @@ import pytest
 
 import sale_jax
 from models import checkpoint, llama
-from models.calibration import _dense_sensitivities, _kl_from_dense, _scored_positions, calibrate_model
+from models.calibration import _dense_sensitivities, _kl_from_dense, calibrate_model
 from sale_jax import budget_calibration
 from sale_jax.budget_calibration import CostTable, search_price
 
@@ -68,7 +68,7 @@ def test_price_search_finds_the_edge_of_the_accepted_range(rng, accepted_above):
 def test_loss_gradients_match_finite_differences(rng):
     model = checkpoint.load_llama(FIXTURE, dtype="float32")
     tokens = jnp.asarray(rng.integers(0, 256, size=(1, 48)), jnp.int32)
-    scored = _scored_positions(48, 16)
+    scored = jnp.arange(32, 48)
     with jax.default_matmul_precision("highest"):
         log_p, qkvs, grads = _dense_sensitivities(model, tokens, scored)
         assert len(qkvs) == len(grads) == model.config.num_layers
@@ -112,13 +112,32 @@ def test_kl_budget_recipe_meets_its_budget_on_the_model_and_trades_density_for_i
         kls = []
         for prompt in prompts:
             tokens = jnp.asarray(prompt, jnp.int32)[None]
-            scored = _scored_positions(tokens.shape[1], 48)
+            scored = jnp.arange(tokens.shape[1] - 48, tokens.shape[1])
             reference, _ = dense.scored_log_probs(tokens, scored)
             kls.append(float(_kl_from_dense(sale_model, tokens, scored, reference, thresholds)))
         assert np.mean(kls) <= budget
         np.testing.assert_allclose(np.mean(kls), thresholds.recipe_params["calibration_kl"], rtol=1e-4, atol=1e-7)
     # A smaller price takes, per head, a point of no higher density on the same (dense-pass) inputs.
     assert loose.recipe_params["calibration_density"] <= tight.recipe_params["calibration_density"]
+
+
+def test_kl_budget_recipe_scores_the_positions_it_is_given(sale_model, rng):
+    prompts = [rng.integers(0, 256, size=160) for _ in range(2)]
+    positions = [np.sort(rng.choice(160, size=12, replace=False)) for _ in prompts]
+    thresholds = calibrate_model(sale_model, prompts, "kl_budget", kl_budget=1e-3, scored_positions=positions,
+                                 progress=False)
+    assert thresholds.recipe_params["scored"] == "given" and thresholds.recipe_params["scored_per_prompt"] == 12
+    dense = llama.with_attention(sale_model, "dense")
+    kls = []
+    for prompt, scored in zip(prompts, positions):
+        tokens = jnp.asarray(prompt, jnp.int32)[None]
+        reference, _ = dense.scored_log_probs(tokens, jnp.asarray(scored))
+        kls.append(float(_kl_from_dense(sale_model, tokens, jnp.asarray(scored), reference, thresholds)))
+    assert np.mean(kls) <= 1e-3
+    np.testing.assert_allclose(np.mean(kls), thresholds.recipe_params["calibration_kl"], rtol=1e-4, atol=1e-7)
+    for bad in ([positions[0]], [positions[0], np.array([0, 160])], [positions[0], np.array([], np.int32)]):
+        with pytest.raises(ValueError, match="scored_positions"):
+            calibrate_model(sale_model, prompts, "kl_budget", scored_positions=bad, progress=False)
 
 
 def test_density_budget_recipe_spends_at_most_its_density(sale_model, rng):
