@@ -88,24 +88,20 @@ def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "p
                                               for tokens, scored, dense in references]))
         return measured_kl[key]
 
-    def mean_density(taus):
-        return float(np.mean(table.layer_density(taus)))
-
-    if recipe == "kl_budget":
-        measured, budget = mean_kl, kl_budget
+    if recipe == "density_budget":
+        taus = table.spend(density)
     else:
-        measured, budget = mean_density, density
-    bar = tqdm(desc=f"{recipe} search", unit="step", disable=not progress)
+        bar = tqdm(desc=f"{recipe} search", unit="step", disable=not progress)
 
-    def within_budget(taus):
-        value = measured(taus)
-        bar.update(1)
-        bar.set_postfix(measured=f"{value:.3g}", density=f"{mean_density(taus):.3f}")
-        return value <= budget
+        def within_budget(taus):
+            value = mean_kl(taus)
+            bar.update(1)
+            bar.set_postfix(kl=f"{value:.3g}", density=f"{table.mean_density(taus):.3f}")
+            return value <= kl_budget
 
-    _, taus = budget_calibration.search_price(table, within_budget, accepted_above=recipe == "kl_budget")
-    bar.close()
-    params = {"name": recipe, "cost": cost, "prompts": len(prompts), "calibration_density": mean_density(taus),
+        _, taus = budget_calibration.search_price(table, within_budget)
+        bar.close()
+    params = {"name": recipe, "cost": cost, "prompts": len(prompts), "calibration_density": table.mean_density(taus),
               **({"scored": "end", "score_tokens": score_tokens} if scored_positions is None else
                  {"scored": "given", "scored_per_prompt": float(np.mean([len(p) for p in scored]))})}
     if recipe == "kl_budget":

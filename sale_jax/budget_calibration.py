@@ -21,15 +21,16 @@ each (layer, head) instead gets a cost per candidate threshold, and the threshol
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from sale_jax.api import dense_attention, sale_attention
 from sale_jax.config import SaleConfig
-from sale_jax.thresholds import DEFAULT_TAU
+from sale_jax.thresholds import DEFAULT_TAU, Thresholds
 
 # 0 (dense), then DEFAULT_TAU * 2**k from 1/8 to 2048 times the default: 0.001 ... 16.4. At the top a middle key
 # must outweigh every sink and local key together many times over, so only sink and local blocks remain.
@@ -52,6 +53,16 @@ class CostTable:
         objective = self.density + price * self.cost
         best_from_top = np.argmin(objective[:, ::-1], axis=1)
         return self.taus[len(self.taus) - 1 - best_from_top]
+
+    def mean_density(self, taus: np.ndarray) -> float:
+        """The mean density over layers and heads at thresholds `taus` (`[L, Hq]`, values of `self.taus`)."""
+        return float(np.mean(self.layer_density(taus)))
+
+    def spend(self, density: float) -> np.ndarray:
+        """The thresholds `[L, Hq]` of least cost whose mean density is at most `density` (the sparsest allocation
+        when none is)."""
+        _, taus = search_price(self, lambda t: self.mean_density(t) <= density, accepted_above=False)
+        return taus
 
     def layer_density(self, taus: np.ndarray) -> np.ndarray:
         """Each layer's mean density over its heads at thresholds `taus` (`[L, Hq]`, values of `self.taus`)."""
@@ -122,3 +133,38 @@ def search_price(table: CostTable, within_budget: Callable[[np.ndarray], bool],
             low = middle
     edge = high if accepted_above else low
     return float(np.exp(edge)), table.allocate(np.exp(edge))
+
+
+def calibrate_to_density(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers: int,
+                         num_q_heads: int, config: SaleConfig, density: float, model_name: str = "",
+                         progress: bool = True) -> Thresholds:
+    """The `density_budget` recipe without a model: every head priced by its per-row L1 error (`cost="l1"`) on
+    each layer's `(q, k, v)` (as `sale_jax.calibrate` takes them), and `density` spent where it costs least."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    shape = (num_layers, len(TAU_GRID), num_q_heads)
+    cost_sum, density_sum = np.zeros(shape), np.zeros(shape)
+    num_samples = 0
+    config = dataclasses.replace(config, dense_below=0)
+    with tqdm(desc="pricing heads", unit="layer", disable=not progress) as bar:
+        for sample_index, sample in enumerate(layer_samples):
+            layers = 0
+            for layer, (q, k, v) in enumerate(sample):
+                if layer >= num_layers or q.shape[2] != num_q_heads:
+                    raise ValueError(f"sample {sample_index}, layer {layer}: expected {num_layers} layers of "
+                                     f"{num_q_heads} q heads, got q of shape {q.shape}")
+                layer_cost, layer_density = head_costs(q, k, v, config)
+                cost_sum[layer] += layer_cost
+                density_sum[layer] += layer_density
+                layers += 1
+                bar.update(1)
+            if layers != num_layers:
+                raise ValueError(f"sample {sample_index} has {layers} layers, expected num_layers={num_layers}")
+            num_samples += 1
+    if num_samples == 0:
+        raise ValueError("layer_samples yielded no sample")
+    table = CostTable(cost_sum / num_samples, density_sum / num_samples, TAU_GRID)
+    taus = table.spend(density)
+    recipe = {"name": "density_budget", "cost": "l1", "density": density,
+              "calibration_density": table.mean_density(taus), "prompts": num_samples}
+    return Thresholds(jnp.asarray(taus), model_name=model_name, recipe=recipe, config=config)

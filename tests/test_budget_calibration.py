@@ -1,6 +1,6 @@
 """The budget calibration recipes: the allocation by price, the price search, the loss gradients they weigh
-attention errors by, and whole-model calibration to a KL or density budget (sale_jax.budget_calibration,
-models.calibration)."""
+attention errors by, whole-model calibration to a KL or density budget (sale_jax.budget_calibration,
+models.calibration), and the density budget on synthetic layers without a model."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import pytest
 import sale_jax
 from models import checkpoint, llama
 from models.calibration import _dense_sensitivities, _kl_from_dense, calibrate_model
-from sale_jax import budget_calibration
+from sale_jax import budget_calibration, workloads
 from sale_jax.budget_calibration import CostTable, search_price
 
 FIXTURE = "tests/fixtures/tiny_llama"
@@ -162,3 +162,23 @@ def test_density_budget_recipe_spends_at_most_its_density(sale_model, rng):
 def test_calibrate_model_rejects_bad_recipe_arguments(sale_model, arguments, message):
     with pytest.raises(ValueError, match=message):
         calibrate_model(sale_model, [np.zeros(64, np.int32)], progress=False, **arguments)
+
+
+def test_density_recipe_without_a_model_spends_at_most_its_density_on_synthetic_layers(rng):
+    seed = int(rng.integers(2**31))
+    samples = [[(w.q, w.k, w.v) for w in (workloads.llm_like_qkv(seed + 2 * sample + layer, 1, 512, 4, 2, 32,
+                                                                  dtype=jnp.float32, head_seed=layer)
+                                          for layer in range(2))] for sample in range(2)]
+    sparsest = budget_calibration.calibrate_to_density(samples, 2, 4, SALE, density=1e-3, progress=False)
+    budget = 0.5 * (sparsest.recipe_params["calibration_density"] + 1.0)
+    thresholds = budget_calibration.calibrate_to_density(samples, 2, 4, SALE, density=budget, progress=False)
+    assert thresholds.recipe_params | {"calibration_density": 0} == {
+        "name": "density_budget", "cost": "l1", "density": budget, "calibration_density": 0, "prompts": 2}
+    measured = np.mean([[float(sale_jax.select_blocks(q, k, thresholds.layer(layer), SALE).density_per_head().mean())
+                         for layer, (q, k, _) in enumerate(sample)] for sample in samples])
+    np.testing.assert_allclose(measured, thresholds.recipe_params["calibration_density"], atol=1e-6)
+    assert sparsest.recipe_params["calibration_density"] <= measured <= budget
+    with pytest.raises(ValueError, match="expected num_layers=3"):
+        budget_calibration.calibrate_to_density(samples, 3, 4, SALE, density=0.5, progress=False)
+    with pytest.raises(ValueError, match="density must be in"):
+        budget_calibration.calibrate_to_density(samples, 2, 4, SALE, density=0.0, progress=False)

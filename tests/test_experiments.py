@@ -55,7 +55,8 @@ SMOKE_RUNS = {
         "validate_gpu.json"),
     "experiments.accuracy.frontier": (
         (*ATTENTION_SHAPE, "--backend=reference", "--seq_len=256", "--taus=0.1", "--thetas=0.4",
-         "--topk_fractions=0.3", "--xattention_thresholds=0.9", "--strides=8", "--output={out}/frontier.json"),
+         "--budget_densities=0.3", "--topk_fractions=0.3", "--xattention_thresholds=0.9", "--strides=8",
+         "--output={out}/frontier.json"),
         "frontier.json"),
     "experiments.accuracy.retrieval_eval": (
         ("--checkpoint={checkpoint}", "--backend=reference", "--lengths=128", "--depths=0,1", "--sequences=2",

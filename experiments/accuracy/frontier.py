@@ -10,6 +10,9 @@ Methods (all keep the same sink and local blocks; they differ in how they pick m
   sale           SALE's 4-bit estimate and relative score, one point per uniform tau;
   sale_calibrated SALE with per-head thresholds calibrated (sale_jax.calibrate) on another sample of the same
                  heads (same head_seed, different seed), per theta;
+  sale_density_budget SALE with per-head thresholds from the density_budget recipe, heads priced by their per-row
+                 L1 error (sale_jax.budget_calibration) on the calibration sample: at the density each theta's
+                 calibrated thresholds keep there, and at each of --budget_densities;
   sale_exact     SALE's rule with exact bf16/f32 scores instead of the 4-bit estimate ("without QK quant");
   sink_local     nothing else;
   pooled_topk    top middle blocks by mean-pooled block scores, per fraction of each row's middle blocks;
@@ -28,7 +31,7 @@ from absl import app, flags
 
 import sale_jax
 from experiments.lib import flags as common, results
-from sale_jax import baselines, workloads
+from sale_jax import baselines, budget_calibration, workloads
 from sale_jax.reference.selection import selection_margins_reference
 
 _SEQ_LEN = common.define_seq_len(4096)
@@ -37,6 +40,8 @@ _DTYPE = common.define_dtype("auto")
 _SALE = common.SaleFlags.define(backend="auto")
 _TAUS = common.define_numbers("taus", [0.1, 0.03, 0.008, 0.002, 0.0005, 0.0001], "Uniform SALE thresholds.")
 _THETAS = common.define_numbers("thetas", [1.6, 0.8, 0.4, 0.2, 0.1], "Calibration bounds.")
+_BUDGET_DENSITIES = common.define_numbers("budget_densities", [0.05, 0.1, 0.2, 0.4],
+                                          "Densities the density_budget recipe spends.")
 _TOPK = common.define_numbers("topk_fractions", [0.02, 0.05, 0.1, 0.2, 0.4, 0.7],
                               "Fractions of each row's middle blocks kept by pooled top-k.")
 _XATTN = common.define_numbers("xattention_thresholds", [0.5, 0.7, 0.8, 0.9, 0.95, 0.99],
@@ -71,7 +76,7 @@ def _metrics(out, dense, layout, needle_rows, needle_keys, config) -> dict:
 def _estimate_cost(method: str, grid: sale_jax.BlockGrid, head_dim: int, middle_pairs: int, reference_pairs: int,
                    stride: int | None = None) -> dict:
     """Multiply-adds per head of each method's estimate, and the operand type they run in."""
-    if method in ("sale", "sale_calibrated"):
+    if method in ("sale", "sale_calibrated", "sale_density_budget"):
         return {"estimate_macs": middle_pairs * head_dim, "estimate_type": "int8 (4-bit codes)",
                 "statistics_macs": reference_pairs * head_dim}
     if method == "sale_exact":
@@ -124,13 +129,25 @@ def main(argv):
         uniform = jnp.full((heads,), tau, jnp.float32)
         evaluate("sale", f"tau={tau}", sale_jax.select_blocks(q, k, uniform, config).to_mask())
         evaluate("sale_exact", f"tau={tau}", sale_mask(uniform, "exact"))
+    cal_q, cal_k, cal_v = calibration_work.q, calibration_work.k, calibration_work.v
+    costs = budget_calibration.CostTable(*(table[None] for table in budget_calibration.head_costs(
+        cal_q, cal_k, cal_v, config)), budget_calibration.TAU_GRID)
+
+    def evaluate_budget(density, knob):
+        taus = costs.spend(density)[0]
+        evaluate("sale_density_budget", knob, sale_jax.select_blocks(q, k, jnp.asarray(taus), config).to_mask())
+        points[-1]["tau_per_head"] = taus.tolist()
+
     for theta in _THETAS.value:
-        calibrated = sale_jax.calibrate(
-            [[(calibration_work.q, calibration_work.k, calibration_work.v)]], 1, heads, config, theta=theta,
-            progress=False)
+        calibrated = sale_jax.calibrate([[(cal_q, cal_k, cal_v)]], 1, heads, config, theta=theta, progress=False)
         evaluate("sale_calibrated", f"theta={theta}",
                  sale_jax.select_blocks(q, k, calibrated.layer(0), config).to_mask())
         points[-1]["tau_per_head"] = np.asarray(calibrated.layer(0)).tolist()
+        calibration_density = float(np.mean(
+            sale_jax.select_blocks(cal_q, cal_k, calibrated.layer(0), config).density_per_head()))
+        evaluate_budget(calibration_density, f"density={calibration_density:.3f} (theta={theta})")
+    for density in _BUDGET_DENSITIES.value:
+        evaluate_budget(density, f"density={density}")
     evaluate("sink_local", "-", baselines.sink_local_mask(batch, heads, grid, config))
     for fraction in _TOPK.value:
         evaluate("pooled_topk", f"fraction={fraction}", baselines.pooled_topk_mask(q, k, grid, config, fraction))

@@ -10,7 +10,8 @@ model was trained on (--prompts=retrieval, drawn from a stream no training or ev
 (prompts.npy, int [N, T], for a model with its own tokenizer). The recipe (models.calibration) is the paper's
 (bound --theta; each layer's (q, k, v) captured from the dense forward pass one layer at a time) or a budget
 recipe: the sparsest thresholds whose model stays within --kl_budget nats of dense, or spends --density_budget.
-Without a checkpoint only the paper recipe runs, each layer of each sample an independent draw of
+Without a checkpoint the paper recipe or the density_budget recipe (heads priced by their per-row L1 error,
+`sale_jax.budget_calibration.calibrate_to_density`) runs, each layer of each sample an independent draw of
 `sale_jax.workloads.llm_like_qkv`. The thresholds file records the model's name, the recipe with its parameters
 and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
 """
@@ -36,8 +37,8 @@ _TOKENS = flags.DEFINE_string("tokens", None, "With --checkpoint: prompts as an 
 _PROMPTS = flags.DEFINE_enum("prompts", "json_kv", ["json_kv", "retrieval"], "With --checkpoint and no --tokens: "
                              "the paper's JSON key-value prompts, or the retrieval task's sequences.")
 _TASK = common.RetrievalTaskFlags.define()  # --prompts=retrieval: as the model was trained
-_RECIPE = flags.DEFINE_enum("recipe", "paper", list(model_calibration.RECIPES), "Calibration recipe (budget "
-                            "recipes need --checkpoint).")
+_RECIPE = flags.DEFINE_enum("recipe", "paper", list(model_calibration.RECIPES), "Calibration recipe (kl_budget "
+                            "needs --checkpoint).")
 _KL_BUDGET = flags.DEFINE_float("kl_budget", model_calibration.DEFAULT_KL_BUDGET,
                                 "kl_budget recipe: mean KL divergence from dense (nats).")
 _DENSITY_BUDGET = flags.DEFINE_float("density_budget", 0.1, "density_budget recipe: mean density.")
@@ -105,8 +106,12 @@ def main(argv):
     config = _SALE.config()
     if _CHECKPOINT.value:
         thresholds = _calibrate_checkpoint(config, dtype.name)
-    elif _RECIPE.value != "paper":
-        raise ValueError(f"--recipe={_RECIPE.value} prices thresholds by a model's loss: it needs --checkpoint")
+    elif _RECIPE.value == "kl_budget":
+        raise ValueError("--recipe=kl_budget measures a model's output distribution: it needs --checkpoint")
+    elif _RECIPE.value == "density_budget":
+        thresholds = budget_calibration.calibrate_to_density(
+            synthetic_layer_samples(dtype), _NUM_LAYERS.value, _HEADS.q_heads.value, config, _DENSITY_BUDGET.value,
+            model_name=f"synthetic-llm-like-{_SEQ_LEN.value}")
     else:
         thresholds = sale_jax.calibrate(
             synthetic_layer_samples(dtype), _NUM_LAYERS.value, _HEADS.q_heads.value, config,
