@@ -10,8 +10,8 @@ By default the model is the byte-level Llama trained on key-value retrieval
 `#KK:dddd#` hidden in filler, then questions `?KK:`. For every question it prints the true answer and the answers
 dense attention and SALE (at the thresholds calibrated for the model) gave, then exact-match accuracy, the density
 of kept blocks per layer and median prefill times. Any other checkpoint (or random weights) prefills the paper's
-JSON key-value prompt instead (--prompts) and compares the logits and greedy continuations. --seq_len 0 picks 4K tokens on a
-CPU and 128K on a GPU.
+JSON key-value prompt instead (--prompts) and compares the logits and greedy continuations. --seq_len 0 picks 4K
+tokens on a CPU and 128K on a GPU.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ against SALE under each calibration recipe and uniform thresholds.
     python -m experiments.accuracy.retrieval_eval \
         --checkpoint=experiments/results/retrieval_training_128k/h200/checkpoint --sequences=16 \
         --lengths=4096,16384,65536,131072 --recipes=paper,kl_budget --costs=first_order,l1 \
-        --uniform_taus=0.1,1 --prefill_repeats=5 --output=experiments/results/retrieval_accuracy/h200/retrieval_eval.json
+        --uniform_taus=0.1,1 --prefill_repeats=5 \
+        --output=experiments/results/retrieval_accuracy/h200/retrieval_eval.json
 
 A grid of context lengths x record depths (where in the context the queried records sit). Each cell holds
 --sequences sequences of the training task (experiments/lib/retrieval_task.py) that no training step saw, scored
