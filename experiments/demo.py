@@ -150,6 +150,9 @@ def main(argv):
           f"(mean {np.mean(summary['density_per_layer']):.3f})")
     print(f"prefill of one prompt      dense {dense_seconds * 1e3:.1f} ms, SALE {sale_seconds * 1e3:.1f} ms "
           f"(x{dense_seconds / sale_seconds:.2f}, median of {_REPEATS.value})")
+    if sale.resolved_backend() == "reference":
+        print("                           (the reference backend is the algorithm in plain jax.numpy, for "
+              "checking answers; SALE's speed comes from the Pallas kernels on a GPU)")
     if _OUTPUT.value:
         results.write(_OUTPUT.value, {
             "model": _CHECKPOINT.value, "layers": config.num_layers, "q_heads": config.num_heads,
