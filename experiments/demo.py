@@ -17,6 +17,7 @@ tokens on a CPU and 128K on a GPU.
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -125,8 +126,19 @@ def prompt_demo(dense_model, sale_model, thresholds, length: int) -> dict:
     return summary
 
 
+def _warn_if_the_gpu_is_unused() -> None:
+    """An NVIDIA driver with a CPU-only jax means the CPU build was installed: say so, rather than run on the CPU
+    as if no GPU were there."""
+    if jax.default_backend() == "cpu" and (shutil.which("nvidia-smi") or os.path.exists("/proc/driver/nvidia")):
+        print("warning: this machine has an NVIDIA GPU, but jax runs on the CPU (its CUDA build is not installed), "
+              "so SALE runs its reference, not the GPU kernels. Install the CUDA build with "
+              "'bash scripts/setup.sh' (it picks --cuda=13 or --cuda=12 from the driver) or "
+              "\"pip install -e '.[cuda13]'\".")
+
+
 def main(argv):
     del argv
+    _warn_if_the_gpu_is_unused()
     dtype = common.resolve_dtype(_DTYPE.value).name
     sale = _SALE.config(dense_below=_DENSE_BELOW.value)
     length = _SEQ_LEN.value or (131_072 if jax.default_backend() == "gpu" else 4096)
