@@ -70,11 +70,12 @@ def _models(sale: sale_jax.SaleConfig, dtype: str) -> tuple[llama.Llama, llama.L
     return dense, llama.with_attention(dense, "sale", sale)
 
 
-def _thresholds(config: LlamaConfig) -> sale_jax.Thresholds:
+def _thresholds(config: LlamaConfig) -> tuple[sale_jax.Thresholds, str]:
+    """The thresholds, and where they come from (a file, or a uniform --tau)."""
     path = _THRESHOLDS.value or (RETRIEVAL_THRESHOLDS if _CHECKPOINT.value == RETRIEVAL_MODEL else None)
     if path:
-        return sale_jax.Thresholds.load(path, config.num_layers, config.num_heads)
-    return sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _TAU.value)
+        return sale_jax.Thresholds.load(path, config.num_layers, config.num_heads), os.path.relpath(path)
+    return sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _TAU.value), f"uniform tau {_TAU.value}"
 
 
 def _answers(digits: np.ndarray) -> list[str]:
@@ -144,12 +145,12 @@ def main(argv):
     length = _SEQ_LEN.value or (131_072 if jax.default_backend() == "gpu" else 4096)
     dense_model, sale_model = _models(sale, dtype)
     config = dense_model.config
-    thresholds = _thresholds(config)
+    thresholds, source = _thresholds(config)
     is_retrieval = _PROMPTS.value == "retrieval" or (_PROMPTS.value is None and _CHECKPOINT.value == RETRIEVAL_MODEL)
     name = os.path.relpath(_CHECKPOINT.value) if os.path.isdir(_CHECKPOINT.value) else _CHECKPOINT.value
     print(f"model {name} ({config.num_layers} layers, {config.num_heads} q / {config.num_kv_heads} kv "
           f"heads, {config.dtype}) on {jax.devices()[0].device_kind}, SALE backend {sale.resolved_backend()}; "
-          f"prompts of {length} tokens; thresholds {_THRESHOLDS.value or thresholds.recipe_params or _TAU.value}")
+          f"prompts of {length} tokens; thresholds: {source} (recipe {thresholds.recipe_params.get('name', 'none')})")
     demo = retrieval_demo if is_retrieval else prompt_demo
     summary = demo(dense_model, sale_model, thresholds, length)
     tokens = summary.pop("tokens")[:1]
@@ -169,7 +170,7 @@ def main(argv):
         results.write(_OUTPUT.value, {
             "model": _CHECKPOINT.value, "layers": config.num_layers, "q_heads": config.num_heads,
             "kv_heads": config.num_kv_heads, "dtype": config.dtype, "backend": sale.resolved_backend(),
-            "prompt_tokens": length, "thresholds": _THRESHOLDS.value or thresholds.recipe_params or _TAU.value,
+            "prompt_tokens": length, "thresholds": source, "recipe": thresholds.recipe_params,
             **summary, "dense_prefill_seconds": dense_seconds, "sale_prefill_seconds": sale_seconds}, sale)
 
 
