@@ -1,14 +1,16 @@
 """The Qwen2, Qwen3 and Mistral families on the one Llama-shaped decoder: parity with Hugging Face transformers'
 logits and greedy `generate` on committed fixtures (made by `scripts/make_hf_fixture.py --family=...`), SALE with
-tau 0 against dense attention, and the configurations that are refused."""
+tau 0 against dense attention, checkpoint round trips, sharding, and the configurations that are refused."""
 
 import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import sale_jax
 from models import checkpoint, llama
@@ -119,3 +121,19 @@ def test_output_projection_and_mlp_biases_are_refused():
     for name in ("attention_bias", "mlp_bias"):
         with pytest.raises(ValueError, match=f"{name}=true is not supported"):
             LlamaConfig.from_hf({**_hf_config("qwen3"), name: True})
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (CPU runs force 4 host devices)")
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_tensor_and_data_parallel_model_equals_single_device(family):
+    from models.sharding import make_mesh, shard_batch, shard_llama
+    model = checkpoint.load_llama(_fixture(family), dtype="float32")
+    tokens, _, _ = _fixture_data(family)
+    lengths = jnp.asarray([40, 29])
+    want, _ = llama.prefill(model, tokens, lengths)
+    mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+    sharded = shard_llama(model, mesh)
+    if family == "qwen2":
+        assert sharded.layers[0].self_attn.q_proj.bias[...].sharding.spec == P("model")
+    got, _ = llama.prefill(sharded, shard_batch(tokens, mesh), shard_batch(lengths, mesh))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
