@@ -1,4 +1,6 @@
-"""Hugging Face Llama checkpoints (safetensors, single file or sharded with an index) to and from the NNX model.
+"""Hugging Face checkpoints of the Llama-shaped families (safetensors, single file or sharded with an index) to and
+from the NNX model. The families share tensor names; a tensor a family lacks (a bias, a q/k norm) has no place in
+the model built from its config, and loading says so.
 
 The name mapping is a table of regular expressions: each Hugging Face tensor name maps to a path in the NNX state
 and a transform (PyTorch's Linear stores `[out, in]`; `nnx.Linear` stores `[in, out]`).
@@ -34,6 +36,10 @@ _NAME_TABLE = (
     (r"model\.embed_tokens\.weight", ("embed_tokens", "embedding"), _identity),
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", ("layers", "{0}", "self_attn", "{1}_proj", "kernel"),
      _transpose),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", ("layers", "{0}", "self_attn", "{1}_proj", "bias"),
+     _identity),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", ("layers", "{0}", "self_attn", "{1}_norm", "weight"),
+     _identity),
     (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", ("layers", "{0}", "mlp", "{1}_proj", "kernel"),
      _transpose),
     (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", ("layers", "{0}", "{1}", "weight"),
@@ -143,7 +149,8 @@ def _nbytes(tensors: dict) -> int:
 
 def _hf_name(path: tuple) -> str:
     if path[0] == "layers":
-        return f"model.layers.{path[1]}." + ".".join(str(p) for p in path[2:-1]) + ".weight"
+        return f"model.layers.{path[1]}." + ".".join(str(p) for p in path[2:-1]) + (
+            ".bias" if path[-1] == "bias" else ".weight")
     if path == ("lm_head", "kernel"):
         return "lm_head.weight"
     return f"model.{path[0]}.weight"

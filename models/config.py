@@ -1,4 +1,5 @@
-"""Llama 3.x architecture configuration: presets and construction from a Hugging Face `config.json`."""
+"""Decoder configuration for Llama 3.x and the Llama-shaped Qwen2/Qwen2.5, Qwen3 and Mistral families: presets and
+construction from a Hugging Face `config.json`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ from jax.sharding import Mesh
 import sale_jax
 
 ATTENTION_KINDS = ("dense", "sale")
+
+# Hugging Face `model_type` -> (its `architectures` name, the `LlamaConfig` fields that set the family apart).
+# Everything else (sizes, RoPE, norms, tied embeddings) is read from config.json the same way for every family.
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", {}),
+    "mistral": ("MistralForCausalLM", {}),
+    "qwen2": ("Qwen2ForCausalLM", {"qkv_bias": True}),
+    "qwen3": ("Qwen3ForCausalLM", {"qk_norm": True}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +35,9 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """A Llama-shaped decoder (RMSNorm, SwiGLU, GQA, RoPE). `qkv_bias` (Qwen2) adds biases to the q, k and v
+    projections; `qk_norm` (Qwen3) applies an RMSNorm over each head's q and k before RoPE."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -36,6 +49,8 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
     max_position_embeddings: int = 131_072
     attention: str = "dense"  # "dense" (cuDNN/XLA) or "sale" (sale_jax.sale_attention in prefill)
     sale: sale_jax.SaleConfig = sale_jax.SaleConfig()
@@ -82,13 +97,23 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config: str | os.PathLike | dict, **overrides) -> "LlamaConfig":
-        """From a Hugging Face `config.json` (a path to the file or its folder, or the parsed dict)."""
+        """From a Hugging Face `config.json` (a path to the file or its folder, or the parsed dict) of a family in
+        `FAMILIES`, chosen by `model_type` (or, without it, by `architectures`). Only full attention is supported:
+        a sliding window shorter than `max_position_embeddings` is refused."""
         if not isinstance(config, dict):
             path = os.path.join(config, "config.json") if os.path.isdir(config) else config
             with open(path) as f:
                 config = json.load(f)
-        if config.get("model_type", "llama") != "llama":
-            raise ValueError(f"expected a llama config, got model_type={config.get('model_type')!r}")
+        family = _family(config)
+        # Qwen2 and Qwen3 keep a `sliding_window` size that `use_sliding_window: false` switches off.
+        window = None if config.get("use_sliding_window") is False else config.get("sliding_window")
+        max_positions = config.get("max_position_embeddings", 131_072)
+        if window is not None and window < max_positions:
+            raise ValueError(f"sliding_window={window} is below max_position_embeddings={max_positions}: only full "
+                             f"attention is supported, not sliding-window attention (sliding_window null)")
+        for name in ("attention_bias", "mlp_bias"):  # Qwen2's q/k/v biases are its family's, not these flags
+            if config.get(name):
+                raise ValueError(f"{name}=true is not supported: the only biases are Qwen2's, on q, k and v")
         # transformers 5 nests theta and scaling in `rope_parameters`; 4.x has `rope_theta` and `rope_scaling`.
         rope = config.get("rope_parameters") or {}
         theta = rope.get("rope_theta", config.get("rope_theta", 10_000.0))
@@ -108,7 +133,7 @@ class LlamaConfig:
             rope_theta=float(theta), rope_scaling=scaling,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_position_embeddings=config.get("max_position_embeddings", 131_072))
+            max_position_embeddings=max_positions, **FAMILIES[family][1])
         return cls(**{**fields, **overrides})
 
     def to_hf(self) -> dict:
@@ -116,7 +141,8 @@ class LlamaConfig:
         scaling = None
         if self.rope_scaling is not None:
             scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+        family = self.family()
+        return {"architectures": [FAMILIES[family][0]], "model_type": family, "vocab_size": self.vocab_size,
                 "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
                 "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
                 "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "rope_theta": self.rope_theta,
@@ -124,3 +150,32 @@ class LlamaConfig:
                 "tie_word_embeddings": self.tie_word_embeddings,
                 "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
                 "attention_bias": False, "mlp_bias": False, "torch_dtype": self.dtype}
+
+    def family(self) -> str:
+        """The Hugging Face `model_type` this configuration saves as: the first family in `FAMILIES` (llama before
+        mistral, which has the same architecture) whose distinguishing fields it has."""
+        differences = {"qkv_bias": self.qkv_bias, "qk_norm": self.qk_norm}
+        for name, (_, fields) in FAMILIES.items():
+            if differences == {**dict.fromkeys(differences, False), **fields}:
+                return name
+        raise ValueError(f"no Hugging Face family has {differences}; supported: {_supported()}")
+
+
+def _family(config: dict) -> str:
+    """The `FAMILIES` key of a Hugging Face config: its `model_type`, without one its `architectures`, without
+    either llama."""
+    architectures = {architecture: name for name, (architecture, _) in FAMILIES.items()}
+    if "model_type" in config:
+        family = config["model_type"]
+    elif "architectures" in config:
+        family = next((architectures[a] for a in config["architectures"] if a in architectures), None)
+    else:
+        family = "llama"
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported architecture: model_type={config.get('model_type')!r}, architectures="
+                         f"{config.get('architectures')}; supported: {_supported()}")
+    return family
+
+
+def _supported() -> str:
+    return ", ".join(f"{name} ({architecture})" for name, (architecture, _) in FAMILIES.items())

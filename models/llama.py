@@ -1,4 +1,5 @@
-"""Llama 3.x in Flax NNX, with the prefill attention chosen by `LlamaConfig.attention` ("dense" or "sale").
+"""Llama 3.x in Flax NNX, with the prefill attention chosen by `LlamaConfig.attention` ("dense" or "sale"). The same
+decoder runs the Llama-shaped Qwen2/Qwen2.5 (q/k/v biases), Qwen3 (q/k norms) and Mistral (`models.config.FAMILIES`).
 
 Einsum letters: B batch, T query positions, S key positions, D model dim, N q heads, K kv heads, G q heads per kv
 head, H head dim, V vocabulary. Prefill runs the whole prompt through dense or SALE attention and returns the KV
@@ -39,8 +40,8 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * normed.astype(x.dtype)
 
 
-def _linear(in_features: int, out_features: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def _linear(in_features: int, out_features: int, dtype, rngs: nnx.Rngs, use_bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -60,10 +61,13 @@ class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.dtype)
         self.config = config
-        self.q_proj = _linear(config.hidden_size, config.num_heads * config.head_dim, dtype, rngs)
-        self.k_proj = _linear(config.hidden_size, config.num_kv_heads * config.head_dim, dtype, rngs)
-        self.v_proj = _linear(config.hidden_size, config.num_kv_heads * config.head_dim, dtype, rngs)
+        bias = config.qkv_bias
+        self.q_proj = _linear(config.hidden_size, config.num_heads * config.head_dim, dtype, rngs, bias)
+        self.k_proj = _linear(config.hidden_size, config.num_kv_heads * config.head_dim, dtype, rngs, bias)
+        self.v_proj = _linear(config.hidden_size, config.num_kv_heads * config.head_dim, dtype, rngs, bias)
         self.o_proj = _linear(config.num_heads * config.head_dim, config.hidden_size, dtype, rngs)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
         batch, length, _ = x.shape
@@ -71,6 +75,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(batch, length, c.num_heads, c.head_dim)
         k = self.k_proj(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:  # Qwen3: each head's q and k normalized before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 

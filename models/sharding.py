@@ -21,11 +21,12 @@ DATA, MODEL = "data", "model"
 # (parameter path pattern, partition spec); the first match wins.
 _PARAM_SPECS = (
     (r"layers\.\d+\.self_attn\.[qkv]_proj\.kernel", P(None, MODEL)),
+    (r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", P(MODEL)),  # Qwen2: split with its projection's columns
     (r"layers\.\d+\.self_attn\.o_proj\.kernel", P(MODEL, None)),
     (r"layers\.\d+\.mlp\.(gate|up)_proj\.kernel", P(None, MODEL)),
     (r"layers\.\d+\.mlp\.down_proj\.kernel", P(MODEL, None)),
     (r"lm_head\.kernel", P(None, MODEL)),
-    (r".*", P()),  # embeddings and norms: replicated
+    (r".*", P()),  # embeddings and norms (Qwen3's per-head q/k norms too): replicated
 )
 
 

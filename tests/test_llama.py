@@ -107,8 +107,8 @@ def test_loader_rejects_missing_unexpected_and_misshapen_tensors(tmp_path, edit,
 def test_loader_rejects_unknown_architectures(tmp_path):
     shutil.copytree(FIXTURE, tmp_path / "ckpt", ignore=shutil.ignore_patterns("sharded"))
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(ValueError, match="expected a llama config"):
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
+    with pytest.raises(ValueError, match="unsupported architecture: model_type='gemma2'"):
         checkpoint.load_llama(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError):
         checkpoint.load_llama(tmp_path)
