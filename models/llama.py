@@ -10,7 +10,6 @@ cache is read and extended at its own length.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -91,8 +90,11 @@ class Attention(nnx.Module):
             dense = sale_jax.dense_attention(q, k, v) if mesh is None else sharding.dense_attention(q, k, v, mesh=mesh)
             out, density = dense, jnp.float32(1.0)
         else:
-            attend = sale_jax.sale_attention if mesh is None else functools.partial(sharding.sale_attention, mesh=mesh)
-            out, layout = attend(q, k, v, tau, self.config.sale, return_layout=True)
+            if mesh is None:
+                out, layout = sale_jax.nn.dot_product_attention(q, k, v, is_causal=True, tau=tau,
+                                                                config=self.config.sale, return_layout=True)
+            else:
+                out, layout = sharding.sale_attention(q, k, v, tau, self.config.sale, mesh=mesh, return_layout=True)
             density = layout.density()
         if head_shift is not None:
             out = out + head_shift.astype(out.dtype)

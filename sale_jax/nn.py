@@ -31,9 +31,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, bi
                           key_value_seq_lengths: jax.Array | None = None,
                           local_window_size: int | tuple[int, int] | None = None, implementation: str | None = None,
                           return_residual: bool = False, tau: jax.Array | float = DEFAULT_TAU,
-                          config: SaleConfig = _DEFAULT_CONFIG) -> jax.Array:
+                          config: SaleConfig = _DEFAULT_CONFIG, return_layout: bool = False):
     """Causal SALE attention with `jax.nn.dot_product_attention`'s arguments, plus the per-q-head thresholds `tau`
-    (`f32[N]`, or one value for every head; 0 keeps every block) and the `config`.
+    (`f32[N]`, or one value for every head; 0 keeps every block) and the `config`. Returns the output `[B, T, N, H]`,
+    and with `return_layout` also the `BlockLayout` of the blocks kept.
 
     `key_value_seq_lengths`, if given, must be the same array as `query_seq_lengths`: a right-padded batch of
     self-attention, where each row's visible keys already end before the padding.
@@ -60,12 +61,12 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, bi
     tau = jnp.asarray(tau, jnp.float32)
     if tau.ndim == 0 and query.ndim == 4:
         tau = jnp.full((query.shape[2],), tau)
-    out = sale_attention(query, key, value, tau, config)
-    if query_seq_lengths is None:
-        return out
-    lengths = jnp.asarray(query_seq_lengths)
-    if lengths.shape != (query.shape[0],) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"query_seq_lengths must be int [batch] = ({query.shape[0]},), got {lengths.dtype} "
-                         f"{lengths.shape}")
-    valid = jnp.arange(query.shape[1])[None, :] < lengths[:, None]
-    return jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
+    out, layout = sale_attention(query, key, value, tau, config, return_layout=True)
+    if query_seq_lengths is not None:
+        lengths = jnp.asarray(query_seq_lengths)
+        if lengths.shape != (query.shape[0],) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"query_seq_lengths must be int [batch] = ({query.shape[0]},), got {lengths.dtype} "
+                             f"{lengths.shape}")
+        valid = jnp.arange(query.shape[1])[None, :] < lengths[:, None]
+        out = jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return (out, layout) if return_layout else out
