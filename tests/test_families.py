@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import sale_jax
 from models import checkpoint, llama
+from models.calibration import calibrate_model
 from models.config import LlamaConfig
 from tests.test_llama import LOGIT_TOLERANCE
 
@@ -137,3 +138,15 @@ def test_tensor_and_data_parallel_model_equals_single_device(family):
         assert sharded.layers[0].self_attn.q_proj.bias[...].sharding.spec == P("model")
     got, _ = llama.prefill(sharded, shard_batch(tokens, mesh), shard_batch(lengths, mesh))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_calibrates_within_its_kl_budget(family, rng):
+    """The calibration scripts (and the demo and benchmarks) load any family through `checkpoint.load_llama`."""
+    sale = sale_jax.SaleConfig(block_q=16, block_k=16, sink_tokens=16, local_tokens=16, backend="reference",
+                               dense_below=0)
+    model = checkpoint.load_llama(_fixture(family), dtype="float32", attention="sale", sale=sale)
+    prompts = [rng.integers(0, model.config.vocab_size, size=96) for _ in range(2)]
+    thresholds = calibrate_model(model, prompts, "kl_budget", kl_budget=1e-3, score_tokens=32, progress=False)
+    assert thresholds.tau.shape == (model.config.num_layers, model.config.num_heads)
+    assert thresholds.recipe_params["calibration_kl"] <= 1e-3
