@@ -58,6 +58,10 @@ SMOKE_RUNS = {
          "--budget_densities=0.3", "--topk_fractions=0.3", "--xattention_thresholds=0.9", "--strides=8",
          "--output={out}/frontier.json"),
         "frontier.json"),
+    "experiments.accuracy.estimate_candidates": (
+        (*ATTENTION_SHAPE, "--seq_len=256", "--taus=0.1", "--ranks=16", "--strengths=1",
+         "--output={out}/estimate_candidates.json"),
+        "estimate_candidates.json"),
     "experiments.accuracy.retrieval_eval": (
         ("--checkpoint={checkpoint}", "--backend=reference", "--lengths=128", "--depths=0,1", "--sequences=2",
          "--num_records=2", "--num_queries=1", "--calibration_samples=1", "--calibration_length=128",
@@ -86,6 +90,7 @@ EXPECTED_KEYS = {
     "experiments.benchmarks.model": {"prefill_ms", "per_layer", "prefill_memory_bytes"},
     "experiments.accuracy.validate_gpu": {"rows", "tau", "shape"},
     "experiments.accuracy.frontier": {"points", "shape", "files"},
+    "experiments.accuracy.estimate_candidates": {"points", "adversarial", "shape", "files"},
     "experiments.accuracy.retrieval_eval": {"cells", "thresholds", "files"},
     "experiments.retrieval.train": {"step", "results"},
     "experiments.retrieval.export_checkpoint": {"source", "dtype", "files"},

@@ -31,6 +31,7 @@ from absl import app, flags
 
 import sale_jax
 from experiments.lib import flags as common, results
+from experiments.lib.selection_metrics import layout_metrics
 from sale_jax import baselines, budget_calibration, workloads
 from sale_jax.reference.selection import selection_margins_reference
 
@@ -49,28 +50,6 @@ _XATTN = common.define_numbers("xattention_thresholds", [0.5, 0.7, 0.8, 0.9, 0.9
 _STRIDES = common.define_numbers("strides", [8, 16], "XAttention strides.", kind=int)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluated sample (calibration uses seed + 1).")
 _OUTPUT = common.define_output()
-
-
-def _metrics(out, dense, layout, needle_rows, needle_keys, config) -> dict:
-    diff = jnp.abs(out.astype(jnp.float32) - dense.astype(jnp.float32))
-    rows = out.shape[0] * out.shape[1]
-    l1 = diff.sum(axis=(0, 1, 3)) / rows
-    sq_err = jnp.square(diff).sum(axis=(0, 1, 3))
-    sq_ref = jnp.square(dense.astype(jnp.float32)).sum(axis=(0, 1, 3))
-    mask = np.asarray(layout.to_mask())
-    batch, heads = mask.shape[:2]
-    kept = mask[np.arange(batch)[:, None, None], np.arange(heads)[None, :, None],
-                np.asarray(needle_rows) // config.block_q, np.asarray(needle_keys) // config.block_k]
-    return {
-        "density": float(layout.density()),
-        "l1_per_row": float(l1.mean()),
-        "relative_l2": float(jnp.sqrt(sq_err.sum() / sq_ref.sum())),
-        "needle_recall": float(kept.mean()),
-        "per_head": {"density": np.round(np.asarray(layout.density_per_head()), 4).tolist(),
-                     "l1_per_row": np.round(np.asarray(l1), 5).tolist(),
-                     "relative_l2": np.round(np.asarray(jnp.sqrt(sq_err / sq_ref)), 5).tolist(),
-                     "needle_recall": kept.mean(axis=(0, 2)).tolist()},
-    }
 
 
 def _estimate_cost(method: str, grid: sale_jax.BlockGrid, head_dim: int, middle_pairs: int, reference_pairs: int,
@@ -115,7 +94,7 @@ def main(argv):
         layout = sale_jax.BlockLayout.from_mask(mask, grid)
         out = sale_jax.block_sparse_attention(q, k, v, layout, config)
         point = {"method": method, "knob": knob}
-        point.update(_metrics(out, dense, layout, work.needle_rows, work.needle_keys, config))
+        point.update(layout_metrics(out, dense, layout, work.needle_rows, work.needle_keys, config))
         point.update(_estimate_cost(method, grid, head_dim, middle_pairs, reference_pairs, stride))
         points.append(point)
         print(f"{method:<16} {knob:<22} density {point['density']:.3f}  L1/row {point['l1_per_row']:.4f}  "

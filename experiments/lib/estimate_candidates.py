@@ -1,0 +1,124 @@
+"""Cheaper stand-ins for SALE's 4-bit score estimate, measured by experiments/accuracy/estimate_candidates.py.
+
+Each candidate is a per-kv-head basis `[Hkv, D, r]` chosen offline on a calibration sample; q and k are projected
+onto it, and the projections go through the project's own smoothing and 4-bit quantizer (`quantize_reference`)
+and its own selection rule (`_block_margins` of `sale_jax.reference.selection`). The statistics (row max m and sum
+l over the sink and local blocks) stay exact over all D channels; only the middle-block estimate is reduced.
+
+  channel subset (Double Sparsity, arXiv 2408.07092): the r channels with the largest mean |q_c * ks_c|, taken in
+      rotary pairs (c, c + D/2) so the reduced score, like the full one, depends on relative position only;
+  joint Q-K basis (Loki, arXiv 2406.02542): the top r eigenvectors of the stacked second moments of q and of the
+      smoothed k, each normalized to unit trace so neither dominates by scale.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sale_jax.config import SaleConfig
+from sale_jax.layout import BlockGrid
+from sale_jax.reference.quantize import quantize_reference
+from sale_jax.reference.selection import _block_margins
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_rank(rank: int, head_dim: int) -> None:
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary pairs, got {head_dim}")
+    if not 0 < rank <= head_dim or rank % 2:
+        raise ValueError(f"rank must be even and in (0, head_dim={head_dim}], got {rank}")
+
+
+def rotary_partner(head_dim: int) -> jax.Array:
+    """The channel each channel rotates with under `sale_jax.workloads.rotate` (half-split: c and c + D/2)."""
+    return (jnp.arange(head_dim) + head_dim // 2) % head_dim
+
+
+def _group_mean(x: jax.Array, kv_heads: int) -> jax.Array:
+    """`[Hq, ...]` -> `[Hkv, ...]`: the mean over each kv head's group of q heads."""
+    return x.reshape(kv_heads, x.shape[0] // kv_heads, *x.shape[1:]).mean(axis=1)
+
+
+def channel_subset_basis(q: jax.Array, k: jax.Array, rank: int) -> jax.Array:
+    """f32 `[Hkv, D, rank]` 0/1 columns picking, per kv head, the `rank / 2` rotary pairs with the largest
+    mean |q_c| * mean |ks_c| (= mean over all (query, key) pairs of |q_c ks_c|; ks: k minus its mean, which the
+    score does not depend on) summed over the pair. Channels come out in increasing order."""
+    head_dim, kv_heads = q.shape[-1], k.shape[2]
+    _check_rank(rank, head_dim)
+    q_abs = _group_mean(jnp.mean(jnp.abs(q.astype(jnp.float32)), axis=(0, 1)), kv_heads)  # [Hkv, D]
+    k32 = k.astype(jnp.float32)
+    k_abs = jnp.mean(jnp.abs(k32 - k32.mean(axis=1, keepdims=True)), axis=(0, 1))  # [Hkv, D]
+    importance = q_abs * k_abs
+    half = head_dim // 2
+    pairs = jnp.argsort(-(importance[:, :half] + importance[:, half:]), axis=-1)[:, :rank // 2]
+    channels = jnp.sort(jnp.concatenate([pairs, pairs + half], axis=-1), axis=-1)  # [Hkv, rank]
+    return jax.nn.one_hot(channels, head_dim, dtype=jnp.float32).transpose(0, 2, 1)
+
+
+def joint_pca_basis(q: jax.Array, k: jax.Array, rank: int) -> jax.Array:
+    """f32 `[Hkv, D, rank]` orthonormal columns per kv head: the top `rank` eigenvectors (largest first) of
+    `Mq / tr Mq + Mk / tr Mk`, Mq the second moment of the group's queries, Mk that of the smoothed keys."""
+    batch, length, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    _check_rank(rank, head_dim)
+    grouped = q.astype(jnp.float32).reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim)
+    m_q = jnp.einsum("btkgd,btkge->kde", grouped, grouped, precision=_HIGHEST)
+    k32 = k.astype(jnp.float32)
+    k_smooth = k32 - k32.mean(axis=1, keepdims=True)
+    m_k = jnp.einsum("bskd,bske->kde", k_smooth, k_smooth, precision=_HIGHEST)
+
+    def unit_trace(m):
+        return m / jnp.trace(m, axis1=1, axis2=2)[:, None, None]
+
+    _, vectors = jnp.linalg.eigh(unit_trace(m_q) + unit_trace(m_k))  # eigenvalues ascending
+    return vectors[..., ::-1][..., :rank]
+
+
+def project(x: jax.Array, basis: jax.Array) -> jax.Array:
+    """`x: [B, L, H, D]` onto `basis: [Hkv, D, r]` -> f32 `[B, L, H, r]`; head h uses kv head h // (H / Hkv)."""
+    per_head = jnp.repeat(basis, x.shape[2] // basis.shape[0], axis=0)
+    return jnp.einsum("blhd,hdr->blhr", x.astype(jnp.float32), per_head, precision=_HIGHEST)
+
+
+def reduced_margins(q: jax.Array, k: jax.Array, basis: jax.Array, config: SaleConfig) -> jax.Array:
+    """f32 `[B, Hq, nQ, nK]` block margins at tau = 1 (see `selection_margins_reference`) with the 4-bit estimate
+    of the projected q and k in place of the full one: a middle block is kept at tau iff its margin > log tau."""
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    quantize = dict(granularity=config.quant_granularity, block_q=config.block_q, block_k=config.block_k)
+    full = quantize_reference(q, k, **quantize)
+    reduced = quantize_reference(project(q, basis), project(k, basis), **quantize)
+    # The exact statistics read the full smoothed keys; codes, scales and column bias are the reduced ones.
+    quant = reduced._replace(k_smooth=full.k_smooth)
+    ones = jnp.ones((q.shape[2],), jnp.float32)
+    return _block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
+
+
+def adversarial_needle_keys(q: jax.Array, k: jax.Array, needle_rows: jax.Array, needle_keys: jax.Array,
+                            basis: jax.Array, strength: float, scale: float) -> jax.Array:
+    """`k` with a needle planted at each (row, key) of `needle_rows`/`needle_keys` (`[B, Hq, N]`) entirely in the
+    dimensions `basis` drops: the key moves along the part of the row's own query (minus the head's mean query)
+    orthogonal to the basis, by enough to raise its score by `strength` times the row's log-sum-exp gap
+    (`strength=1` gives the needle about half of the row's attention, as `llm_like_qkv`'s needles)."""
+    batch, _, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    b_idx = jnp.arange(batch)[:, None, None]
+    h_idx = jnp.broadcast_to(jnp.arange(q_heads)[None, :, None], needle_rows.shape)
+    needle_q = q32[b_idx, needle_rows, h_idx]  # [B, Hq, N, D]
+    own = needle_q - jnp.mean(q32, axis=1)[:, :, None, :]
+    per_head = jnp.repeat(basis, group, axis=0)  # [Hq, D, r]
+    kept_part = jnp.einsum("bhnd,hdr,her->bhne", own, per_head, per_head, precision=_HIGHEST)
+    dropped = own - kept_part
+    grouped_q = needle_q.reshape(batch, kv_heads, group, *needle_rows.shape[-1:], head_dim)
+    row_scores = scale * jnp.einsum("bkgnd,bskd->bkgns", grouped_q, k32, precision=_HIGHEST).reshape(
+        batch, q_heads, needle_rows.shape[-1], k.shape[1])
+    q_pos = needle_rows + (k.shape[1] - q.shape[1])
+    visible = jnp.arange(k.shape[1]) <= q_pos[..., None]
+    row_lse = jax.nn.logsumexp(jnp.where(visible, row_scores, -jnp.inf), axis=-1)
+    current = jnp.take_along_axis(row_scores, needle_keys[..., None], axis=-1)[..., 0]
+    raise_by = strength * jnp.maximum(row_lse - current, 0.0)[..., None]
+    delta = raise_by / scale * dropped / jnp.sum(needle_q * dropped, axis=-1, keepdims=True)
+    return k32.at[b_idx, needle_keys, h_idx // group].add(delta).astype(k.dtype)
