@@ -2,7 +2,7 @@
 
 Each candidate is a per-kv-head basis `[Hkv, D, r]` chosen offline on a calibration sample; q and k are projected
 onto it, and the projections go through the project's own smoothing and 4-bit quantizer (`quantize_reference`)
-and its own selection rule (`_block_margins` of `sale_jax.reference.selection`). The statistics (row max m and sum
+and its own selection rule (`block_margins` of `sale_jax.reference.selection`). The statistics (row max m and sum
 l over the sink and local blocks) stay exact over all D channels; only the middle-block estimate is reduced.
 
   channel subset (Double Sparsity, arXiv 2408.07092): the r channels with the largest mean |q_c * ks_c|, taken in
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid
 from sale_jax.reference.quantize import quantize_reference
-from sale_jax.reference.selection import _block_margins
+from sale_jax.reference.selection import block_margins
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -92,7 +92,7 @@ def reduced_margins(q: jax.Array, k: jax.Array, basis: jax.Array, config: SaleCo
     # The exact statistics read the full smoothed keys; codes, scales and column bias are the reduced ones.
     quant = reduced._replace(k_smooth=full.k_smooth)
     ones = jnp.ones((q.shape[2],), jnp.float32)
-    return _block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
+    return block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
 
 
 def adversarial_needle_keys(q: jax.Array, k: jax.Array, needle_rows: jax.Array, needle_keys: jax.Array,

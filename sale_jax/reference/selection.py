@@ -35,11 +35,14 @@ def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array, conf
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
                                block_k=config.block_k)
-    return _block_margins(q, quant, tau, grid, config, config.softmax_scale(q.shape[-1]), estimator == "exact")
+    return block_margins(q, quant, tau, grid, config, config.softmax_scale(q.shape[-1]), estimator == "exact")
 
 
-def _block_margins(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig, scale: float,
-                   exact_estimate: bool):
+def block_margins(q, quant: QuantizedQK, tau, grid: BlockGrid, config: SaleConfig, scale: float,
+                  exact_estimate: bool):
+    """`selection_margins_reference` from already quantized q and k: the exact statistics read `q` and
+    `quant.k_smooth`, the estimate reads `quant`'s codes, scales and column bias (so a study can swap in another
+    estimate's codes and keep the statistics exact)."""
     bq, bk, nk = grid.block_q, grid.block_k, grid.num_k_blocks
     group = q.shape[2] // quant.k_codes.shape[2]
     q_rows = pad_axis(q, 1, bq)
