@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sale_jax.api import dense_attention, sale_attention
+from sale_jax.calibration import layer_inputs
 from sale_jax.config import SaleConfig
 from sale_jax.thresholds import DEFAULT_TAU, Thresholds
 
@@ -147,22 +148,12 @@ def calibrate_to_density(layer_samples: Iterable[Iterable[Sequence[jax.Array]]],
     num_samples = 0
     config = dataclasses.replace(config, dense_below=0)
     with tqdm(desc="pricing heads", unit="layer", disable=not progress) as bar:
-        for sample_index, sample in enumerate(layer_samples):
-            layers = 0
-            for layer, (q, k, v) in enumerate(sample):
-                if layer >= num_layers or q.shape[2] != num_q_heads:
-                    raise ValueError(f"sample {sample_index}, layer {layer}: expected {num_layers} layers of "
-                                     f"{num_q_heads} q heads, got q of shape {q.shape}")
-                layer_cost, layer_density = head_costs(q, k, v, config)
-                cost_sum[layer] += layer_cost
-                density_sum[layer] += layer_density
-                layers += 1
-                bar.update(1)
-            if layers != num_layers:
-                raise ValueError(f"sample {sample_index} has {layers} layers, expected num_layers={num_layers}")
-            num_samples += 1
-    if num_samples == 0:
-        raise ValueError("layer_samples yielded no sample")
+        for sample_index, layer, (q, k, v) in layer_inputs(layer_samples, num_layers, num_q_heads):
+            layer_cost, layer_density = head_costs(q, k, v, config)
+            cost_sum[layer] += layer_cost
+            density_sum[layer] += layer_density
+            num_samples = sample_index + 1
+            bar.update(1)
     table = CostTable(cost_sum / num_samples, density_sum / num_samples, TAU_GRID)
     taus = table.spend(density)
     recipe = {"name": "density_budget", "cost": "l1", "density": density,

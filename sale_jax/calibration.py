@@ -63,6 +63,26 @@ def calibrate_layer(q: jax.Array, k: jax.Array, v: jax.Array, config: SaleConfig
     return search_thresholds(head_errors, q.shape[2], theta, tau0, tau_min)
 
 
+def layer_inputs(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers: int, num_q_heads: int):
+    """Yields `(sample_index, layer, (q, k, v))` over each sample's layers, one at a time, checking that every
+    sample supplies exactly `num_layers` layers of `num_q_heads` q heads and that there is a sample."""
+    num_samples = 0
+    for sample_index, sample in enumerate(layer_samples):
+        layer = -1
+        for layer, (q, k, v) in enumerate(sample):
+            if layer >= num_layers:
+                raise ValueError(f"sample {sample_index} has more than num_layers={num_layers} layers")
+            if q.shape[2] != num_q_heads:
+                raise ValueError(f"sample {sample_index}, layer {layer}: q has {q.shape[2]} heads, "
+                                 f"expected num_q_heads={num_q_heads}")
+            yield sample_index, layer, (q, k, v)
+        if layer != num_layers - 1:
+            raise ValueError(f"sample {sample_index} has {layer + 1} layers, expected num_layers={num_layers}")
+        num_samples += 1
+    if num_samples == 0:
+        raise ValueError("layer_samples yielded no sample")
+
+
 def calibrate(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers: int, num_q_heads: int,
               config: SaleConfig, theta: float = DEFAULT_THETA, tau0: float = DEFAULT_TAU,
               tau_min: float = DEFAULT_TAU_MIN, model_name: str = "", progress: bool = True) -> Thresholds:
@@ -82,25 +102,12 @@ def calibrate(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers
                          f"tau_min={tau_min}")
     total = len(layer_samples) * num_layers if hasattr(layer_samples, "__len__") else None
     smallest = np.full((num_layers, num_q_heads), np.inf, np.float32)
-    num_samples = 0
     with tqdm(total=total, desc="calibrating", unit="layer", disable=not progress) as bar:
-        for sample_index, sample in enumerate(layer_samples):
-            layer = -1
-            for layer, (q, k, v) in enumerate(sample):
-                if layer >= num_layers:
-                    raise ValueError(f"sample {sample_index} has more than num_layers={num_layers} layers")
-                if q.shape[2] != num_q_heads:
-                    raise ValueError(f"sample {sample_index}, layer {layer}: q has {q.shape[2]} heads, "
-                                     f"expected num_q_heads={num_q_heads}")
-                tau = calibrate_layer(q, k, v, config, theta, tau0, tau_min)
-                smallest[layer] = np.minimum(smallest[layer], tau)
-                bar.set_postfix(sample=sample_index, layer=layer, dense_heads=int((tau == 0).sum()))
-                bar.update(1)
-            if layer != num_layers - 1:
-                raise ValueError(f"sample {sample_index} has {layer + 1} layers, expected num_layers={num_layers}")
-            num_samples += 1
-        if num_samples == 0:
-            raise ValueError("layer_samples yielded no sample")
+        for sample_index, layer, (q, k, v) in layer_inputs(layer_samples, num_layers, num_q_heads):
+            tau = calibrate_layer(q, k, v, config, theta, tau0, tau_min)
+            smallest[layer] = np.minimum(smallest[layer], tau)
+            bar.set_postfix(sample=sample_index, layer=layer, dense_heads=int((tau == 0).sum()))
+            bar.update(1)
         if progress:
             for layer, tau in enumerate(smallest):
                 bar.write(f"layer {layer:3d}: tau min {tau.min():.2e} median {np.median(tau):.2e} "

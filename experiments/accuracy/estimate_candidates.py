@@ -33,7 +33,7 @@ from absl import app, flags
 
 import sale_jax
 from experiments.lib import estimate_candidates as candidates, flags as common, results
-from experiments.lib.selection_metrics import layout_metrics, needles_kept
+from experiments.lib.selection_metrics import layout_metrics, needles_kept, scored_pairs
 from sale_jax import workloads
 from sale_jax.reference.selection import selection_margins_reference
 
@@ -87,8 +87,7 @@ def main(argv):
 
     always = grid.regions(config.sink_tokens, config.local_tokens).always_kept
     middle = np.broadcast_to(grid.visible_mask & ~always, (1, q_heads, *always.shape))
-    rows_per_q_block = np.minimum(grid.q_len - np.arange(grid.num_q_blocks) * grid.block_q, grid.block_q)
-    middle_pairs = int(((grid.visible_mask & ~always).sum(-1) * rows_per_q_block).sum() * grid.block_k)
+    middle_pairs, _ = scored_pairs(grid, config)
     ones = jnp.ones((q_heads,), jnp.float32)
 
     def full_margins(keys):
@@ -108,12 +107,16 @@ def main(argv):
             macs["projection_macs"] = (grid.q_len + grid.kv_len) * head_dim * rank
         return macs
 
-    def matched_log_tau(family, rank, tau):
-        """The candidate's log tau at the full estimate's density at `tau` (log tau itself for the full one)."""
+    def full_count(tau):
+        """The middle blocks the full estimate keeps at `tau`."""
+        return int((mask_at(margins[("sale", head_dim)], np.log(tau)) & middle).sum())
+
+    def matched_log_tau(family, rank, tau, count):
+        """The candidate's log tau keeping `count` middle blocks, the full estimate's at `tau` (log tau itself for
+        the full one)."""
         if family == "sale":
             return np.log(tau)
-        full_count = int((mask_at(margins[("sale", head_dim)], np.log(tau)) & middle).sum())
-        return _matched_log_tau(margins[(family, rank)], middle, full_count)
+        return _matched_log_tau(margins[(family, rank)], middle, count)
 
     def density(mask):
         return float(sale_jax.BlockLayout.from_mask(jnp.asarray(mask), grid).density())
@@ -121,15 +124,15 @@ def main(argv):
     points = []
     for tau in _TAUS.value:
         full_mask = mask_at(margins[("sale", head_dim)], np.log(tau))
-        full_count = int((full_mask & middle).sum())
+        count = full_count(tau)
         for (family, rank), margin in margins.items():
-            log_tau = matched_log_tau(family, rank, tau)
+            log_tau = matched_log_tau(family, rank, tau, count)
             mask = mask_at(margin, log_tau)
             layout = sale_jax.BlockLayout.from_mask(jnp.asarray(mask), grid)
             out = sale_jax.block_sparse_attention(q, k, v, layout, config)
             point = {"method": "sale" if family == "sale" else f"{family}_r{rank}", "family": family,
                      "rank": rank, "full_tau": tau, "tau": float(np.exp(log_tau)),
-                     "block_recall": float((mask & full_mask & middle).sum() / max(full_count, 1)),
+                     "block_recall": float((mask & full_mask & middle).sum() / max(count, 1)),
                      "same_tau_density": density(mask_at(margin, np.log(tau)))}
             point.update(layout_metrics(out, dense, layout, work.needle_rows, work.needle_keys, config))
             point.update(cost(family, rank))
@@ -143,6 +146,7 @@ def main(argv):
     scale = config.softmax_scale(head_dim)
     adversarial = []
     tau = _ADVERSARIAL_TAU.value
+    adversarial_count = full_count(tau)
     for family in FAMILIES:
         widest = bases[(family, max(_RANKS.value))]
         for strength in _STRENGTHS.value:
@@ -152,7 +156,7 @@ def main(argv):
                    "needle_recall": {"sale": float(needles_kept(mask_at(full_margins(keys), np.log(tau)),
                                                                 work.needle_rows, work.needle_keys, config).mean())}}
             for rank in _RANKS.value:
-                log_tau = matched_log_tau(family, rank, tau)
+                log_tau = matched_log_tau(family, rank, tau, adversarial_count)
                 reduced = np.asarray(candidates.reduced_margins(q, keys, bases[(family, rank)], config))
                 row["needle_recall"][f"{family}_r{rank}"] = float(needles_kept(
                     mask_at(reduced, log_tau), work.needle_rows, work.needle_keys, config).mean())

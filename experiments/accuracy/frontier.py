@@ -31,7 +31,7 @@ from absl import app, flags
 
 import sale_jax
 from experiments.lib import flags as common, results
-from experiments.lib.selection_metrics import layout_metrics
+from experiments.lib.selection_metrics import layout_metrics, scored_pairs
 from sale_jax import baselines, budget_calibration, workloads
 from sale_jax.reference.selection import selection_margins_reference
 
@@ -83,10 +83,7 @@ def main(argv):
     batch, heads = 1, _HEADS.q_heads.value
     dense = sale_jax.block_sparse_attention(q, k, v, sale_jax.BlockLayout.all_visible(batch, heads, grid), config)
 
-    always = grid.regions(config.sink_tokens, config.local_tokens).always_kept
-    rows_per_q_block = np.minimum(grid.q_len - np.arange(grid.num_q_blocks) * grid.block_q, grid.block_q)
-    middle_pairs = int(((grid.visible_mask & ~always).sum(-1) * rows_per_q_block).sum() * grid.block_k)
-    reference_pairs = int((always.sum(-1) * rows_per_q_block).sum() * grid.block_k)
+    middle_pairs, reference_pairs = scored_pairs(grid, config)
 
     points = []
 

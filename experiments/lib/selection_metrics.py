@@ -7,6 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def scored_pairs(grid, config) -> tuple[int, int]:
+    """Per head, the (query, key) pairs of the middle blocks (what an estimate scores) and of the sink and local
+    blocks (what the exact statistics read)."""
+    always = grid.regions(config.sink_tokens, config.local_tokens).always_kept
+    rows_per_q_block = np.minimum(grid.q_len - np.arange(grid.num_q_blocks) * grid.block_q, grid.block_q)
+    middle_pairs = int(((grid.visible_mask & ~always).sum(-1) * rows_per_q_block).sum() * grid.block_k)
+    reference_pairs = int((always.sum(-1) * rows_per_q_block).sum() * grid.block_k)
+    return middle_pairs, reference_pairs
+
+
 def needles_kept(mask, needle_rows, needle_keys, config) -> np.ndarray:
     """bool `[B, Hq, N]`: whether each planted needle's (q block, k block) is kept in the block mask
     `[B, Hq, nQ, nK]`."""
