@@ -168,7 +168,7 @@ def main(argv):
               "checking answers; SALE's speed comes from the Pallas kernels on a GPU)")
     if _OUTPUT.value:
         results.write(_OUTPUT.value, {
-            "model": _CHECKPOINT.value, "layers": config.num_layers, "q_heads": config.num_heads,
+            "model": name, "layers": config.num_layers, "q_heads": config.num_heads,
             "kv_heads": config.num_kv_heads, "dtype": config.dtype, "backend": sale.resolved_backend(),
             "prompt_tokens": length, "thresholds": source, "recipe": thresholds.recipe_params,
             **summary, "dense_prefill_seconds": dense_seconds, "sale_prefill_seconds": sale_seconds}, sale)
