@@ -27,7 +27,7 @@ from flax import nnx
 
 import sale_jax
 from experiments.lib import flags as common, results, retrieval_scoring, retrieval_task
-from experiments.lib.timing import median_seconds
+from experiments.lib.timing import interleaved_median_seconds
 from models import checkpoint, llama
 from models.config import LlamaConfig
 from sale_jax.kv_prompts import json_kv_prompt
@@ -155,10 +155,11 @@ def main(argv):
     summary = demo(dense_model, sale_model, thresholds, length)
     tokens = summary.pop("tokens")[:1]
     lengths = jnp.asarray([tokens.shape[1]])
-    dense_seconds = median_seconds(lambda: llama.prefill(dense_model, tokens, lengths, all_logits=False),
-                                   _REPEATS.value, warmup=1)
-    sale_seconds = median_seconds(lambda: llama.prefill(sale_model, tokens, lengths, thresholds, all_logits=False),
-                                  _REPEATS.value, warmup=1)
+    seconds = interleaved_median_seconds({
+        "dense": lambda: llama.prefill(dense_model, tokens, lengths, all_logits=False),
+        "sale": lambda: llama.prefill(sale_model, tokens, lengths, thresholds, all_logits=False)},
+        _REPEATS.value, warmup=1)
+    dense_seconds, sale_seconds = seconds["dense"], seconds["sale"]
     print(f"kept-block density / layer {summary['density_per_layer']} "
           f"(mean {np.mean(summary['density_per_layer']):.3f})")
     print(f"prefill of one prompt      dense {dense_seconds * 1e3:.1f} ms, SALE {sale_seconds * 1e3:.1f} ms "

@@ -22,6 +22,8 @@ speedup over dense.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 
@@ -134,13 +136,15 @@ def calibrated_thresholds(sale_model: llama.Llama) -> dict[str, sale_jax.Thresho
 
 
 def prefill_ms(models: dict, thresholds: dict, length: int) -> dict:
-    """Per method, the median time (ms) of prefilling one sequence of `length` tokens (last logits only)."""
+    """Per method, the median time (ms) of prefilling one sequence of `length` tokens (last logits only), the
+    methods timed in turn within each round."""
     data = retrieval_task.batch((_SEED.value, 4, length), 1, length, _TASK.num_records.value,
                                 _TASK.num_queries.value, filler=_TASK.filler.value)
     tokens, lengths = jax.numpy.asarray(data.tokens), jax.numpy.asarray([length])
-    return {name: 1e3 * timing.median_seconds(
-        lambda: llama.prefill(model, tokens, lengths, thresholds[name], all_logits=False), _PREFILL_REPEATS.value)
-        for name, model in models.items()}
+    prefills = {name: functools.partial(llama.prefill, model, tokens, lengths, thresholds[name], all_logits=False)
+                for name, model in models.items()}
+    return {name: 1e3 * seconds
+            for name, seconds in timing.interleaved_median_seconds(prefills, _PREFILL_REPEATS.value).items()}
 
 
 def _plot(cells: dict, lengths: list[int], depths: list[float], path: str) -> None:
