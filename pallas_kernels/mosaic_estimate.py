@@ -7,7 +7,8 @@ For batch b, q head h (kv head h // G), q block i and key block j, with 4-bit co
                    + (column_bias[b, h, c] * row_factor[b, h, r] - row_threshold[b, h, r])
     hits[b, h, i, j] = max over the block's rows r and keys c of excess > 0,
 
-for middle_start // block_k <= j < middle_end[i] // block_k, and 0 for every other key block. It is the hot loop of
+for middle_start // block_k <= j < middle_end[h, i] // block_k, and 0 for every other key block (a head whose ends
+are 0, a streaming head, is not estimated at all). It is the hot loop of
 the selection pass (`middle_tile` in `selection.py`); `sale_jax`'s `mosaic_gpu` backend runs it between the
 Triton kernels `row_thresholds` and `compact_hits`.
 
@@ -32,7 +33,7 @@ How (the alternatives each choice was timed against are in docs/tuning.md#mosaic
 - Both kernels run the same per-tile body (`_tile_flags`).
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
-`tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`), reduces each tile to one flag
+`tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`, none for a streaming head), reduces each tile to one flag
 per `block_k` keys and keeps the row of flags in shared memory, written out by one TMA copy at the end (so every
 output element is written, zeros included).
 
@@ -88,16 +89,17 @@ def _check_inputs(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         raise ValueError(f"q length {q_len} must be a positive multiple of block_q {block_q} (pad it)")
     if block_k <= 0 or kv_len % block_k:
         raise ValueError(f"key length {kv_len} must be a positive multiple of block_k {block_k} (pad it)")
-    if middle_end.shape != (q_len // block_q,) or middle_end.dtype != jnp.int32:
-        raise ValueError(f"middle_end must be int32 [{q_len // block_q}] (one end per q block), got "
-                         f"{middle_end.dtype} {middle_end.shape}")
+    if middle_end.shape != (q_heads, q_len // block_q) or middle_end.dtype != jnp.int32:
+        raise ValueError(f"middle_end must be int32 [{q_heads}, {q_len // block_q}] (one end per q head and q "
+                         f"block), got {middle_end.dtype} {middle_end.shape}")
     if not 0 <= middle_start <= kv_len:
         raise ValueError(f"middle_start {middle_start} must lie in [0, key length {kv_len}]")
     return batch, q_len, q_heads, head_dim, kv_len, kv_heads
 
 
 def _block_range(middle_end, *, block_k, middle_start, num_k_blocks):
-    """[first, end) key blocks that are estimated, per q block (end may be below first: nothing estimated)."""
+    """[first, end) key blocks that are estimated, per q head and q block (end may be below first: nothing
+    estimated)."""
     end = jnp.clip(middle_end // block_k, 0, num_k_blocks)
     return middle_start // block_k, end
 
@@ -133,8 +135,8 @@ def estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_sc
     best = jnp.moveaxis(best, 0, 3).reshape(batch, q_heads, num_q_blocks, num_k_blocks)
     first, end = _block_range(middle_end, block_k=block_k, middle_start=middle_start, num_k_blocks=num_k_blocks)
     block_ids = jnp.arange(num_k_blocks)
-    estimated = (block_ids[None, :] >= first) & (block_ids[None, :] < end[:, None])
-    return jnp.where(estimated, best, -jnp.inf)
+    estimated = (block_ids >= first) & (block_ids < end[..., None])  # [Hq, nQ, nK]
+    return jnp.where(estimated[None], best, -jnp.inf)
 
 
 def estimate_hits_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *,
@@ -252,11 +254,12 @@ def _terms_transforms():
     return plgpu.TilingTransform((8, _OFFSET_TERMS)), plgpu.SwizzleTransform(4 * _OFFSET_TERMS)
 
 
-def _tile_range(middle_end_gmem, q_block, *, block_k, tile_k, middle_start, num_k_blocks):
-    """(first_block, end_block, first_tile, num_tiles) of a q block's estimated keys. Tiles are aligned to tile_k,
-    so the first and last may hold sink or local blocks, which the kernels mask or clear."""
-    first_block, end_block = _block_range(middle_end_gmem[q_block], block_k=block_k, middle_start=middle_start,
-                                          num_k_blocks=num_k_blocks)
+def _tile_range(middle_end_gmem, head, q_block, *, num_q_blocks, block_k, tile_k, middle_start, num_k_blocks):
+    """(first_block, end_block, first_tile, num_tiles) of a q block's estimated keys, from the ends flattened to
+    `[Hq * nQ]`. Tiles are aligned to tile_k, so the first and last may hold sink or local blocks, which the
+    kernels mask or clear."""
+    first_block, end_block = _block_range(middle_end_gmem[head * num_q_blocks + q_block], block_k=block_k,
+                                          middle_start=middle_start, num_k_blocks=num_k_blocks)
     first_tile = first_block * block_k // tile_k
     return first_block, end_block, first_tile, jnp.maximum(pl.cdiv(end_block * block_k, tile_k) - first_tile, 0)
 
@@ -325,8 +328,8 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
     hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
     plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
     first_block, end_block, first_tile, num_tiles = _tile_range(
-        middle_end_gmem, q_block, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        num_k_blocks=num_k_blocks)
+        middle_end_gmem, head, q_block, num_q_blocks=num_q_blocks, block_k=block_k, tile_k=tile_k,
+        middle_start=middle_start, num_k_blocks=num_k_blocks)
     plgpu.barrier_wait(q_barriers.at[0])
     plgpu.barrier_wait(q_barriers.at[1])
 
@@ -371,8 +374,8 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
     head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
     wg = jax.lax.axis_index("wg")
     first_block, end_block, first_tile, num_tiles = _tile_range(
-        middle_end_gmem, q_block, block_k=block_k, tile_k=tile_k, middle_start=middle_start,
-        num_k_blocks=num_k_blocks)
+        middle_end_gmem, head, q_block, num_q_blocks=num_q_blocks, block_k=block_k, tile_k=tile_k,
+        middle_start=middle_start, num_k_blocks=num_k_blocks)
     def take_turn():
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
@@ -500,4 +503,5 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                    plgpu.Barrier(num_arrivals=2),  # the turns on the tensor cores
                    plgpu.Barrier(num_arrivals=2)]  # both halves' flags stored
         launch |= dict(num_threads=3, thread_name="wg")
-    return plgpu.kernel(kernel, scratch_types=scratch, **launch)(*fp8_codes, row_terms, key_terms, middle_end)
+    return plgpu.kernel(kernel, scratch_types=scratch, **launch)(*fp8_codes, row_terms, key_terms,
+                                                                 middle_end.reshape(-1))

@@ -163,7 +163,9 @@ def _selection_kernel(q_ref, q_codes_ref, q_scale_ref, k_smooth_ref, k_codes_ref
         block_best = jnp.max(jnp.max(excess.reshape(block_q, blocks_per_tile, block_k), axis=2), axis=0)
         return writer.middle_hits(count, start // block_k, (block_best > 0).astype(jnp.int32))
 
-    num_tiles = jnp.where(middle_end > middle_start, pl.cdiv(middle_end - first_tile_start, estimate_tile), 0)
+    # A streaming head (tau inf) keeps no middle block: its estimate is skipped.
+    estimated = (middle_end > middle_start) & (tau_ref[head] < jnp.inf)
+    num_tiles = jnp.where(estimated, pl.cdiv(middle_end - first_tile_start, estimate_tile), 0)
     count = jax.lax.fori_loop(0, num_tiles, middle_tile, count)
     counts_ref[q_block] = writer.local_and_tail(count)
 

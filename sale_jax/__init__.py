@@ -5,13 +5,14 @@ from sale_jax.api import block_sparse_attention, dense_attention, sale_attention
 from sale_jax.calibration import calibrate
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout, BlockRegions
-from sale_jax.thresholds import DEFAULT_TAU, Thresholds
+from sale_jax.thresholds import DEFAULT_TAU, STREAMING, Thresholds
 
 __all__ = [
     "BlockGrid",
     "BlockLayout",
     "BlockRegions",
     "DEFAULT_TAU",
+    "STREAMING",
     "SaleConfig",
     "Thresholds",
     "block_sparse_attention",

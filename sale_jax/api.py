@@ -51,7 +51,8 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
     Args:
       q: `[B, T, Hq, D]` queries, the last `T` positions of the `S` keys.
       k: `[B, S, Hkv, D]` keys.
-      tau: f32 `[Hq]` relative-score thresholds; 0 keeps every visible block of that head.
+      tau: f32 `[Hq]` relative-score thresholds; 0 keeps every visible block of that head, inf (`STREAMING`) only
+        its sink and local blocks, and its estimate does not run.
       config: block sizes, regions, quantization and backend.
     """
     checks.check_qkv(q, k, k)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sale_jax.layout import BlockGrid, BlockLayout
+from sale_jax.thresholds import check_values
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -39,7 +40,8 @@ def check_qkv(q, k, v) -> None:
 
 
 def check_tau(tau, num_q_heads: int) -> jax.Array:
-    """`tau: f32[Hq]`, each finite and >= 0 (0 means a dense head). Values are checked only when concrete."""
+    """`tau: f32[Hq]`, each >= 0: 0 keeps every visible block (a dense head), inf only the sink and local blocks (a
+    streaming head). Values are checked only when concrete."""
     if not hasattr(tau, "shape"):
         tau = np.asarray(tau)
     if tau.shape != (num_q_heads,):
@@ -47,11 +49,7 @@ def check_tau(tau, num_q_heads: int) -> jax.Array:
     if not jnp.issubdtype(tau.dtype, jnp.floating):
         raise TypeError(f"tau must be a float array, got dtype {tau.dtype}")
     if not isinstance(tau, jax.core.Tracer):
-        values = np.asarray(tau, np.float64)
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"tau must be finite, got {values}")
-        if np.any(values < 0):
-            raise ValueError(f"tau must be >= 0 (0 means a dense head), got {values}")
+        check_values(np.asarray(tau, np.float64), where="tau")
     return jnp.asarray(tau, jnp.float32)
 
 

@@ -91,7 +91,8 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
     row_threshold = pallas_kernels.row_thresholds(
         quant.q_rows, quant.q_scale, quant.k_smooth, tau, *kernel_regions.arrays, **rows, block_k=config.block_k,
         scale=config.softmax_scale(q.shape[-1]), interpret=config.interpret)
-    middle_end = jnp.asarray(regions.local_first_block * config.block_k)
+    # Each head's estimated keys end where its local blocks start; a streaming head (tau inf) estimates none.
+    middle_end = jnp.where(jnp.isinf(tau)[:, None], 0, jnp.asarray(regions.local_first_block * config.block_k)[None])
     hits = pallas_kernels.estimate_hits(
         quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn), 1.0 / quant.q_scale,
         row_threshold, quant.k_scale, quant.bias, middle_end, block_q=config.block_q, block_k=config.block_k,

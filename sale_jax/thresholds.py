@@ -14,6 +14,7 @@ import numpy as np
 from sale_jax.config import SaleConfig
 
 DEFAULT_TAU = 0.008
+STREAMING = math.inf  # a streaming head's tau: sink and local blocks only, and the kernels skip its estimate
 _FILE_FORMAT = "sale-jax-thresholds"
 _FILE_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1 recorded only the paper recipe's theta
@@ -26,7 +27,8 @@ SELECTION_FIELDS = ("block_q", "block_k", "sink_tokens", "local_tokens", "quant_
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """`tau: f32[num_layers, num_q_heads]`; `tau == 0` marks a dense head.
+    """`tau: f32[num_layers, num_q_heads]`; `tau == 0` marks a dense head, `tau == inf` a streaming one (sink and
+    local blocks only; no estimate runs for it).
 
     Only `tau` is a pytree leaf, so new values do not recompile a jitted function; the provenance (model name, the
     calibration recipe and its parameters, the `SaleConfig` it was calibrated with) is static metadata. `recipe` is
@@ -54,7 +56,7 @@ class Thresholds:
     def uniform(cls, num_layers: int, num_q_heads: int, value: float = DEFAULT_TAU, **metadata) -> "Thresholds":
         if num_layers < 1 or num_q_heads < 1:
             raise ValueError(f"need num_layers >= 1 and num_q_heads >= 1, got {num_layers}, {num_q_heads}")
-        _check_values(np.full((num_layers, num_q_heads), value, np.float64))
+        check_values(np.full((num_layers, num_q_heads), value, np.float64))
         return cls(jnp.full((num_layers, num_q_heads), value, jnp.float32), **metadata)
 
     @property
@@ -102,7 +104,9 @@ class Thresholds:
             "model_name": self.model_name,
             "recipe": self.recipe_params,
             "config": None if self.config is None else self.config.to_dict(),
-            "tau": np.asarray(self.tau, np.float32).astype(np.float64).tolist(),
+            # JSON has no infinity: a streaming head's tau is written as the string "inf".
+            "tau": [[value if math.isfinite(value) else "inf" for value in row]
+                    for row in np.asarray(self.tau, np.float32).astype(np.float64).tolist()],
         }
         with open(path, "w") as f:
             json.dump(contents, f, indent=1)
@@ -122,9 +126,10 @@ class Thresholds:
             raise ValueError(f"{path}: thresholds file version {contents.get('version')!r}, expected one of "
                              f"{_READABLE_VERSIONS}")
         try:
-            tau = np.asarray(contents["tau"], np.float64)
+            tau = np.asarray(_streaming_as_inf(contents["tau"]), np.float64)
         except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{path}: 'tau' must be a [num_layers, num_q_heads] array of numbers ({e})") from None
+            raise ValueError(f"{path}: 'tau' must be a [num_layers, num_q_heads] array of numbers and \"inf\" "
+                             f"({e})") from None
         if tau.ndim != 2 or 0 in tau.shape:
             raise ValueError(f"{path}: 'tau' must be a non-empty [num_layers, num_q_heads] array, got shape "
                              f"{tau.shape}")
@@ -132,7 +137,7 @@ class Thresholds:
                                        ("num_q_heads", num_q_heads, tau.shape[1])):
             if expected is not None and expected != actual:
                 raise ValueError(f"{path}: holds {actual} for {name}, expected {expected}")
-        _check_values(tau, where=str(path))
+        check_values(tau, where=str(path))
         recipe = _recipe_of(contents, path)
         config = contents.get("config")
         return cls(
@@ -159,8 +164,21 @@ def _recipe_of(contents: dict, path) -> dict:
     return recipe
 
 
-def _check_values(tau: np.ndarray, where: str = "thresholds") -> None:
-    if not np.all(np.isfinite(tau)):
-        raise ValueError(f"{where}: tau must be finite (found NaN or inf)")
-    if np.any(tau < 0):
-        raise ValueError(f"{where}: tau must be >= 0 (0 means a dense head), found {tau.min()}")
+def _streaming_as_inf(rows):
+    """The file's rows with "inf" read as infinity; any other string is refused."""
+    def number(value):
+        if isinstance(value, str):
+            if value != "inf":
+                raise TypeError(f"found the string {value!r}")
+            return math.inf
+        return value
+    if not isinstance(rows, list):
+        raise TypeError(f"got {type(rows).__name__}")
+    return [[number(value) for value in row] if isinstance(row, list) else row for row in rows]
+
+
+def check_values(tau: np.ndarray, where: str = "thresholds") -> None:
+    """Every tau is 0 (a dense head), positive, or +inf (a streaming head); NaN and negative values are refused."""
+    if np.any(np.isnan(tau)) or np.any(tau < 0):
+        raise ValueError(f"{where}: tau must be >= 0 (0: a dense head, inf: a streaming head that keeps its sink and "
+                         f"local blocks only), got {np.unique(tau[np.isnan(tau) | (tau < 0)])}")

@@ -52,9 +52,14 @@ def draw_qkv(rng: np.random.Generator, case: Case, dtype=jnp.float32):
     return normal(case.q_len, case.q_heads), normal(case.kv_len, case.kv_heads), normal(case.kv_len, case.kv_heads)
 
 
-def draw_tau(rng: np.random.Generator, q_heads: int, dense_fraction: float = 0.2) -> jnp.ndarray:
+def draw_tau(rng: np.random.Generator, q_heads: int, dense_fraction: float = 0.2,
+             streaming_fraction: float = 0.15) -> jnp.ndarray:
+    """Per head: 0 (dense) with probability `dense_fraction`, inf (streaming: sink and local blocks only) with
+    probability `streaming_fraction`, else log-uniform in [1e-3, 0.2]."""
     tau = np.exp(rng.uniform(np.log(1e-3), np.log(0.2), size=q_heads))
-    tau[rng.uniform(size=q_heads) < dense_fraction] = 0.0
+    kind = rng.uniform(size=q_heads)
+    tau[kind < dense_fraction] = 0.0
+    tau[(kind >= dense_fraction) & (kind < dense_fraction + streaming_fraction)] = np.inf
     return jnp.asarray(tau, jnp.float32)
 
 

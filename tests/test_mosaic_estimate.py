@@ -22,15 +22,18 @@ Q_CODES, K_CODES, ROW_FACTOR, ROW_THRESHOLD, K_SCALE, COLUMN_BIAS, MIDDLE_END = 
 
 def draw_inputs(rng, *, batch, q_len, kv_len, q_heads, kv_heads, head_dim, block_q, block_k, middle_start):
     """Random codes and factors, thresholds left to `set_thresholds`; middle ends cover empty, partial-block,
-    clipped and full ranges."""
+    clipped and full ranges, and with 4 heads or more one head with none (a streaming head)."""
     q_codes = rng.integers(-7, 8, (batch, q_len, q_heads, head_dim), dtype=np.int8)
     k_codes = rng.integers(-7, 8, (batch, kv_len, kv_heads, head_dim), dtype=np.int8)
     row_factor = rng.uniform(0.5, 2.0, (batch, q_heads, q_len)).astype(np.float32)
     k_scale = (rng.uniform(0.5, 1.5, (batch, kv_heads, kv_len)) / np.sqrt(head_dim)).astype(np.float32)
     column_bias = rng.normal(0.0, 1.0, (batch, q_heads, kv_len)).astype(np.float32)
     num_q_blocks = q_len // block_q
-    middle_end = rng.integers(0, kv_len + block_k, num_q_blocks)
-    middle_end[rng.permutation(num_q_blocks)[:2]] = [middle_start, kv_len]
+    middle_end = rng.integers(0, kv_len + block_k, (q_heads, num_q_blocks))
+    for head_ends in middle_end:
+        head_ends[rng.permutation(num_q_blocks)[:2]] = [middle_start, kv_len]
+    if q_heads >= 4:
+        middle_end[rng.integers(1, q_heads)] = 0  # a streaming head: nothing estimated
     return [q_codes, k_codes, row_factor, None, k_scale, column_bias, middle_end.astype(np.int32)]
 
 
@@ -45,6 +48,8 @@ def set_thresholds(rng, inputs, knobs):
     levels = np.zeros((batch, q_heads), np.float32)
     for b, h in np.ndindex(levels.shape):
         values = np.unique(margins[b, h][np.isfinite(margins[b, h])])
+        if len(values) < 2:  # a streaming head: nothing estimated
+            continue
         middle = values[len(values) // 4:max(len(values) * 19 // 20, len(values) // 4 + 2)]
         widest = int(np.argmax(np.diff(middle)))
         levels[b, h] = (middle[widest] + middle[widest + 1]) / 2
@@ -146,7 +151,7 @@ def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warp
     shapes = [((batch, length, q_heads, head_dim), codes), ((batch, length, kv_heads, head_dim), codes),
               ((batch, q_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
-              ((length // block_q,), jnp.int32)]
+              ((q_heads, length // block_q), jnp.int32)]
     kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128,
                                        compute_warpgroups=compute_warpgroups))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))

@@ -8,7 +8,8 @@ into quantization, selection and computation.
 Inputs come from the LLM-like workload generator, so each threshold gives a realistic density, reported beside
 every time. Per length: dense attention (cuDNN on a GPU), JAX's Pallas-Triton `mha` (K/V repeated), our
 computation pass with every block kept; per threshold: quantization, quantization + selection, computation on the
-selected layout, and the whole `sale_attention` call. Medians of --repeats after warm-up. Writes the JSON and,
+selected layout, and the whole `sale_attention` call; with --streaming_fractions, each threshold again with a
+share of the heads streaming (no estimate). Medians of --repeats after warm-up. Writes the JSON and,
 beside it, a plot (speedup over dense against density, and against length).
 """
 
@@ -34,6 +35,9 @@ _TAUS = common.define_numbers("taus", [0.1, 0.03, 0.008, 0.002], "Uniform thresh
 _DENSITIES = common.define_numbers("densities", [], "Target densities: each gets the uniform tau that keeps about "
                                    "that fraction of the visible blocks (bisection on log tau).")
 _THRESHOLDS = flags.DEFINE_string("thresholds", None, "Optional thresholds file: layer 0's row is used too.")
+_STREAMING = common.define_numbers("streaming_fractions", [], "Each threshold also runs with this fraction of its q "
+                                   "heads (the first ones) streaming: tau inf, sink and local blocks only and no "
+                                   "estimate.")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also time Pallas-Triton mha and the all-kept computation pass.")
 _REPEATS = common.define_repeats(5)
 _OUTPUT = common.define_output()
@@ -81,6 +85,10 @@ def bench_length(length: int, config: sale_jax.SaleConfig) -> dict:
         calibrated = sale_jax.Thresholds.load(_THRESHOLDS.value)
         calibrated.check_config(config)
         thresholds["calibrated layer 0"] = calibrated.layer(0)
+    for name, tau in list(thresholds.items()):
+        for fraction in _STREAMING.value:
+            streaming = round(fraction * hq)
+            thresholds[f"{name}, {streaming}/{hq} streaming"] = tau.at[:streaming].set(sale_jax.STREAMING)
     result["sale"] = []
     for name, tau in thresholds.items():
         layout = sale_jax.select_blocks(q, k, tau, config)

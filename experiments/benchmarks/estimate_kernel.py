@@ -53,8 +53,9 @@ def regions(length: int) -> sale_jax.BlockRegions:
 
 
 def middle_end(length: int) -> np.ndarray:
-    """Per q block, the first key of its local region, where the estimated middle keys end."""
-    return (regions(length).local_first_block * _SALE.block_k.value).astype(np.int32)
+    """Per q head and q block, the first key of its local region, where the estimated middle keys end."""
+    ends = (regions(length).local_first_block * _SALE.block_k.value).astype(np.int32)
+    return np.tile(ends, (_HEADS.values()[0], 1))
 
 
 def middle_start(length: int) -> int:
@@ -130,8 +131,8 @@ def estimated_int8_ops(inputs) -> float:
     block_k, tile_k = _SALE.block_k.value, _TILE_K.value
     first_tile = middle_start(inputs[0].shape[1]) // tile_k
     tiles = np.maximum(-(-(middle_ends // block_k * block_k) // tile_k) - first_tile, 0).sum()
-    hq, _, d = _HEADS.values()
-    return 2.0 * hq * _SALE.block_q.value * tile_k * d * float(tiles)
+    _, _, d = _HEADS.values()
+    return 2.0 * _SALE.block_q.value * tile_k * d * float(tiles)  # tiles summed over heads and q blocks
 
 
 def dense_inputs(length: int):
