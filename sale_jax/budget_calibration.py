@@ -33,9 +33,11 @@ from sale_jax.calibration import layer_inputs
 from sale_jax.config import SaleConfig
 from sale_jax.thresholds import DEFAULT_TAU, Thresholds
 
-# 0 (dense), then DEFAULT_TAU * 2**k from 1/8 to 2048 times the default: 0.001 ... 16.4. At the top a middle key
-# must outweigh every sink and local key together many times over, so only sink and local blocks remain.
-TAU_GRID = np.concatenate([[0.0], DEFAULT_TAU * 2.0 ** np.arange(-3, 12)]).astype(np.float32)
+# 0 (dense), then DEFAULT_TAU * 2**k from 1/8 to 2048 times the default: 0.001 ... 16.4, then inf. At 16.4 a
+# middle key must outweigh every sink and local key together many times over, so hardly any middle block remains;
+# inf keeps none and the kernels skip the head's estimate (a streaming head), so a head that costs the same at
+# both takes inf.
+TAU_GRID = np.concatenate([[0.0], DEFAULT_TAU * 2.0 ** np.arange(-3, 12), [np.inf]]).astype(np.float32)
 COSTS = ("first_order", "l1")
 _PRICE_RANGE = (1e-6, 1e12)
 _BISECTION_STEPS = 40
