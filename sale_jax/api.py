@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from sale_jax import checks, mosaic_gpu_backend, triton_backend
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
+from sale_jax.ops import smoothing_means
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
 
 _DEFAULT_CONFIG = SaleConfig()
@@ -62,11 +63,11 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _select_blocks(q, k, tau, config: SaleConfig) -> BlockLayout:
+def _select_blocks(q, k, tau, config: SaleConfig, means=None) -> BlockLayout:
     backend = _backend_for(q, k, config)
     if backend in _KERNEL_BACKENDS:
-        return _KERNEL_BACKENDS[backend].select_blocks(q, k, tau, config)
-    return select_blocks_reference(q, k, tau, config)
+        return _KERNEL_BACKENDS[backend].select_blocks(q, k, tau, config, means)
+    return select_blocks_reference(q, k, tau, config, means)
 
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout,
@@ -97,13 +98,25 @@ def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, con
     (by default the crossover of the backend the call runs, from the device's tuning table) run dense attention
     instead (their layout, when asked for, keeps every visible block).
 
+    Queries longer than `config.resolved_query_chunk` run in chunks, each over the keys up to its end; the result
+    equals an unchunked call's. A chunked call has no single layout: `return_layout` then raises.
+
     Returns the output `[B, T, Hq, D]`, followed by the log-sum-exp `[B, Hq, T]` if `return_lse` and the
     `BlockLayout` if `return_layout`.
     """
     checks.check_qkv(q, k, v)
     tau = checks.check_tau(tau, q.shape[2])
     _check_backend(q, k, config)
+    chunk = _query_chunk(q, k, config)
+    if return_layout and q.shape[1] > chunk:
+        raise ValueError(f"return_layout needs one selection call, but {q.shape[1]} queries run in chunks of {chunk} "
+                         f"(SaleConfig.query_chunk; None sizes chunks to the selection's memory bound "
+                         f"MAX_SELECTION_PAIRS); use sale_jax.select_blocks on a query chunk to inspect its layout")
     return _sale_attention(q, k, v, tau, config, return_lse, return_layout)
+
+
+def _query_chunk(q, k, config: SaleConfig) -> int:
+    return config.resolved_query_chunk(q.shape[0], q.shape[2], k.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_lse", "return_layout"))
@@ -115,11 +128,31 @@ def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_l
             out, lse = _block_sparse_attention(q, k, v, layout, config, True)
         else:
             out, lse = dense_attention(q, k, v, scale=config.scale), None
+    elif q.shape[1] > _query_chunk(q, k, config):
+        layout = None
+        out, lse = _chunked_sale_attention(q, k, v, tau, config, _query_chunk(q, k, config))
     else:
         layout = _select_blocks(q, k, tau, config)
         out, lse = _block_sparse_attention(q, k, v, layout, config, True)
     results = (out,) + ((lse,) if return_lse else ()) + ((layout,) if return_layout else ())
     return results[0] if len(results) == 1 else results
+
+
+def _chunked_sale_attention(q, k, v, tau, config: SaleConfig, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """SALE over consecutive query chunks, each against the keys up to its last row. The whole call's smoothing
+    means quantize every chunk, and chunks start on q-block boundaries, so each row meets the codes, thresholds
+    and blocks it would unchunked."""
+    means = smoothing_means(q, k)
+    query_offset = k.shape[1] - q.shape[1]
+    outs, lses = [], []
+    for start in range(0, q.shape[1], chunk):
+        stop = min(start + chunk, q.shape[1])
+        q_chunk, k_chunk, v_chunk = q[:, start:stop], k[:, :query_offset + stop], v[:, :query_offset + stop]
+        layout = _select_blocks(q_chunk, k_chunk, tau, config, means)
+        out, lse = _block_sparse_attention(q_chunk, k_chunk, v_chunk, layout, config, True)
+        outs.append(out)
+        lses.append(lse)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None,

@@ -10,6 +10,9 @@ import jax
 from sale_jax import tuning
 
 QUANT_GRANULARITIES = ("per_token", "per_block")
+# A selection call's (q block, key block) pairs over batch and heads, at most: its hit flags and layout slots stay
+# indexable by int32 and within a few GB (2**30 int32 flags: 4 GB).
+MAX_SELECTION_PAIRS = 2 ** 30
 BACKENDS = ("auto", "reference", "triton", "mosaic_gpu")
 KERNEL_BACKENDS = ("triton", "mosaic_gpu")
 BACKEND_ALIASES = {"pallas": "triton", "pallas_mosaic": "mosaic_gpu"}  # accepted, stored as their new names
@@ -46,6 +49,11 @@ class SaleConfig:
         default) takes the device's tuning table (`sale_jax.tuning`): the shortest key length at which SALE at
         the default threshold beat dense attention for the backend the call runs and block_q
         (docs/tuning.md#dense-below).
+      query_chunk: `sale_attention` runs longer queries as consecutive chunks of this many (a multiple of
+        block_q), each over the keys up to its end, as chunked prefill would, but smoothed by the whole call's
+        means, so the result equals an unchunked call's. `None` (the default) takes the longest chunk whose
+        selection has at most `MAX_SELECTION_PAIRS` (q block, key block) pairs over batch and heads (8 chunks at
+        1M tokens for 32 q heads; none at 256K).
     """
 
     block_q: int = tuning.DEFAULT_BLOCK_Q
@@ -57,18 +65,22 @@ class SaleConfig:
     interpret: bool = False
     scale: float | None = None
     dense_below: int | None = None
+    query_chunk: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not _is_power_of_two(value):
                 raise ValueError(f"SaleConfig.{name} must be a positive power of two, got {value!r}")
-        for name, minimum in (("sink_tokens", 0), ("local_tokens", 1), ("dense_below", 0)):
+        for name, minimum in (("sink_tokens", 0), ("local_tokens", 1), ("dense_below", 0), ("query_chunk", 1)):
             value = getattr(self, name)
-            if name == "dense_below" and value is None:
+            if name in ("dense_below", "query_chunk") and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"SaleConfig.{name} must be an int >= {minimum}, got {value!r}")
+        if self.query_chunk is not None and self.query_chunk % self.block_q:
+            raise ValueError(f"SaleConfig.query_chunk must be a multiple of block_q {self.block_q}, got "
+                             f"{self.query_chunk}")
         if self.quant_granularity not in QUANT_GRANULARITIES:
             raise ValueError(
                 f"SaleConfig.quant_granularity must be one of {QUANT_GRANULARITIES}, got {self.quant_granularity!r}")
@@ -103,6 +115,14 @@ class SaleConfig:
         if self.dense_below is not None:
             return self.dense_below
         return tuning.for_backend(backend).dense_below_for(backend, self.block_q)
+
+    def resolved_query_chunk(self, batch: int, q_heads: int, kv_len: int) -> int:
+        """`query_chunk`, or the most queries (whole q blocks, at least one) whose selection stays within
+        `MAX_SELECTION_PAIRS` (q block, key block) pairs."""
+        if self.query_chunk is not None:
+            return self.query_chunk
+        pairs_per_q_block = batch * q_heads * -(-kv_len // self.block_k)
+        return max(1, MAX_SELECTION_PAIRS // pairs_per_q_block) * self.block_q
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

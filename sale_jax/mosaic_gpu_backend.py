@@ -20,7 +20,9 @@ from sale_jax.layout import BlockGrid, BlockLayout
 
 HEAD_DIMS = (64, 128, 256)  # the estimate's swizzled fp8 rows
 BLOCK_QS = (64, 128)  # wgmma rows come in groups of 64; the estimate holds one q block's accumulator
-MAX_K_BLOCKS = 16384  # int32 flags of one q block in 64 KB of shared memory (half each with split rows)
+# A launch of the estimate holds one q block's int32 flags for its keys in 64 KB of shared memory (half each with
+# split rows): longer keys are estimated in chunks of launches (`estimate_key_chunks`).
+MAX_K_BLOCKS = 16384
 
 
 def _interpret(config: SaleConfig):
@@ -39,11 +41,6 @@ def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig) -> None:
     one_warpgroup = _one_warpgroup_launch(config)
     if config.block_k > one_warpgroup.tile_k:
         raise ValueError(f"backend='mosaic_gpu' needs block_k <= {one_warpgroup.tile_k}, got {config.block_k}")
-    padded_k_blocks = _padded_key_blocks(k.shape[1], config, one_warpgroup)
-    if padded_k_blocks > MAX_K_BLOCKS:
-        raise ValueError(f"backend='mosaic_gpu' holds a q block's key-block flags in shared memory: at most "
-                         f"{MAX_K_BLOCKS} (key length <= {MAX_K_BLOCKS * config.block_k} at "
-                         f"block_k={config.block_k}), got key length {k.shape[1]} ({padded_k_blocks} blocks)")
 
 
 class EstimateLaunch(NamedTuple):
@@ -66,7 +63,7 @@ def estimate_launch(kv_len: int, head_dim: int, config: SaleConfig) -> EstimateL
     table = tuning.for_backend("mosaic_gpu")
     split = EstimateLaunch(2, 2 * mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, table.mosaic_split_rows_stages)
     if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= table.mosaic_split_rows_from
-            and head_dim <= 128 and 2 * _padded_key_blocks(kv_len, config, split) <= MAX_K_BLOCKS):
+            and head_dim <= 128):
         return split
     return _one_warpgroup_launch(config)
 
@@ -81,11 +78,36 @@ def _padded_key_blocks(kv_len: int, config: SaleConfig, launch: EstimateLaunch) 
     return padding * -(-kv_len // padding) // config.block_k
 
 
-def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
+def estimate_key_chunks(padded_kv_len: int, config: SaleConfig, launch: EstimateLaunch,
+                        max_k_blocks: int = MAX_K_BLOCKS) -> list[tuple[int, int]]:
+    """The `[start, end)` key ranges of the estimate's launches: as long as a launch's flags fit in shared memory
+    (`max_k_blocks` per q block, shared by its warpgroups), in whole units of the key padding."""
+    padding = _key_padding(config, launch)
+    chunk = max_k_blocks // launch.compute_warpgroups * config.block_k // padding * padding
+    return [(start, min(start + chunk, padded_kv_len)) for start in range(0, padded_kv_len, chunk)]
+
+
+def _estimate_hits(quant, row_threshold, middle_end, regions, config: SaleConfig, launch: EstimateLaunch):
+    """The estimate's hit flags `[B, Hq, nQ, nK]`, one launch per key chunk. Exact: the row thresholds come from
+    the sink and local keys of every row, and each key block's flag depends on its own keys alone."""
+    middle_start = regions.sink_blocks * config.block_k
+    q_codes, k_codes = quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn)
+    hits = []
+    for start, end in estimate_key_chunks(k_codes.shape[1], config, launch, MAX_K_BLOCKS):
+        hits.append(pallas_kernels.estimate_hits(
+            q_codes, k_codes[:, start:end], 1.0 / quant.q_scale, row_threshold, quant.k_scale[..., start:end],
+            quant.bias[..., start:end], jnp.clip(middle_end - start, 0, end - start), block_q=config.block_q,
+            block_k=config.block_k, middle_start=min(max(middle_start - start, 0), end - start),
+            **launch._asdict(), interpret=_interpret(config)))
+    return hits[0] if len(hits) == 1 else jnp.concatenate(hits, axis=-1)
+
+
+def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
+                  means: tuple[jax.Array, jax.Array] | None = None) -> BlockLayout:
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     regions = grid.regions(config.sink_tokens, config.local_tokens)
     launch = estimate_launch(k.shape[1], k.shape[-1], config)
-    quant = triton_backend.quantize(q, k, config, _key_padding(config, launch))
+    quant = triton_backend.quantize(q, k, config, _key_padding(config, launch), means)
     kernel_regions = triton_backend.kernel_regions(grid, config)
     rows = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q)
     row_threshold = pallas_kernels.row_thresholds(
@@ -93,10 +115,7 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
         scale=config.softmax_scale(q.shape[-1]), interpret=config.interpret)
     # Each head's estimated keys end where its local blocks start; a streaming head (tau inf) estimates none.
     middle_end = jnp.where(jnp.isinf(tau)[:, None], 0, jnp.asarray(regions.local_first_block * config.block_k)[None])
-    hits = pallas_kernels.estimate_hits(
-        quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn), 1.0 / quant.q_scale,
-        row_threshold, quant.k_scale, quant.bias, middle_end, block_q=config.block_q, block_k=config.block_k,
-        middle_start=regions.sink_blocks * config.block_k, **launch._asdict(), interpret=_interpret(config))
+    hits = _estimate_hits(quant, row_threshold, middle_end, regions, config, launch)
     indices, counts = pallas_kernels.compact_hits(
         hits, *kernel_regions.arrays, num_slots=grid.num_slots, **rows, **kernel_regions.bounds,
         index_dtype=grid.index_dtype(), interpret=config.interpret)

@@ -48,9 +48,11 @@ class Quantized(NamedTuple):
     bias: jax.Array
 
 
-def quantize(q: jax.Array, k: jax.Array, config: SaleConfig, key_padding: int) -> Quantized:
+def quantize(q: jax.Array, k: jax.Array, config: SaleConfig, key_padding: int,
+             means: tuple[jax.Array, jax.Array] | None = None) -> Quantized:
+    """Smoothed by `means`, when given (a query chunk of a longer call), else by this call's own."""
     per_block = config.quant_granularity == "per_block"
-    q_mean, k_mean = smoothing_means(q, k)
+    q_mean, k_mean = smoothing_means(q, k) if means is None else means
     q_rows = pad_axis(q, 1, config.block_q)
     q_codes, q_scale = pallas_kernels.quantize_rows(
         q_rows, q_mean[:, 0], length=q.shape[1], tile=config.block_q, per_tile_scale=per_block,
@@ -76,10 +78,11 @@ def kernel_regions(grid: BlockGrid, config: SaleConfig) -> KernelRegions:
                                       max_local_blocks=regions.max_local_blocks))
 
 
-def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
+def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
+                  means: tuple[jax.Array, jax.Array] | None = None) -> BlockLayout:
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     table = tuning.for_backend("triton")
-    quant = quantize(q, k, config, estimate_tile(config))
+    quant = quantize(q, k, config, estimate_tile(config), means)
     regions = kernel_regions(grid, config)
     indices, counts = pallas_kernels.select_blocks(
         quant.q_rows, quant.q_codes, quant.q_scale, quant.k_smooth, quant.k_codes, quant.k_scale, quant.bias, tau,

@@ -46,9 +46,11 @@ def _codes(smoothed: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(smoothed / scale[..., None]), -CODE_MAX, CODE_MAX).astype(jnp.int8)
 
 
-def quantize_reference(q: jax.Array, k: jax.Array, *, granularity: str, block_q: int, block_k: int) -> QuantizedQK:
-    """Smooths Q and K by their means over the sequence and quantizes them to 4-bit codes, all in f32."""
-    q_mean, k_mean = smoothing_means(q, k)
+def quantize_reference(q: jax.Array, k: jax.Array, *, granularity: str, block_q: int, block_k: int,
+                       means: tuple[jax.Array, jax.Array] | None = None) -> QuantizedQK:
+    """Smooths Q and K by their means over the sequence (or the given `means`, `ops.smoothing_means` of a longer
+    call this one is a query chunk of) and quantizes them to 4-bit codes, all in f32."""
+    q_mean, k_mean = smoothing_means(q, k) if means is None else means
     q_smooth, k_smooth = q.astype(jnp.float32) - q_mean, k.astype(jnp.float32) - k_mean
     per_block = granularity == "per_block"
     q_scale = _scales(q_smooth, block_q if per_block else None)

@@ -13,16 +13,19 @@ from sale_jax.reference.common import q_block_visibility
 from sale_jax.reference.quantize import QuantizedQK, quantize_reference
 
 
-def select_blocks_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig) -> BlockLayout:
+def select_blocks_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
+                            means: tuple[jax.Array, jax.Array] | None = None) -> BlockLayout:
     """Kept key blocks per (batch, q head, q block): sink + local + middle blocks where some visible
-    `exp(shat - m) / l > tau`; every visible block for heads with `tau <= 0`."""
+    `exp(shat - m) / l > tau`; every visible block for heads with `tau <= 0`. `means`: the smoothing means, when
+    this call is a query chunk of a longer one (`quantize_reference`)."""
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    always_kept, margins = selection_margins_reference(q, k, tau, config)
+    always_kept, margins = selection_margins_reference(q, k, tau, config, means=means)
     return BlockLayout.from_mask(always_kept | (margins > 0), grid)
 
 
 def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
-                                estimator: str = "int4") -> tuple[jax.Array, jax.Array]:
+                                estimator: str = "int4", means: tuple[jax.Array, jax.Array] | None = None
+                                ) -> tuple[jax.Array, jax.Array]:
     """The selection up to its decision: bool `[B, Hq, nQ, nK]` of visible sink and local blocks, and f32
     `[B, Hq, nQ, nK]` of each block's best `shat_ij - (m_i + log(tau * l_i))` over its visible pairs (-inf where
     nothing is visible, +inf for dense heads). A middle block is kept iff its margin is > 0; kernels that round
@@ -34,7 +37,7 @@ def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array, conf
         raise ValueError(f"estimator must be 'int4' or 'exact', got {estimator!r}")
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
-                               block_k=config.block_k)
+                               block_k=config.block_k, means=means)
     return block_margins(q, quant, tau, grid, config, config.softmax_scale(q.shape[-1]), estimator == "exact")
 
 
