@@ -50,6 +50,9 @@ SMOKE_RUNS = {
     "experiments.benchmarks.model": (
         ("--preset=tiny", "--seq_len=128", "--backend=reference", "--repeats=1", "--warmup=1",
          "--output={out}/model.json"), "model.json"),
+    "experiments.benchmarks.long_context": (
+        (*ATTENTION_SHAPE, "--backend=reference", "--lengths=512", "--block_q=64", "--query_chunk=256",
+         "--bisection_steps=2", "--repeats=1", "--output={out}/long_context.json"), "long_context.json"),
     "experiments.accuracy.validate_gpu": (
         (*ATTENTION_SHAPE, *KERNELS, "--backend=triton", "--lengths=256", "--output={out}/validate_gpu.json"),
         "validate_gpu.json"),
@@ -88,6 +91,7 @@ EXPECTED_KEYS = {
     "experiments.benchmarks.kernel_sweep": {"ms"},
     "experiments.benchmarks.estimate_kernel": {"lengths", "knobs", "codes"},
     "experiments.benchmarks.model": {"prefill_ms", "per_layer", "prefill_memory_bytes"},
+    "experiments.benchmarks.long_context": {"lengths", "dense_baseline", "shape"},
     "experiments.accuracy.validate_gpu": {"rows", "tau", "shape"},
     "experiments.accuracy.frontier": {"points", "shape", "files"},
     "experiments.accuracy.estimate_candidates": {"points", "adversarial", "shape", "files"},

@@ -15,15 +15,14 @@ beside it, a plot (speedup over dense against density, and against length).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 import sale_jax
 from experiments.lib import flags as common, results
-from experiments.lib.attention_targets import dense_attention, dense_baseline, pallas_triton_mha, quantize_only
+from experiments.lib.attention_targets import (dense_attention, dense_baseline, pallas_triton_mha, quantize_only,
+                                               tau_for_density)
 from experiments.lib.timing import median_seconds
 from sale_jax import mosaic_gpu_backend, workloads
 
@@ -41,20 +40,6 @@ _STREAMING = common.define_numbers("streaming_fractions", [], "Each threshold al
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also time Pallas-Triton mha and the all-kept computation pass.")
 _REPEATS = common.define_repeats(5)
 _OUTPUT = common.define_output()
-
-
-def tau_for_density(q, k, config, target: float, steps: int = 16) -> float:
-    """The uniform tau whose layout keeps about `target` of the visible blocks: density falls as tau rises, so
-    bisect on log tau over [1e-6, 1]."""
-    low, high = math.log(1e-6), 0.0
-    for _ in range(steps):
-        middle = (low + high) / 2
-        tau = jnp.full((q.shape[2],), math.exp(middle), jnp.float32)
-        if float(sale_jax.select_blocks(q, k, tau, config).density()) > target:
-            low = middle
-        else:
-            high = middle
-    return math.exp((low + high) / 2)
 
 
 def bench_length(length: int, config: sale_jax.SaleConfig) -> dict:

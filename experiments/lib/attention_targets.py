@@ -1,12 +1,16 @@
-"""The timed calls the attention benchmarks share: the dense baselines and our quantization pass alone."""
+"""What the attention benchmarks share: the dense baselines, our quantization pass alone, and the uniform tau that
+keeps a target density."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
+import sale_jax
 from sale_jax import SaleConfig, triton_backend
 
 
@@ -35,3 +39,17 @@ def pallas_triton_mha(q, k, v, scale: float, interpret: bool = False):
     return pallas_attention.mha(q, k, v, None, sm_scale=scale, causal=True,
                                 block_sizes=pallas_attention.BlockSizes(block_q=128, block_k=64), num_warps=8,
                                 num_stages=3, interpret=interpret)
+
+
+def tau_for_density(q, k, config: SaleConfig, target: float, steps: int = 16) -> float:
+    """The uniform tau whose layout keeps about `target` of the visible blocks: density falls as tau rises, so
+    bisect on log tau over [1e-6, 1]."""
+    low, high = math.log(1e-6), 0.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        tau = jnp.full((q.shape[2],), math.exp(middle), jnp.float32)
+        if float(sale_jax.select_blocks(q, k, tau, config).density()) > target:
+            low = middle
+        else:
+            high = middle
+    return math.exp((low + high) / 2)

@@ -60,13 +60,15 @@ def provenance(config: SaleConfig | None) -> dict:
 
 
 def beside(output: str | os.PathLike, name: str) -> str:
-    """The path of a file written next to the JSON `output` (a plot, a thresholds file)."""
-    return os.path.join(os.path.dirname(os.path.abspath(output)), name)
+    """The path of a file written next to the JSON `output` (a plot, a thresholds file); makes the folder."""
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
 
 
 def plot_path(output: str | os.PathLike) -> str:
-    """Where the plot of the JSON `output` goes: the same name with `.png`."""
-    return str(pathlib.Path(output).with_suffix(".png"))
+    """Where the plot of the JSON `output` goes: the same name with `.png` (beside it)."""
+    return beside(output, pathlib.Path(output).with_suffix(".png").name)
 
 
 def pyplot():
