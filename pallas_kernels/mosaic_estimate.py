@@ -474,7 +474,8 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if head_dim not in (64, 128, 256):
         raise ValueError(f"head_dim must be 64, 128 or 256 (swizzled fp8 rows for wgmma), got {head_dim}")
     num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
-    padded_flags = pl.cdiv(num_k_blocks, 128) * 128  # zeroed by one store per register
+    # Zeroed by one store of two int32 per thread of the warpgroup, so whole multiples of 256.
+    padded_flags = pl.cdiv(num_k_blocks, 256) * 256
     if num_k_blocks % 4 or compute_warpgroups * padded_flags * 4 > _MAX_HITS_SMEM_BYTES:
         raise ValueError(f"{num_k_blocks} key blocks: the int32 flags (a row per compute warpgroup) are copied out "
                          f"whole, so they must be a multiple of 16 bytes and fit in {_MAX_HITS_SMEM_BYTES} bytes of "

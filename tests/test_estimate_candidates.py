@@ -2,6 +2,7 @@
 the full 4-bit estimate bit for bit, channels come in rotary pairs, the joint basis is orthonormal and lossless at
 full rank, and adversarial needles move the planted key only in the dimensions a basis drops."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,9 +55,10 @@ def test_joint_basis_is_orthonormal_and_lossless_at_full_rank(rng):
     np.testing.assert_allclose(np.einsum("hdr,hds->hrs", basis, basis), np.broadcast_to(np.eye(32), (2, 32, 32)),
                                atol=1e-5)
     group_k = jnp.repeat(k, 2, axis=2)
-    full = jnp.einsum("bthd,bshd->bhts", q, group_k)
+    highest = jax.lax.Precision.HIGHEST  # f32 dots (a GPU's default would be TF32)
+    full = jnp.einsum("bthd,bshd->bhts", q, group_k, precision=highest)
     reduced = jnp.einsum("bthr,bshr->bhts", candidates.project(q, basis), candidates.project(group_k, jnp.repeat(
-        basis, 2, axis=0)))
+        basis, 2, axis=0)), precision=highest)
     np.testing.assert_allclose(np.asarray(reduced), np.asarray(full), atol=1e-3)
     # The planted direction is the top principal direction of every kv head.
     top = np.asarray(candidates.joint_pca_basis(q, k, 2))[:, :, 0]

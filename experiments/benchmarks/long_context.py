@@ -6,11 +6,11 @@ to end at the uniform tau that keeps about --density of the blocks, with the mem
 
 Inputs come from the LLM-like workload generator (B=1). Queries past `SaleConfig.query_chunk` (by default sized
 to `sale_jax.config.MAX_SELECTION_PAIRS`) run in chunks, each over the keys up to its end. The tau is bisected on
-the last query chunk (the rows that see every key). The density is over every chunk's layout, each selected by a
-`select_blocks` call of its own (smoothed by the chunk's means, where the timed call smooths every chunk by the
-whole call's, which can move blocks near the threshold). Memory: the inputs and output, and per query chunk the
-layout (kept-block indices and counts) and the Mosaic GPU estimate's hit flags; and the device's peak, which
-includes making the inputs. Medians of --repeats rounds, dense and SALE timed in turn within each round. The JSON
+the last query chunk (the rows that see every key), and the density reported is that chunk's (by a
+`select_blocks` call of its own, smoothed by the chunk's means where the timed call smooths every chunk by the
+whole call's, which can move blocks near the threshold; selecting every chunk apart would compile each chunk's
+selection twice). Memory: the inputs and output, and for the last query chunk the layout (kept-block indices and
+counts) and the Mosaic GPU estimate's hit flags; and the device's peak, which includes making the inputs. Medians of --repeats rounds, dense and SALE timed in turn within each round. The JSON
 is rewritten after each length, so a run cut short keeps the lengths it finished.
 """
 
@@ -57,15 +57,10 @@ def bench_length(length: int, config: sale_jax.SaleConfig) -> dict:
     tau_value = tau_for_density(q[:, last_start:], k, config, _DENSITY.value, _BISECTION_STEPS.value)
     tau = jnp.full((hq,), tau_value, jnp.float32)
 
-    kept = visible = layout_bytes = 0
-    for start, stop in chunks:
-        layout = sale_jax.select_blocks(q[:, start:stop], k[:, :stop], tau, config)
-        kept += int(layout.counts.sum())
-        visible += hq * int(layout.grid.visible_counts.sum())
-        layout_bytes = max(layout_bytes, _nbytes(layout.indices, layout.counts))
-        del layout
-    grid = sale_jax.BlockGrid(chunks[0][1] - chunks[0][0], length, config.block_q, config.block_k)
-    hit_flags_bytes = 4 * hq * grid.num_q_blocks * grid.num_k_blocks  # int32 per (q head, q block, key block)
+    layout = sale_jax.select_blocks(q[:, last_start:], k, tau, config)
+    density, layout_bytes = float(layout.density()), _nbytes(layout.indices, layout.counts)
+    hit_flags_bytes = 4 * hq * layout.grid.num_q_blocks * layout.grid.num_k_blocks  # int32 per pair
+    del layout
 
     baseline = dense_baseline()
     times = interleaved_median_seconds({
@@ -76,14 +71,15 @@ def bench_length(length: int, config: sale_jax.SaleConfig) -> dict:
     result = {
         f"{baseline}_ms": times[baseline] * 1e3, "sale_ms": times["sale"] * 1e3,
         f"speedup_over_{baseline}": times[baseline] / times["sale"],
-        "tau": tau_value, "density": kept / visible, "query_chunk": chunk, "query_chunks": len(chunks),
-        "memory_bytes": {"inputs_and_output": _nbytes(q, k, v, q), "layout_per_chunk": layout_bytes,
-                         "estimate_hit_flags_per_chunk": hit_flags_bytes,
+        "tau": tau_value, "density_last_chunk": density, "query_chunk": chunk, "query_chunks": len(chunks),
+        "memory_bytes": {"inputs_and_output": _nbytes(q, k, v, q), "layout_last_chunk": layout_bytes,
+                         "estimate_hit_flags_last_chunk": hit_flags_bytes,
                          "device_peak": stats.get("peak_bytes_in_use")},
     }
-    print(f"{length:>8} tau {tau_value:.3g} density {result['density']:.3f} chunks {len(chunks)}  "
+    print(f"{length:>8} tau {tau_value:.3g} density {density:.3f} chunks {len(chunks)}  "
           f"{baseline} {result[f'{baseline}_ms']:9.1f} ms  SALE {result['sale_ms']:9.1f} ms  "
-          f"x{result[f'speedup_over_{baseline}']:.2f}  layout {layout_bytes / 2**30:.2f} GiB/chunk", flush=True)
+          f"x{result[f'speedup_over_{baseline}']:.2f}  layout {layout_bytes / 2**30:.2f} GiB, flags "
+          f"{hit_flags_bytes / 2**30:.2f} GiB (last chunk)", flush=True)
     return result
 
 
