@@ -61,7 +61,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, bi
     tau = jnp.asarray(tau, jnp.float32)
     if tau.ndim == 0 and query.ndim == 4:
         tau = jnp.full((query.shape[2],), tau)
-    out, layout = sale_attention(query, key, value, tau, config, return_layout=True)
+    result = sale_attention(query, key, value, tau, config, return_layout=return_layout)
+    out, layout = result if return_layout else (result, None)
     if query_seq_lengths is not None:
         lengths = jnp.asarray(query_seq_lengths)
         if lengths.shape != (query.shape[0],) or not jnp.issubdtype(lengths.dtype, jnp.integer):

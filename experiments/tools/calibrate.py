@@ -117,6 +117,7 @@ def main(argv):
             synthetic_layer_samples(dtype), _NUM_LAYERS.value, _HEADS.q_heads.value, config,
             theta=_THETA.value, tau0=_TAU0.value, tau_min=_TAU_MIN.value,
             model_name=f"synthetic-llm-like-{_SEQ_LEN.value}")
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     thresholds.save(_OUTPUT.value)
     print(f"wrote {_OUTPUT.value}: tau [{thresholds.num_layers}, {thresholds.num_q_heads}], "
           f"{int((thresholds.tau == 0).sum())} dense heads")
