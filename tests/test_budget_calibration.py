@@ -136,7 +136,7 @@ def test_kl_budget_recipe_scores_the_positions_it_is_given(sale_model, rng):
         kls.append(float(_kl_from_dense(sale_model, tokens, jnp.asarray(scored), reference, thresholds)))
     assert np.mean(kls) <= 1e-3
     # Within f32 rounding: on a GPU the calibration's program and this one reduce in different orders.
-        np.testing.assert_allclose(np.mean(kls), thresholds.recipe_params["calibration_kl"], rtol=1e-2, atol=1e-7)
+    np.testing.assert_allclose(np.mean(kls), thresholds.recipe_params["calibration_kl"], rtol=1e-2, atol=1e-7)
     for bad in ([positions[0]], [positions[0], np.array([0, 160])], [positions[0], np.array([], np.int32)]):
         with pytest.raises(ValueError, match="scored_positions"):
             calibrate_model(sale_model, prompts, "kl_budget", scored_positions=bad, progress=False)
