@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from sale_jax import checks, mosaic_gpu_backend, triton_backend
 from sale_jax.config import SaleConfig
-from sale_jax.layout import BlockGrid, BlockLayout
+from sale_jax.layout import BlockGrid, BlockLayout, ChunkedLayout
 from sale_jax.ops import smoothing_means
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
 
@@ -99,24 +99,33 @@ def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, con
     instead (their layout, when asked for, keeps every visible block).
 
     Queries longer than `config.resolved_query_chunk` run in chunks, each over the keys up to its end; the result
-    equals an unchunked call's. A chunked call has no single layout: `return_layout` then raises.
+    equals an unchunked call's.
 
-    Returns the output `[B, T, Hq, D]`, followed by the log-sum-exp `[B, Hq, T]` if `return_lse` and the
-    `BlockLayout` if `return_layout`.
+    Returns the output `[B, T, Hq, D]`, followed by the log-sum-exp `[B, Hq, T]` if `return_lse` and, if
+    `return_layout`, the `BlockLayout` (a `ChunkedLayout` of one per chunk for a call in query chunks).
     """
     checks.check_qkv(q, k, v)
     tau = checks.check_tau(tau, q.shape[2])
     _check_backend(q, k, config)
-    chunk = _query_chunk(q, k, config)
-    if return_layout and q.shape[1] > chunk:
-        raise ValueError(f"return_layout needs one selection call, but {q.shape[1]} queries run in chunks of {chunk} "
-                         f"(SaleConfig.query_chunk; None sizes chunks to the selection's memory bound "
-                         f"MAX_SELECTION_PAIRS); use sale_jax.select_blocks on a query chunk to inspect its layout")
     return _sale_attention(q, k, v, tau, config, return_lse, return_layout)
 
 
-def _query_chunk(q, k, config: SaleConfig) -> int:
-    return config.resolved_query_chunk(q.shape[0], q.shape[2], k.shape[1])
+def _query_chunks(q, k, config: SaleConfig) -> list[tuple[int, int]]:
+    """`[start, stop)` of each query chunk this call runs: one for the whole call unless it runs SALE (not dense,
+    see `dense_below`) on more queries than `config.resolved_query_chunk`."""
+    q_len = q.shape[1]
+    if k.shape[1] < config.resolved_dense_below(_backend_for(q, k, config)):
+        return [(0, q_len)]
+    chunk = config.resolved_query_chunk(q.shape[0], q.shape[2], k.shape[1])
+    return [(start, min(start + chunk, q_len)) for start in range(0, q_len, chunk)]
+
+
+def layout_grids(q, k, config: SaleConfig) -> list[BlockGrid]:
+    """The grid of each layout `sale_attention(q, k, ...)` returns: the call's, or one per query chunk (shapes
+    suffice: `q` and `k` may be `jax.ShapeDtypeStruct`s)."""
+    query_offset = k.shape[1] - q.shape[1]
+    return [BlockGrid(stop - start, query_offset + stop, config.block_q, config.block_k)
+            for start, stop in _query_chunks(q, k, config)]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_lse", "return_layout"))
@@ -128,9 +137,8 @@ def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_l
             out, lse = _block_sparse_attention(q, k, v, layout, config, True)
         else:
             out, lse = dense_attention(q, k, v, scale=config.scale), None
-    elif q.shape[1] > _query_chunk(q, k, config):
-        layout = None
-        out, lse = _chunked_sale_attention(q, k, v, tau, config, _query_chunk(q, k, config))
+    elif len(_query_chunks(q, k, config)) > 1:
+        out, lse, layout = _chunked_sale_attention(q, k, v, tau, config, _query_chunks(q, k, config))
     else:
         layout = _select_blocks(q, k, tau, config)
         out, lse = _block_sparse_attention(q, k, v, layout, config, True)
@@ -138,21 +146,21 @@ def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_l
     return results[0] if len(results) == 1 else results
 
 
-def _chunked_sale_attention(q, k, v, tau, config: SaleConfig, chunk: int) -> tuple[jax.Array, jax.Array]:
+def _chunked_sale_attention(q, k, v, tau, config: SaleConfig, chunks: list[tuple[int, int]]):
     """SALE over consecutive query chunks, each against the keys up to its last row. The whole call's smoothing
     means quantize every chunk, and chunks start on q-block boundaries, so each row meets the codes, thresholds
-    and blocks it would unchunked."""
+    and blocks it would unchunked. Returns the output, the log-sum-exp and the `ChunkedLayout`."""
     means = smoothing_means(q, k)
     query_offset = k.shape[1] - q.shape[1]
-    outs, lses = [], []
-    for start in range(0, q.shape[1], chunk):
-        stop = min(start + chunk, q.shape[1])
+    outs, lses, layouts = [], [], []
+    for start, stop in chunks:
         q_chunk, k_chunk, v_chunk = q[:, start:stop], k[:, :query_offset + stop], v[:, :query_offset + stop]
         layout = _select_blocks(q_chunk, k_chunk, tau, config, means)
         out, lse = _block_sparse_attention(q_chunk, k_chunk, v_chunk, layout, config, True)
         outs.append(out)
         lses.append(lse)
-    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+        layouts.append(layout)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2), ChunkedLayout(tuple(layouts))
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None,

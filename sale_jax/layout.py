@@ -216,6 +216,43 @@ class BlockLayout:
         return self.counts.sum(axis=(0, 2), dtype=jnp.float32) / visible
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class ChunkedLayout:
+    """The layouts of a call run in query chunks (`SaleConfig.query_chunk`), in query order: each chunk's queries
+    against the keys up to its end, on the chunk's own grid. Densities are the whole call's."""
+
+    chunks: tuple[BlockLayout, ...]
+
+    def tree_flatten(self):
+        return (self.chunks,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(tuple(children[0]))
+
+    @property
+    def batch_size(self) -> int:
+        return self.chunks[0].batch_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.chunks[0].num_heads
+
+    def _visible(self) -> float:
+        return float(sum(layout.grid.visible_counts.sum() for layout in self.chunks))
+
+    def density(self) -> jax.Array:
+        """Kept blocks over causally visible blocks, over every chunk, batch element and head (f32 scalar)."""
+        kept = sum(layout.counts.sum(dtype=jnp.float32) for layout in self.chunks)
+        return kept / (self._visible() * self.batch_size * self.num_heads)
+
+    def density_per_head(self) -> jax.Array:
+        """f32 `[Hq]`: kept over visible blocks per q head, over every chunk, averaged over the batch."""
+        kept = sum(layout.counts.sum(axis=(0, 2), dtype=jnp.float32) for layout in self.chunks)
+        return kept / (self._visible() * self.batch_size)
+
+
 def _slot_coordinates(grid: BlockGrid) -> tuple[jax.Array, jax.Array]:
     """For every packed slot: the query block it belongs to and its rank within that block's list."""
     slot_row = np.repeat(np.arange(grid.num_q_blocks, dtype=np.int32), grid.visible_counts)

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from sale_jax import api, checks
 from sale_jax.config import SaleConfig
-from sale_jax.layout import BlockLayout
+from sale_jax.layout import BlockLayout, ChunkedLayout
 
 
 def _axis_size(mesh: Mesh, axis: str | None) -> int:
@@ -52,7 +52,7 @@ def sale_attention(q, k, v, tau, config: SaleConfig, *, mesh: Mesh, batch_axis: 
     check_shardable(q, k, mesh, batch_axis, head_axis)
     rows, per_head, heads = _specs(batch_axis, head_axis)
     out_specs = (rows,) + ((per_head,) if return_lse else ())
-    out_specs += (_layout_spec(per_head, q, k, config),) if return_layout else ()
+    out_specs += (_sale_layout_spec(per_head, q, k, config, mesh, batch_axis, head_axis),) if return_layout else ()
     local = functools.partial(api.sale_attention, config=config, return_lse=return_lse, return_layout=return_layout)
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, heads),
                             out_specs=out_specs if len(out_specs) > 1 else out_specs[0], check_vma=False)
@@ -67,8 +67,8 @@ def select_blocks(q, k, tau, config: SaleConfig, *, mesh: Mesh, batch_axis: str 
     check_shardable(q, k, mesh, batch_axis, head_axis)
     rows, per_head, heads = _specs(batch_axis, head_axis)
     local = functools.partial(api.select_blocks, config=config)
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, heads), out_specs=_layout_spec(per_head, q, k, config),
-                         check_vma=False)(q, k, tau)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, heads),
+                         out_specs=_block_layout_spec(per_head, q, k, config), check_vma=False)(q, k, tau)
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, config: SaleConfig, *, mesh: Mesh,
@@ -79,7 +79,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, config: SaleConfig, *, 
     check_shardable(q, k, mesh, batch_axis, head_axis)
     rows, per_head, _ = _specs(batch_axis, head_axis)
     local = functools.partial(api.block_sparse_attention, config=config, return_lse=return_lse)
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, _layout_spec(per_head, q, k, config)),
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, _block_layout_spec(per_head, q, k, config)),
                          out_specs=(rows, per_head) if return_lse else rows, check_vma=False)(q, k, v, layout)
 
 
@@ -93,6 +93,17 @@ def dense_attention(q, k, v, *, mesh: Mesh, batch_axis: str | None = "data", hea
     return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)(q, k, v)
 
 
-def _layout_spec(per_head: P, q, k, config: SaleConfig) -> BlockLayout:
-    """Partition specs shaped like the layout of these inputs (its static grid must match the real one's)."""
+def _block_layout_spec(per_head: P, q, k, config: SaleConfig) -> BlockLayout:
+    """Partition specs shaped like one layout of these inputs (its static grid must match the real one's)."""
     return BlockLayout(indices=per_head, counts=per_head, grid=api._grid_for(q, k, config))
+
+
+def _sale_layout_spec(per_head: P, q, k, config: SaleConfig, mesh: Mesh, batch_axis, head_axis):
+    """Partition specs shaped like the layout each device's call returns (its static grids must match the real
+    ones', which follow the device's share of batch and heads)."""
+    batch, q_len, q_heads, head_dim = q.shape
+    local_q = jax.ShapeDtypeStruct((batch // _axis_size(mesh, batch_axis), q_len,
+                                    q_heads // _axis_size(mesh, head_axis), head_dim), q.dtype)
+    grids = api.layout_grids(local_q, k, config)
+    specs = tuple(BlockLayout(indices=per_head, counts=per_head, grid=grid) for grid in grids)
+    return specs[0] if len(specs) == 1 else ChunkedLayout(specs)

@@ -9,7 +9,6 @@ import pytest
 
 import sale_jax
 from sale_jax import api, mosaic_gpu_backend
-from sale_jax.ops import smoothing_means
 from tests import cases
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -35,21 +34,21 @@ def test_query_chunks_keep_the_whole_calls_blocks_and_output(rng, backend):
     tau = jnp.asarray([0.01, 0.0, np.inf, 0.002], jnp.float32)
 
     want_out, want_lse, layout = sale_jax.sale_attention(q, k, v, tau, whole, return_lse=True, return_layout=True)
-    got_out, got_lse = sale_jax.sale_attention(q, k, v, tau, chunked, return_lse=True)
+    got_out, got_lse, pieces = sale_jax.sale_attention(q, k, v, tau, chunked, return_lse=True, return_layout=True)
     np.testing.assert_allclose(np.asarray(got_out, np.float32), np.asarray(want_out, np.float32), atol=1e-2)
     np.testing.assert_allclose(np.asarray(got_lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
 
-    # Each chunk's blocks are the whole call's rows for its q blocks.
+    # Each chunk's blocks are the whole call's rows for its q blocks, and the densities are the whole call's.
+    assert isinstance(pieces, sale_jax.ChunkedLayout) and len(pieces.chunks) == 2
     want_mask = np.asarray(layout.to_mask())
-    means = smoothing_means(q, k)
-    offset = k.shape[1] - q.shape[1]
-    for start in range(0, q.shape[1], 128):
-        stop = min(start + 128, q.shape[1])
-        piece = api._select_blocks(q[:, start:stop], k[:, :offset + stop], tau, chunked, means)
+    for start, piece in zip((0, 128), pieces.chunks):
         mask = np.asarray(piece.to_mask())
         rows = slice(start // 64, start // 64 + mask.shape[2])
         np.testing.assert_array_equal(mask, want_mask[:, :, rows, :mask.shape[3]])
         assert not want_mask[:, :, rows, mask.shape[3]:].any()
+    np.testing.assert_allclose(float(pieces.density()), float(layout.density()), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(pieces.density_per_head()), np.asarray(layout.density_per_head()),
+                               rtol=1e-6)
     assert 0.1 < float(layout.density()) < 0.9  # kept and skipped blocks both present
 
 
@@ -65,11 +64,13 @@ def test_automatic_chunks_bound_the_selection():
     assert sale_jax.SaleConfig(query_chunk=256).resolved_query_chunk(1, 32, 1 << 20) == 256
 
 
-def test_chunked_calls_refuse_return_layout(rng):
+def test_chunked_layouts_follow_the_calls_grids(rng):
     config = _config("reference", block_q=16, block_k=16, query_chunk=32)
-    q, k, v = _structured(rng, batch=1, q_len=64, kv_len=64, q_heads=2, kv_heads=1, head_dim=32, config=config)
-    with pytest.raises(ValueError, match="return_layout needs one selection call"):
-        sale_jax.sale_attention(q, k, v, jnp.full(2, 0.01), config, return_layout=True)
+    q, k, v = _structured(rng, batch=1, q_len=72, kv_len=100, q_heads=2, kv_heads=1, head_dim=32, config=config)
+    _, pieces = sale_jax.sale_attention(q, k, v, jnp.full(2, 0.01), config, return_layout=True)
+    grids = api.layout_grids(q, k, config)
+    assert [piece.grid for piece in pieces.chunks] == grids
+    assert [(g.q_len, g.kv_len) for g in grids] == [(32, 60), (32, 92), (8, 100)]
     with pytest.raises(ValueError, match="query_chunk must be a multiple of block_q"):
         sale_jax.SaleConfig(block_q=64, query_chunk=100)
 

@@ -1,5 +1,7 @@
 """SALE and the Llama prefill on a device mesh equal their single-device results (4 host devices on a CPU)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +49,18 @@ def test_sharded_sale_equals_single_device(rng, data, model):
     np.testing.assert_allclose(attended, want_out, atol=1e-6, rtol=1e-6)
     dense = sharding.dense_attention(qs, ks, vs, mesh=mesh)
     np.testing.assert_allclose(dense, sale_jax.dense_attention(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+def test_sharded_sale_in_query_chunks_equals_single_device(rng):
+    mesh = _mesh(2, 2)
+    case, (q, k, v, tau), (qs, ks, vs, taus) = _sharded_inputs(rng, mesh)
+    config = dataclasses.replace(case.config, query_chunk=64)  # 150 queries: chunks of 64, 64 and 22
+    want_out, want_layout = sale_jax.sale_attention(q, k, v, tau, config, return_layout=True)
+    out, layout = sharding.sale_attention(qs, ks, vs, taus, config, mesh=mesh, return_layout=True)
+    assert isinstance(layout, sale_jax.ChunkedLayout) and len(layout.chunks) == 3
+    for got, want in zip(layout.chunks, want_layout.chunks):
+        np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+    np.testing.assert_allclose(out, want_out, atol=1e-6, rtol=1e-6)
 
 
 def test_unshardable_shapes_are_rejected(rng):
