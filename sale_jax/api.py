@@ -131,14 +131,15 @@ def layout_grids(q, k, config: SaleConfig) -> list[BlockGrid]:
 @functools.partial(jax.jit, static_argnames=("config", "return_lse", "return_layout"))
 def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_layout: bool):
     grid = _grid_for(q, k, config)
+    chunks = _query_chunks(q, k, config)
     if k.shape[1] < config.resolved_dense_below(_backend_for(q, k, config)):
         layout = BlockLayout.all_visible(q.shape[0], q.shape[2], grid)
         if return_lse:
             out, lse = _block_sparse_attention(q, k, v, layout, config, True)
         else:
             out, lse = dense_attention(q, k, v, scale=config.scale), None
-    elif len(_query_chunks(q, k, config)) > 1:
-        out, lse, layout = _chunked_sale_attention(q, k, v, tau, config, _query_chunks(q, k, config))
+    elif len(chunks) > 1:
+        out, lse, layout = _chunked_sale_attention(q, k, v, tau, config, chunks)
     else:
         layout = _select_blocks(q, k, tau, config)
         out, lse = _block_sparse_attention(q, k, v, layout, config, True)

@@ -73,11 +73,6 @@ def _key_padding(config: SaleConfig, launch: EstimateLaunch) -> int:
     return max(launch.tile_k, pallas_kernels.COMPACTION_CHUNK * config.block_k)
 
 
-def _padded_key_blocks(kv_len: int, config: SaleConfig, launch: EstimateLaunch) -> int:
-    padding = _key_padding(config, launch)
-    return padding * -(-kv_len // padding) // config.block_k
-
-
 def estimate_key_chunks(padded_kv_len: int, config: SaleConfig, launch: EstimateLaunch,
                         max_k_blocks: int = MAX_K_BLOCKS) -> list[tuple[int, int]]:
     """The `[start, end)` key ranges of the estimate's launches: as long as a launch's flags fit in shared memory

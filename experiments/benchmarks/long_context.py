@@ -10,8 +10,9 @@ the last query chunk (the rows that see every key), and the density reported is 
 `select_blocks` call of its own, smoothed by the chunk's means where the timed call smooths every chunk by the
 whole call's, which can move blocks near the threshold; selecting every chunk apart would compile each chunk's
 selection twice). Memory: the inputs and output, and for the last query chunk the layout (kept-block indices and
-counts) and the Mosaic GPU estimate's hit flags; and the device's peak, which includes making the inputs. Medians of --repeats rounds, dense and SALE timed in turn within each round. The JSON
-is rewritten after each length, so a run cut short keeps the lengths it finished.
+counts) and the Mosaic GPU estimate's hit flags; and the device's peak, which includes making the inputs. Medians
+of --repeats rounds, dense and SALE timed in turn within each round. The JSON is rewritten after each length, so a
+run cut short keeps the lengths it finished.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sale_jax
 from experiments.lib import flags as common, results
 from experiments.lib.attention_targets import dense_attention, dense_baseline, tau_for_density
 from experiments.lib.timing import interleaved_median_seconds
-from sale_jax import workloads
+from sale_jax import api, workloads
 
 _LENGTHS = common.define_lengths([262144, 524288, 1048576])
 _HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)
@@ -43,17 +44,12 @@ def _nbytes(*arrays) -> int:
     return sum(x.size * x.dtype.itemsize for x in arrays)
 
 
-def _query_chunks(length: int, chunk: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
-
-
 def bench_length(length: int, config: sale_jax.SaleConfig) -> dict:
     hq, hkv, d = _HEADS.values()
     work = workloads.llm_like_qkv(length, 1, length, hq, hkv, d, dtype=common.resolve_dtype(_DTYPE.value))
     q, k, v = work.q, work.k, work.v
-    chunk = config.resolved_query_chunk(1, hq, length)
-    chunks = _query_chunks(length, chunk)
-    last_start = chunks[-1][0]
+    chunks = api.layout_grids(q, k, config)  # one grid per query chunk
+    chunk, last_start = chunks[0].q_len, length - chunks[-1].q_len
     tau_value = tau_for_density(q[:, last_start:], k, config, _DENSITY.value, _BISECTION_STEPS.value)
     tau = jnp.full((hq,), tau_value, jnp.float32)
 
