@@ -2,7 +2,7 @@
 
     python -m experiments.demo                               # the committed retrieval model, calibrated thresholds
     python -m experiments.demo --seq_len=131072              # longer prompts (a GPU runs the Pallas kernels)
-    python -m experiments.demo --checkpoint=DIR --seq_len=65536   # any Hugging Face Llama
+    python -m experiments.demo --checkpoint=DIR --seq_len=65536   # a checkpoint of any supported family
     python -m experiments.demo --checkpoint=random           # a small random-weight Llama
 
 By default the model is the byte-level Llama trained on key-value retrieval
@@ -37,8 +37,8 @@ RETRIEVAL_MODEL = os.path.join(_RESULTS, "retrieval_training_128k", "h200", "che
 RETRIEVAL_THRESHOLDS = os.path.join(_RESULTS, "retrieval_accuracy", "h200", "thresholds_kl_budget_0.01.json")
 RANDOM = "random"
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", RETRIEVAL_MODEL, "Hugging Face Llama folder, or 'random' for a "
-                                  "small random-weight Llama.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", RETRIEVAL_MODEL, "Hugging Face folder of a supported family, "
+                                  "or 'random' for a small random-weight Llama.")
 _PROMPTS = flags.DEFINE_enum("prompts", None, ["retrieval", "json_kv"], "Retrieval questions, or the paper's JSON "
                               "key-value prompt with greedy continuations; default: retrieval for the committed "
                               "retrieval model, json_kv for other models.")

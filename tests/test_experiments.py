@@ -47,9 +47,9 @@ SMOKE_RUNS = {
         (*ATTENTION_SHAPE[:3], *KERNELS, "--lengths=256", "--block_q=64",
          "--sink_tokens=32", "--local_tokens=64", "--repeats=1", "--output={out}/estimate_kernel.json"),
         "estimate_kernel.json"),
-    "experiments.benchmarks.model": (
-        ("--preset=tiny", "--seq_len=128", "--backend=reference", "--repeats=1", "--warmup=1",
-         "--output={out}/model.json"), "model.json"),
+    "experiments.benchmarks.model": (  # a family other than Llama, from its transformers fixture
+        (f"--checkpoint={REPOSITORY / 'tests' / 'fixtures' / 'tiny_qwen2'}", "--seq_len=128", "--backend=reference",
+         "--repeats=1", "--warmup=1", "--output={out}/model.json"), "model.json"),
     "experiments.benchmarks.long_context": (
         (*ATTENTION_SHAPE, "--backend=reference", "--lengths=512", "--block_q=64", "--query_chunk=256",
          "--bisection_steps=2", "--repeats=1", "--output={out}/long_context.json"), "long_context.json"),
@@ -278,6 +278,8 @@ def test_smoke_run(smoke_runs, module_name):
         _check_provenance(json.loads((out / "train_state.json").read_text()), module_name)
     if module_name == "experiments.accuracy.validate_gpu":
         assert all(row["selection_ok"] for row in record["rows"]), record["rows"]
+    if module_name == "experiments.benchmarks.model":
+        assert record["family"] == "qwen2" and len(record["per_layer"]) == record["layers"]
     if module_name == "experiments.benchmarks.estimate_kernel":
         assert record["lengths"]["256"]["check"]["values_ok"]
 

@@ -1,6 +1,8 @@
-"""Prefill of a Llama-shaped model with random weights: dense (cuDNN) attention against SALE, per layer and whole.
+"""Prefill of a Llama-shaped model, random weights of a preset or a Hugging Face checkpoint of any supported family:
+dense (cuDNN) attention against SALE, per layer and whole.
 
     python -m experiments.benchmarks.model --output=experiments/results/model_prefill/h200/model.json  # 8B, 64K
+    python -m experiments.benchmarks.model --checkpoint=DIR --thresholds=t.json --output=/tmp/model.json
     python -m experiments.benchmarks.model --preset=tiny --seq_len=1024 --output=/tmp/model.json  # CPU smoke run
     python -m experiments.benchmarks.model --seq_len=131072 --mesh=1,4 --output=...           # 4 GPUs, tensor-parallel
 
@@ -8,6 +10,7 @@ Reports, on the same random prompt: each layer's attention time (dense vs SALE, 
 with the layer's kept-block density), the whole prefill's time (last-position logits only), and each compiled
 prefill's device memory (arguments + outputs + temporaries, from XLA's memory analysis). Medians of --repeats.
 Random weights give no learned attention pattern; the densities are what a uniform --tau keeps on them.
+A checkpoint's densities are what its thresholds (--thresholds, or a uniform --tau) keep on a random prompt.
 """
 
 from __future__ import annotations
@@ -24,18 +27,21 @@ from flax import nnx
 import sale_jax
 from experiments.lib import flags as common, results
 from experiments.lib.timing import median_seconds
-from models import llama
+from models import checkpoint, llama
 from models.config import LlamaConfig
 from models.sharding import make_mesh, shard_batch, shard_llama
 from sale_jax import sharding
 
 _PRESET = flags.DEFINE_enum("preset", "llama_3_1_8b", ["llama_3_1_8b", "llama_3_2_3b", "llama_3_2_1b", "tiny"],
-                            "Model shape.")
-_LAYERS = flags.DEFINE_integer("layers", None, "Override the number of layers.")
+                            "Model shape, with random weights (without --checkpoint).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint folder of a supported family "
+                                  "(models.config.FAMILIES), loaded with its weights instead of a --preset.")
+_LAYERS = flags.DEFINE_integer("layers", None, "Override a --preset's number of layers.")
 _SEQ_LEN = common.define_seq_len(65536, "Prompt tokens.")
 _DTYPE = common.define_dtype("auto", "The model's dtype.")
 _SALE = common.SaleFlags.define(backend="auto")
-_TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform SALE threshold.")
+_TAU = flags.DEFINE_float("tau", sale_jax.DEFAULT_TAU, "Uniform SALE threshold (without --thresholds).")
+_THRESHOLDS = flags.DEFINE_string("thresholds", None, "Thresholds file (sale_jax.Thresholds.save) for the model.")
 _REPEATS = common.define_repeats(3)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before them (the first one compiles).", lower_bound=1)
 _TIME_LAYERS = flags.DEFINE_bool("time_layers", True, "Also time each layer's attention alone (dense vs SALE) "
@@ -52,14 +58,22 @@ def _memory_bytes(fn, *args) -> int | None:
     return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
 
 
+def _dense_model(dtype: str) -> llama.Llama:
+    if _CHECKPOINT.value is None:
+        overrides = {"dtype": dtype, **({"num_layers": _LAYERS.value} if _LAYERS.value else {})}
+        return llama.Llama(getattr(LlamaConfig, _PRESET.value)(**overrides), nnx.Rngs(0))
+    if _LAYERS.value:
+        raise ValueError("--layers changes a --preset's shape; a --checkpoint has the layers its weights have")
+    return checkpoint.load_llama(_CHECKPOINT.value, dtype=dtype)
+
+
 def main(argv):
     del argv
-    overrides = {"dtype": common.resolve_dtype(_DTYPE.value).name}
-    if _LAYERS.value:
-        overrides["num_layers"] = _LAYERS.value
-    config = getattr(LlamaConfig, _PRESET.value)(**overrides)
-    dense_model = llama.Llama(config, nnx.Rngs(0))
-    thresholds = sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _TAU.value)
+    dense_model = _dense_model(common.resolve_dtype(_DTYPE.value).name)
+    config = dense_model.config
+    thresholds = (sale_jax.Thresholds.load(_THRESHOLDS.value, num_layers=config.num_layers,
+                                           num_q_heads=config.num_heads) if _THRESHOLDS.value
+                  else sale_jax.Thresholds.uniform(config.num_layers, config.num_heads, _TAU.value))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, _SEQ_LEN.value)), jnp.int32)
     lengths = jnp.asarray([_SEQ_LEN.value])
     if len(_MESH.value) != 2:
@@ -104,8 +118,9 @@ def main(argv):
     dense_ms, dense_bytes = run_prefill(dense_model, False)
     sale_ms, sale_bytes = run_prefill(sale_model, True)
     summary = {
-        "preset": _PRESET.value, "layers": config.num_layers,
-        "seq_len": _SEQ_LEN.value, "dtype": config.dtype, "tau": _TAU.value, "repeats": _REPEATS.value,
+        "model": _CHECKPOINT.value or _PRESET.value, "family": config.family(), "layers": config.num_layers,
+        "seq_len": _SEQ_LEN.value, "dtype": config.dtype,
+        "thresholds": _THRESHOLDS.value or f"uniform tau {_TAU.value:g}", "repeats": _REPEATS.value,
         "warmup": _WARMUP.value,
         "per_layer": layers,
         "attention_ms_total": {"dense": sum(r["dense_ms"] for r in layers), "sale": sum(r["sale_ms"] for r in layers)},

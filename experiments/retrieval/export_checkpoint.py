@@ -1,4 +1,5 @@
-r"""Re-saves a Hugging Face Llama checkpoint in another dtype, optionally in shards (e.g. to commit a trained model).
+r"""Re-saves a Hugging Face checkpoint of a supported family in another dtype, optionally in shards (e.g. to commit
+a trained model).
 
     python -m experiments.retrieval.export_checkpoint --checkpoint=build/run \
         --output_dir=experiments/results/retrieval_training/h200/checkpoint --dtype=bfloat16

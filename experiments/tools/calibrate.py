@@ -4,16 +4,16 @@
     python -m experiments.tools.calibrate --checkpoint=DIR --recipe=kl_budget --kl_budget=0.01 --output=t.json
     python -m experiments.tools.calibrate --output=/tmp/thresholds.json   # no checkpoint: synthetic LLM-like layers
 
-With a Hugging Face Llama checkpoint, the samples are the paper's JSON key-value retrieval prompts as bytes
-(--prompts=json_kv, meaningful for byte-level models), sequences of the retrieval task the project's retrieval
-model was trained on (--prompts=retrieval, drawn from a stream no training or evaluation uses), or --tokens
-(prompts.npy, int [N, T], for a model with its own tokenizer). The recipe (models.calibration) is the paper's
-(bound --theta; each layer's (q, k, v) captured from the dense forward pass one layer at a time) or a budget
-recipe: the sparsest thresholds whose model stays within --kl_budget nats of dense, or spends --density_budget.
-Without a checkpoint the paper recipe or the density_budget recipe (heads priced by their per-row L1 error,
-`sale_jax.budget_calibration.calibrate_to_density`) runs, each layer of each sample an independent draw of
-`sale_jax.workloads.llm_like_qkv`. The thresholds file records the model's name, the recipe with its parameters
-and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
+With a Hugging Face checkpoint of a supported family (models.config.FAMILIES), the samples are the paper's JSON
+key-value retrieval prompts as bytes (--prompts=json_kv, meaningful for byte-level models), sequences of the
+retrieval task the project's retrieval model was trained on (--prompts=retrieval, drawn from a stream no training or
+evaluation uses), or --tokens (prompts.npy, int [N, T], for a model with its own tokenizer). The recipe
+(models.calibration) is the paper's (bound --theta; each layer's (q, k, v) captured from the dense forward pass one
+layer at a time) or a budget recipe: the sparsest thresholds whose model stays within --kl_budget nats of dense, or
+spends --density_budget. Without a checkpoint the paper recipe or the density_budget recipe (heads priced by their
+per-row L1 error, `sale_jax.budget_calibration.calibrate_to_density`) runs, each layer of each sample an independent
+draw of `sale_jax.workloads.llm_like_qkv`. The thresholds file records the model's name, the recipe with its
+parameters and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from sale_jax import budget_calibration, calibration, workloads
 from sale_jax.kv_prompts import json_kv_prompt
 
 _OUTPUT = flags.DEFINE_string("output", None, "Thresholds file to write (JSON).", required=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Llama folder to calibrate.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face folder (a supported family) to calibrate.")
 _TOKENS = flags.DEFINE_string("tokens", None, "With --checkpoint: prompts as an .npy of int [N, T].")
 _PROMPTS = flags.DEFINE_enum("prompts", "json_kv", ["json_kv", "retrieval"], "With --checkpoint and no --tokens: "
                              "the paper's JSON key-value prompts, or the retrieval task's sequences.")
