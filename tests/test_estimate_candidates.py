@@ -1,6 +1,7 @@
 """The reduced-estimate candidates of experiments/lib/estimate_candidates.py: at full rank the channel subset is
 the full 4-bit estimate bit for bit, channels come in rotary pairs, the joint basis is orthonormal and lossless at
-full rank, and adversarial needles move the planted key only in the dimensions a basis drops."""
+full rank, adversarial needles move the planted key only in the dimensions a basis drops, and the certified bound
+never falls below the full estimate's margins (and meets them at full rank)."""
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +101,30 @@ def test_bad_rank_is_refused(rng):
             candidates.channel_subset_basis(q, k, rank)
         with pytest.raises(ValueError, match="rank"):
             candidates.joint_pca_basis(q, k, rank)
+
+
+@pytest.mark.parametrize("family", ["channels", "pca"])
+def test_certified_bound_is_never_below_the_full_estimate(rng, family):
+    work = workloads.llm_like_qkv(int(rng.integers(1 << 30)), 1, 256, 4, 2, 32, dtype=jnp.float32)
+    ones = jnp.ones((4,), jnp.float32)
+    full = np.asarray(selection_margins_reference(work.q, work.k, ones, CONFIG)[1])
+    finite = np.isfinite(full)
+    choose = {"channels": candidates.channel_subset_basis, "pca": candidates.joint_pca_basis}[family]
+    for rank in (2, 8, 16):
+        bound = np.asarray(candidates.certified_bound_margins(work.q, work.k, choose(work.q, work.k, rank), CONFIG))
+        np.testing.assert_array_equal(np.isfinite(bound), finite)
+        # f32 rounding of the projected dots: 1e-4 relative to the margins' scale.
+        assert np.all(bound[finite] >= full[finite] - 1e-4 * np.abs(full[finite]).max()), rank
+        assert np.mean(bound[finite] > full[finite] + 1e-3) > 0.5, f"rank {rank} of 32 bounds loosely"
+    at_full_rank = candidates.certified_bound_margins(work.q, work.k, choose(work.q, work.k, 32), CONFIG)
+    np.testing.assert_allclose(np.asarray(at_full_rank)[finite], full[finite], atol=1e-3)
+
+
+def test_tiles_needing_estimate_counts_whole_tiles_and_the_last_partial_one():
+    # One query block, one head, 5 middle key blocks in tiles of 2: [0, 1] [2, 3] [4, pad].
+    middle = np.array([True, True, True, True, True])[None, None, None]
+    bound = np.array([-1.0, 0.5, -1.0, -2.0, 3.0])[None, None, None]
+    assert candidates.tiles_needing_estimate(bound, middle, 0.0, 2) == pytest.approx(2 / 3)
+    assert candidates.tiles_needing_estimate(bound, middle, 0.0, 1) == pytest.approx(2 / 5)
+    # A block outside the middle (sink, local or invisible) never makes a tile needed.
+    assert candidates.tiles_needing_estimate(bound, middle & (bound < 1), 0.0, 2) == pytest.approx(1 / 2)

@@ -94,7 +94,7 @@ EXPECTED_KEYS = {
     "experiments.benchmarks.long_context": {"lengths", "dense_baseline", "shape"},
     "experiments.accuracy.validate_gpu": {"rows", "tau", "shape"},
     "experiments.accuracy.frontier": {"points", "shape", "files"},
-    "experiments.accuracy.estimate_candidates": {"points", "adversarial", "shape", "files"},
+    "experiments.accuracy.estimate_candidates": {"points", "adversarial", "certified", "shape", "files"},
     "experiments.accuracy.retrieval_eval": {"cells", "thresholds", "files"},
     "experiments.retrieval.train": {"step", "results"},
     "experiments.retrieval.export_checkpoint": {"source", "dtype", "files"},

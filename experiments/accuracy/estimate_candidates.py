@@ -22,6 +22,10 @@ entirely in the dimensions each family's largest rank drops (so every rank of th
 needle's score by --strengths times the row's log-sum-exp gap; the full estimate at --adversarial_tau and each
 candidate at its density-matched tau report needle recall. Cost: multiply-adds per head of the estimate over the
 middle pairs (r/D of the full one) and, for the bases, of projecting q and k.
+
+Certified filter: each basis at each rank bounds the full estimate from above (`certified_bound_margins`); at each
+tau it reports the fraction of middle key tiles of --tile_blocks key blocks whose bound exceeds log tau, the tiles
+the full estimate would still score. The selection is the full estimate's by construction (checked).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ _STRENGTHS = common.define_numbers("strengths", [0.25, 0.5, 1.0, 2.0], "Adversar
                                    "of the row's log-sum-exp gap added to the needle's score in dropped dims.")
 _ADVERSARIAL_TAU = flags.DEFINE_float("adversarial_tau", 0.008, "Full estimate's tau for the adversarial needles "
                                       "(candidates at their density-matched tau).")
+_TILE_BLOCKS = common.define_numbers("tile_blocks", [1, 4, 8], "Key blocks per tile for the certified filter's "
+                                     "count of tiles that still need the full estimate.", kind=int)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluated sample (calibration uses seed + 1).")
 _OUTPUT = common.define_output()
 
@@ -64,6 +70,8 @@ def _check_flags(head_dim: int) -> None:
         raise ValueError(f"--adversarial_tau must be positive, got {_ADVERSARIAL_TAU.value}")
     if any(s < 0 for s in _STRENGTHS.value):
         raise ValueError(f"--strengths must be >= 0, got {_STRENGTHS.value}")
+    if not _TILE_BLOCKS.value or min(_TILE_BLOCKS.value) < 1:
+        raise ValueError(f"--tile_blocks must be positive and not empty, got {_TILE_BLOCKS.value}")
 
 
 def _matched_log_tau(margins: np.ndarray, middle: np.ndarray, count: int) -> float:
@@ -141,6 +149,26 @@ def main(argv):
                   f"{point['block_recall']:.3f}  L1/row {point['l1_per_row']:.4f}  needles "
                   f"{point['needle_recall']:.2f}", flush=True)
 
+    certified = []
+    for (family, rank), basis in bases.items():
+        bound = np.asarray(candidates.certified_bound_margins(q, k, basis, config))
+        for tau in _TAUS.value:
+            kept = mask_at(margins[("sale", head_dim)], np.log(tau)) & middle
+            # f32 rounding of the projected dots aside (1e-3 in logits), the bound keeps what the full estimate keeps.
+            if not np.all(bound[kept] >= margins[("sale", head_dim)][kept] - 1e-3):
+                raise AssertionError(f"{family}_r{rank}'s bound falls below the full estimate at tau {tau}")
+            row = {"method": f"{family}_r{rank}", "family": family, "rank": rank, "full_tau": tau,
+                   "density": density(mask_at(margins[("sale", head_dim)], np.log(tau))),
+                   "bound_fraction_of_full": (rank + 1) / head_dim,
+                   "tiles_needing_full_estimate": {
+                       str(blocks * config.block_k): candidates.tiles_needing_estimate(bound, middle, np.log(tau),
+                                                                                      blocks)
+                       for blocks in _TILE_BLOCKS.value}}
+            certified.append(row)
+            print(f"certified {row['method']:<12} full tau {tau:<7} density {row['density']:.3f}  tiles needing "
+                  "the full estimate " + "  ".join(f"{keys} keys {fraction:.3f}" for keys, fraction
+                                                   in row["tiles_needing_full_estimate"].items()), flush=True)
+
     # Adversarial needles: the sample's own needles removed, new ones planted where each family looks least.
     plain_k = workloads.llm_like_qkv(_SEED.value, *shape, dtype=dtype, head_seed=_SEED.value, num_needles=0).k
     scale = config.softmax_scale(head_dim)
@@ -173,7 +201,7 @@ def main(argv):
         "full_estimate_macs": middle_pairs * head_dim, "adversarial_tau": tau,
         "channels": {f"r{rank}": np.asarray(jnp.argmax(bases[("channels", rank)], axis=1)).tolist()
                      for rank in _RANKS.value},
-        "points": points, "adversarial": adversarial}, config, files=[plot])
+        "points": points, "adversarial": adversarial, "certified": certified}, config, files=[plot])
     _plot(points, adversarial, plot)
 
 

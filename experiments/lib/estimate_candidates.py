@@ -9,12 +9,19 @@ l over the sink and local blocks) stay exact over all D channels; only the middl
       rotary pairs (c, c + D/2) so the reduced score, like the full one, depends on relative position only;
   joint Q-K basis (Loki, arXiv 2406.02542): the top r eigenvectors of the stacked second moments of q and of the
       smoothed k, each normalized to unit trace so neither dominates by scale.
+
+A certified bound uses either basis differently: not as a cheaper estimate but as a filter before the full one. With
+P the projection onto an orthonormal basis, each code dot splits as `Pcq . Pck + P'cq . P'ck` (P' = 1 - P) and
+Cauchy-Schwarz bounds the second term by `|P'cq| |P'ck|`, so a rank-(r + 1) dot bounds the full 4-bit estimate from
+above. Tiles whose bound stays under the threshold cannot hold a kept block; only the others need the full estimate,
+and the selection is the full estimate's exactly.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid
@@ -122,3 +129,38 @@ def adversarial_needle_keys(q: jax.Array, k: jax.Array, needle_rows: jax.Array, 
     raise_by = strength * jnp.maximum(row_lse - current, 0.0)[..., None]
     delta = raise_by / scale * dropped / jnp.sum(needle_q * dropped, axis=-1, keepdims=True)
     return k32.at[b_idx, needle_keys, h_idx // group].add(delta).astype(k.dtype)
+
+
+def certified_bound_margins(q: jax.Array, k: jax.Array, basis: jax.Array, config: SaleConfig) -> jax.Array:
+    """f32 `[B, Hq, nQ, nK]` upper bounds on the full 4-bit estimate's block margins at tau = 1
+    (`selection_margins_reference`): each code dot replaced by `Pcq . Pck + |P'cq| |P'ck|`, with P the projection
+    onto `basis` (orthonormal columns) and P' its complement. A middle block whose bound is <= log tau is one the
+    full estimate drops at tau."""
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    full = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
+                              block_k=config.block_k)
+
+    def bound_codes(codes):
+        """`[Pc, |P'c|]`: the projected codes and the norm of what the projection drops."""
+        codes = codes.astype(jnp.float32)
+        projected = project(codes, basis)
+        dropped = jnp.sum(codes * codes, axis=-1) - jnp.sum(projected * projected, axis=-1)
+        return jnp.concatenate([projected, jnp.sqrt(jnp.maximum(dropped, 0.0))[..., None]], axis=-1)
+
+    quant = full._replace(q_codes=bound_codes(full.q_codes), k_codes=bound_codes(full.k_codes))
+    ones = jnp.ones((q.shape[2],), jnp.float32)
+    return block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
+
+
+def tiles_needing_estimate(bound_margins: np.ndarray, middle: np.ndarray, log_tau: float,
+                           blocks_per_tile: int) -> float:
+    """Of the key tiles (`blocks_per_tile` key blocks of one query block and head) that hold a middle block, the
+    fraction whose bound exceeds `log_tau` somewhere among their middle blocks: the tiles a filtered estimate still
+    scores in full."""
+    def tiled(mask):
+        padding = [(0, 0)] * (mask.ndim - 1) + [(0, -mask.shape[-1] % blocks_per_tile)]
+        padded = np.pad(mask, padding)
+        return padded.reshape(*padded.shape[:-1], -1, blocks_per_tile).any(axis=-1)
+
+    middle = np.broadcast_to(middle, bound_margins.shape)
+    return float(tiled((bound_margins > log_tau) & middle).sum() / max(tiled(middle).sum(), 1))
