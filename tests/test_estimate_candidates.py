@@ -1,7 +1,8 @@
 """The reduced-estimate candidates of experiments/lib/estimate_candidates.py: at full rank the channel subset is
 the full 4-bit estimate bit for bit, channels come in rotary pairs, the joint basis is orthonormal and lossless at
 full rank, adversarial needles move the planted key only in the dimensions a basis drops, and the certified bound
-never falls below the full estimate's margins (and meets them at full rank)."""
+never falls below the full estimate's margins (and meets them at full rank); 2:4 pruning keeps the two largest codes
+of each four, and its adversarial needles use only the channels it drops."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 
 from experiments.lib import estimate_candidates as candidates
 from sale_jax import SaleConfig, workloads
+from sale_jax.reference.quantize import quantize_reference
 from sale_jax.reference.selection import selection_margins_reference
 
 CONFIG = SaleConfig(backend="reference", block_q=32, block_k=32, sink_tokens=32, local_tokens=32, dense_below=0)
@@ -75,7 +77,7 @@ def test_adversarial_needles_live_in_the_dropped_dimensions(rng, family):
     basis = choose(work.q, work.k, 8)
     scale = 32 ** -0.5
     keys = candidates.adversarial_needle_keys(work.q, jnp.asarray(plain_k), work.needle_rows, work.needle_keys,
-                                              basis, 1.0, scale)
+                                              candidates.outside_basis(basis), 1.0, scale)
     delta = np.asarray(keys) - plain_k  # [1, S, Hkv, D]
     kept_part = np.einsum("bskd,kdr->bskr", delta, np.asarray(basis))
     assert np.linalg.norm(kept_part) < 1e-4 * np.linalg.norm(delta)
@@ -128,3 +130,40 @@ def test_tiles_needing_estimate_counts_whole_tiles_and_the_last_partial_one():
     assert candidates.tiles_needing_estimate(bound, middle, 0.0, 1) == pytest.approx(2 / 5)
     # A block outside the middle (sink, local or invisible) never makes a tile needed.
     assert candidates.tiles_needing_estimate(bound, middle & (bound < 1), 0.0, 2) == pytest.approx(1 / 2)
+
+
+def test_structured_sparse_codes_keep_the_two_largest_of_each_four():
+    codes = jnp.asarray([[3, -5, 1, 0, 2, 2, -2, 1, 0, 0, 0, 7]], jnp.int8)
+    # Ties go to the lower channel: 2, 2, -2 keeps the first two.
+    want = [[3, -5, 0, 0, 2, 2, 0, 0, 0, 0, 0, 7]]
+    np.testing.assert_array_equal(np.asarray(candidates.structured_sparse_codes(codes)), want)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        candidates.structured_sparse_codes(jnp.zeros((1, 6), jnp.int8))
+
+
+def test_structured_sparse_margins_refuse_an_unknown_operand(rng):
+    q, k = _qk(rng)
+    with pytest.raises(ValueError, match="operand"):
+        candidates.structured_sparse_margins(q, k, CONFIG, "v")
+
+
+def test_adversarial_needles_for_2_4_codes_use_only_the_pruned_channels(rng):
+    seed = int(rng.integers(1 << 30))
+    work = workloads.llm_like_qkv(seed, 1, 512, 4, 2, 32, dtype=jnp.float32, num_needles=3)
+    plain_k = np.asarray(workloads.llm_like_qkv(seed, 1, 512, 4, 2, 32, dtype=jnp.float32, num_needles=0).k)
+    dropped_of = candidates.outside_structured_sparse(work.q, work.k, work.needle_rows, CONFIG)
+    keys = candidates.adversarial_needle_keys(work.q, jnp.asarray(plain_k), work.needle_rows, work.needle_keys,
+                                              dropped_of, 1.0, 32 ** -0.5)
+    delta = np.asarray(keys) - plain_k  # [1, S, Hkv, D]
+    quant = quantize_reference(work.q, work.k, granularity=CONFIG.quant_granularity, block_q=CONFIG.block_q,
+                               block_k=CONFIG.block_k)
+    kept = np.asarray(candidates.structured_sparse_codes(quant.q_codes)) != 0  # [1, L, Hq, D]
+    rows, needle_keys = np.asarray(work.needle_rows[0]), np.asarray(work.needle_keys[0])
+    for head in range(4):
+        group_keys = list(needle_keys[2 * (head // 2):2 * (head // 2) + 2].ravel())
+        for row, key in zip(rows[head], needle_keys[head]):
+            if group_keys.count(key) > 1:  # two needles on one key: their moves add up
+                continue
+            moved = delta[0, key, head // 2]
+            assert np.linalg.norm(moved) > 0
+            assert np.all(moved[kept[0, row, head]] == 0), (head, row)

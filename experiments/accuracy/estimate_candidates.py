@@ -23,12 +23,18 @@ needle's score by --strengths times the row's log-sum-exp gap; the full estimate
 candidate at its density-matched tau report needle recall. Cost: multiply-adds per head of the estimate over the
 middle pairs (r/D of the full one) and, for the bases, of projecting q and k.
 
+2:4 structured-sparse codes (`sparse24_q`, `sparse24_k`): each code vector of q (or k) keeps its 2 largest of
+every 4 channels, compared at equal density as above; sparse24_q's adversarial needles sit in the q channels the
+pruning zeroes in each needle's row.
+
 Certified filter: each basis at each rank bounds the full estimate from above (`certified_bound_margins`); at each
 tau it reports the fraction of middle key tiles of --tile_blocks key blocks whose bound exceeds log tau, the tiles
 the full estimate would still score. The selection is the full estimate's by construction (checked).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +65,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluated sample (calibrati
 _OUTPUT = common.define_output()
 
 FAMILIES = {"channels": candidates.channel_subset_basis, "pca": candidates.joint_pca_basis}
+# 2:4 structured-sparse codes of q or of k (no basis, no rank): half the channels of each vector, at the sparse
+# wgmma's twice-dense rate.
+STRUCTURED_SPARSE = ("q", "k")
+
+
+def method_name(family: str, rank: int) -> str:
+    return family if family == "sale" or family.startswith("sparse24") else f"{family}_r{rank}"
 
 
 def _check_flags(head_dim: int) -> None:
@@ -108,6 +121,8 @@ def main(argv):
              for family, choose in FAMILIES.items() for rank in _RANKS.value}
     margins = {("sale", head_dim): full_margins(k)}
     margins |= {key: np.asarray(candidates.reduced_margins(q, k, basis, config)) for key, basis in bases.items()}
+    margins |= {(f"sparse24_{operand}", head_dim // 2): np.asarray(
+        candidates.structured_sparse_margins(q, k, config, operand)) for operand in STRUCTURED_SPARSE}
 
     def cost(family, rank):
         macs = {"estimate_macs": middle_pairs * rank, "estimate_fraction_of_full": rank / head_dim}
@@ -138,7 +153,7 @@ def main(argv):
             mask = mask_at(margin, log_tau)
             layout = sale_jax.BlockLayout.from_mask(jnp.asarray(mask), grid)
             out = sale_jax.block_sparse_attention(q, k, v, layout, config)
-            point = {"method": "sale" if family == "sale" else f"{family}_r{rank}", "family": family,
+            point = {"method": method_name(family, rank), "family": family,
                      "rank": rank, "full_tau": tau, "tau": float(np.exp(log_tau)),
                      "block_recall": float((mask & full_mask & middle).sum() / max(count, 1)),
                      "same_tau_density": density(mask_at(margin, np.log(tau)))}
@@ -175,18 +190,27 @@ def main(argv):
     adversarial = []
     tau = _ADVERSARIAL_TAU.value
     adversarial_count = full_count(tau)
-    for family in FAMILIES:
-        widest = bases[(family, max(_RANKS.value))]
+    # Per family: where its needles are planted, and each of its members' margins on the planted keys.
+    planted = {family: (f"outside {family} r{max(_RANKS.value)}",
+                        candidates.outside_basis(bases[(family, max(_RANKS.value))]),
+                        {(family, rank): functools.partial(candidates.reduced_margins, basis=bases[(family, rank)])
+                         for rank in _RANKS.value})
+               for family in FAMILIES}
+    planted["sparse24_q"] = ("in the q channels 2:4 prunes",
+                             candidates.outside_structured_sparse(q, k, work.needle_rows, config),
+                             {("sparse24_q", head_dim // 2): functools.partial(
+                                 candidates.structured_sparse_margins, operand="q")})
+    for family, (where, dropped_of, members) in planted.items():
         for strength in _STRENGTHS.value:
-            keys = candidates.adversarial_needle_keys(q, plain_k, work.needle_rows, work.needle_keys, widest,
+            keys = candidates.adversarial_needle_keys(q, plain_k, work.needle_rows, work.needle_keys, dropped_of,
                                                       strength, scale)
-            row = {"family": family, "planted_outside_rank": max(_RANKS.value), "strength": strength,
+            row = {"family": family, "planted": where, "strength": strength,
                    "needle_recall": {"sale": float(needles_kept(mask_at(full_margins(keys), np.log(tau)),
                                                                 work.needle_rows, work.needle_keys, config).mean())}}
-            for rank in _RANKS.value:
-                log_tau = matched_log_tau(family, rank, tau, adversarial_count)
-                reduced = np.asarray(candidates.reduced_margins(q, keys, bases[(family, rank)], config))
-                row["needle_recall"][f"{family}_r{rank}"] = float(needles_kept(
+            for (member, rank), member_margins in members.items():
+                log_tau = matched_log_tau(member, rank, tau, adversarial_count)
+                reduced = np.asarray(member_margins(q, keys, config=config))
+                row["needle_recall"][method_name(member, rank)] = float(needles_kept(
                     mask_at(reduced, log_tau), work.needle_rows, work.needle_keys, config).mean())
             adversarial.append(row)
             print(f"adversarial {family:<9} strength {strength:<5} needle recall "
@@ -218,7 +242,7 @@ def _plot(points, adversarial, path):
     for family in dict.fromkeys(row["family"] for row in adversarial):
         rows = [row for row in adversarial if row["family"] == family]
         for name in rows[0]["needle_recall"]:
-            label = f"sale (needles outside {family})" if name == "sale" else name
+            label = f"sale (needles {rows[0]['planted']})" if name == "sale" else name
             right.plot([row["strength"] for row in rows], [row["needle_recall"][name] for row in rows],
                        marker="o", label=label, linestyle="-" if name == "sale" else "--")
     right.set_xlabel("adversarial needle strength (x the row's log-sum-exp gap)")

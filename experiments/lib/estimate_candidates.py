@@ -1,14 +1,17 @@
 """Cheaper stand-ins for SALE's 4-bit score estimate, measured by experiments/accuracy/estimate_candidates.py.
 
-Each candidate is a per-kv-head basis `[Hkv, D, r]` chosen offline on a calibration sample; q and k are projected
-onto it, and the projections go through the project's own smoothing and 4-bit quantizer (`quantize_reference`)
-and its own selection rule (`block_margins` of `sale_jax.reference.selection`). The statistics (row max m and sum
-l over the sink and local blocks) stay exact over all D channels; only the middle-block estimate is reduced.
+The rank-r candidates are a per-kv-head basis `[Hkv, D, r]` chosen offline on a calibration sample; q and k are
+projected onto it, and the projections go through the project's own smoothing and 4-bit quantizer
+(`quantize_reference`) and its own selection rule (`block_margins` of `sale_jax.reference.selection`). The
+statistics (row max m and sum l over the sink and local blocks) stay exact over all D channels; only the
+middle-block estimate is reduced.
 
   channel subset (Double Sparsity, arXiv 2408.07092): the r channels with the largest mean |q_c * ks_c|, taken in
       rotary pairs (c, c + D/2) so the reduced score, like the full one, depends on relative position only;
   joint Q-K basis (Loki, arXiv 2406.02542): the top r eigenvectors of the stacked second moments of q and of the
       smoothed k, each normalized to unit trace so neither dominates by scale.
+  2:4 structured-sparse codes: no basis; each q (or k) code vector keeps the 2 largest of every 4 channels, the
+      sparsity Hopper's sparse fp8 `wgmma` runs at twice the dense rate.
 
 A certified bound uses either basis differently: not as a cheaper estimate but as a filter before the full one. With
 P the projection onto an orthonormal basis, each code dot splits as `Pcq . Pck + P'cq . P'ck` (P' = 1 - P) and
@@ -102,12 +105,60 @@ def reduced_margins(q: jax.Array, k: jax.Array, basis: jax.Array, config: SaleCo
     return block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
 
 
+def outside_basis(basis: jax.Array):
+    """For `adversarial_needle_keys`: the part of each needle row's own query orthogonal to `basis`."""
+    def dropped(own):
+        per_head = jnp.repeat(basis, own.shape[1] // basis.shape[0], axis=0)  # [Hq, D, r]
+        return own - jnp.einsum("bhnd,hdr,her->bhne", own, per_head, per_head, precision=_HIGHEST)
+    return dropped
+
+
+def structured_sparse_codes(codes: jax.Array, keep: int = 2, group: int = 4) -> jax.Array:
+    """`codes [..., D]` with all but the `keep` largest |code| of each `group` consecutive channels zeroed (ties to
+    the lower channel): the 2:4 structured sparsity of Hopper's sparse `wgmma`, whose A operand runs at twice the
+    dense rate."""
+    if codes.shape[-1] % group or not 0 < keep <= group:
+        raise ValueError(f"keep {keep} of each {group} channels needs head_dim a multiple of {group}, got "
+                         f"{codes.shape[-1]}")
+    grouped = codes.reshape(*codes.shape[:-1], -1, group)
+    order = jnp.argsort(-jnp.abs(grouped.astype(jnp.float32)), axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)
+    return jnp.where(rank < keep, grouped, 0).reshape(codes.shape).astype(codes.dtype)
+
+
+def structured_sparse_margins(q: jax.Array, k: jax.Array, config: SaleConfig, operand: str) -> jax.Array:
+    """Block margins at tau = 1 (as `reduced_margins`) with the 4-bit codes of `operand` ("q" or "k") pruned to
+    2:4 (`structured_sparse_codes`); statistics, scales and column bias as the full estimate's."""
+    if operand not in ("q", "k"):
+        raise ValueError(f"operand must be 'q' or 'k', got {operand!r}")
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
+                               block_k=config.block_k)
+    field = f"{operand}_codes"
+    quant = quant._replace(**{field: structured_sparse_codes(getattr(quant, field))})
+    ones = jnp.ones((q.shape[2],), jnp.float32)
+    return block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
+
+
+def outside_structured_sparse(q: jax.Array, k: jax.Array, needle_rows: jax.Array, config: SaleConfig):
+    """For `adversarial_needle_keys`: each needle row's own query in the channels that 2:4 pruning of its q codes
+    zeroes."""
+    quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
+                               block_k=config.block_k)
+    pruned = structured_sparse_codes(quant.q_codes) == 0  # [B, L, Hq, D]
+    b_idx = jnp.arange(q.shape[0])[:, None, None]
+    h_idx = jnp.broadcast_to(jnp.arange(q.shape[2])[None, :, None], needle_rows.shape)
+    at_needles = pruned[b_idx, needle_rows, h_idx]  # [B, Hq, N, D]
+    return lambda own: jnp.where(at_needles, own, 0.0)
+
+
 def adversarial_needle_keys(q: jax.Array, k: jax.Array, needle_rows: jax.Array, needle_keys: jax.Array,
-                            basis: jax.Array, strength: float, scale: float) -> jax.Array:
-    """`k` with a needle planted at each (row, key) of `needle_rows`/`needle_keys` (`[B, Hq, N]`) entirely in the
-    dimensions `basis` drops: the key moves along the part of the row's own query (minus the head's mean query)
-    orthogonal to the basis, by enough to raise its score by `strength` times the row's log-sum-exp gap
-    (`strength=1` gives the needle about half of the row's attention, as `llm_like_qkv`'s needles)."""
+                            dropped_of, strength: float, scale: float) -> jax.Array:
+    """`k` with a needle planted at each (row, key) of `needle_rows`/`needle_keys` (`[B, Hq, N]`) entirely in what
+    a reduced estimate drops: the key moves along `dropped_of(own)` (`outside_basis`, `outside_structured_sparse`;
+    own: the row's query minus the head's mean query, `[B, Hq, N, D]`) by enough to raise its score by `strength`
+    times the row's log-sum-exp gap (`strength=1` gives the needle about half of the row's attention, as
+    `llm_like_qkv`'s needles)."""
     batch, _, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -115,10 +166,7 @@ def adversarial_needle_keys(q: jax.Array, k: jax.Array, needle_rows: jax.Array, 
     b_idx = jnp.arange(batch)[:, None, None]
     h_idx = jnp.broadcast_to(jnp.arange(q_heads)[None, :, None], needle_rows.shape)
     needle_q = q32[b_idx, needle_rows, h_idx]  # [B, Hq, N, D]
-    own = needle_q - jnp.mean(q32, axis=1)[:, :, None, :]
-    per_head = jnp.repeat(basis, group, axis=0)  # [Hq, D, r]
-    kept_part = jnp.einsum("bhnd,hdr,her->bhne", own, per_head, per_head, precision=_HIGHEST)
-    dropped = own - kept_part
+    dropped = dropped_of(needle_q - jnp.mean(q32, axis=1)[:, :, None, :])
     grouped_q = needle_q.reshape(batch, kv_heads, group, *needle_rows.shape[-1:], head_dim)
     row_scores = scale * jnp.einsum("bkgnd,bskd->bkgns", grouped_q, k32, precision=_HIGHEST).reshape(
         batch, q_heads, needle_rows.shape[-1], k.shape[1])
