@@ -110,11 +110,16 @@ def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, con
     return _sale_attention(q, k, v, tau, config, return_lse, return_layout)
 
 
+def _runs_dense(q, k, config: SaleConfig) -> bool:
+    """Whether `sale_attention` runs dense attention: keys shorter than `dense_below` for the backend it runs."""
+    return k.shape[1] < config.resolved_dense_below(_backend_for(q, k, config))
+
+
 def _query_chunks(q, k, config: SaleConfig) -> list[tuple[int, int]]:
     """`[start, stop)` of each query chunk this call runs: one for the whole call unless it runs SALE (not dense,
     see `dense_below`) on more queries than `config.resolved_query_chunk`."""
     q_len = q.shape[1]
-    if k.shape[1] < config.resolved_dense_below(_backend_for(q, k, config)):
+    if _runs_dense(q, k, config):
         return [(0, q_len)]
     chunk = config.resolved_query_chunk(q.shape[0], q.shape[2], k.shape[1])
     return [(start, min(start + chunk, q_len)) for start in range(0, q_len, chunk)]
@@ -132,7 +137,7 @@ def layout_grids(q, k, config: SaleConfig) -> list[BlockGrid]:
 def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_layout: bool):
     grid = _grid_for(q, k, config)
     chunks = _query_chunks(q, k, config)
-    if k.shape[1] < config.resolved_dense_below(_backend_for(q, k, config)):
+    if _runs_dense(q, k, config):
         layout = BlockLayout.all_visible(q.shape[0], q.shape[2], grid)
         if return_lse:
             out, lse = _block_sparse_attention(q, k, v, layout, config, True)

@@ -92,17 +92,26 @@ def project(x: jax.Array, basis: jax.Array) -> jax.Array:
     return jnp.einsum("blhd,hdr->blhr", x.astype(jnp.float32), per_head, precision=_HIGHEST)
 
 
+def _quantize(q: jax.Array, k: jax.Array, config: SaleConfig):
+    """The full estimate's smoothing and 4-bit codes of `q` and `k` under `config`."""
+    return quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
+                              block_k=config.block_k)
+
+
+def _margins_at_tau_one(q: jax.Array, k: jax.Array, quant, config: SaleConfig) -> jax.Array:
+    """`block_margins` at tau = 1 of the estimate `quant` stands for, with the exact statistics of `q` and
+    `quant.k_smooth`."""
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
+    ones = jnp.ones((q.shape[2],), jnp.float32)
+    return block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
+
+
 def reduced_margins(q: jax.Array, k: jax.Array, basis: jax.Array, config: SaleConfig) -> jax.Array:
     """f32 `[B, Hq, nQ, nK]` block margins at tau = 1 (see `selection_margins_reference`) with the 4-bit estimate
     of the projected q and k in place of the full one: a middle block is kept at tau iff its margin > log tau."""
-    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    quantize = dict(granularity=config.quant_granularity, block_q=config.block_q, block_k=config.block_k)
-    full = quantize_reference(q, k, **quantize)
-    reduced = quantize_reference(project(q, basis), project(k, basis), **quantize)
+    reduced = _quantize(project(q, basis), project(k, basis), config)
     # The exact statistics read the full smoothed keys; codes, scales and column bias are the reduced ones.
-    quant = reduced._replace(k_smooth=full.k_smooth)
-    ones = jnp.ones((q.shape[2],), jnp.float32)
-    return block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
+    return _margins_at_tau_one(q, k, reduced._replace(k_smooth=_quantize(q, k, config).k_smooth), config)
 
 
 def outside_basis(basis: jax.Array):
@@ -131,21 +140,16 @@ def structured_sparse_margins(q: jax.Array, k: jax.Array, config: SaleConfig, op
     2:4 (`structured_sparse_codes`); statistics, scales and column bias as the full estimate's."""
     if operand not in ("q", "k"):
         raise ValueError(f"operand must be 'q' or 'k', got {operand!r}")
-    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
-                               block_k=config.block_k)
+    quant = _quantize(q, k, config)
     field = f"{operand}_codes"
-    quant = quant._replace(**{field: structured_sparse_codes(getattr(quant, field))})
-    ones = jnp.ones((q.shape[2],), jnp.float32)
-    return block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
+    return _margins_at_tau_one(q, k, quant._replace(**{field: structured_sparse_codes(getattr(quant, field))}),
+                               config)
 
 
 def outside_structured_sparse(q: jax.Array, k: jax.Array, needle_rows: jax.Array, config: SaleConfig):
     """For `adversarial_needle_keys`: each needle row's own query in the channels that 2:4 pruning of its q codes
     zeroes."""
-    quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
-                               block_k=config.block_k)
-    pruned = structured_sparse_codes(quant.q_codes) == 0  # [B, L, Hq, D]
+    pruned = structured_sparse_codes(_quantize(q, k, config).q_codes) == 0  # [B, L, Hq, D]
     b_idx = jnp.arange(q.shape[0])[:, None, None]
     h_idx = jnp.broadcast_to(jnp.arange(q.shape[2])[None, :, None], needle_rows.shape)
     at_needles = pruned[b_idx, needle_rows, h_idx]  # [B, Hq, N, D]
@@ -184,9 +188,7 @@ def certified_bound_margins(q: jax.Array, k: jax.Array, basis: jax.Array, config
     (`selection_margins_reference`): each code dot replaced by `Pcq . Pck + |P'cq| |P'ck|`, with P the projection
     onto `basis` (orthonormal columns) and P' its complement. A middle block whose bound is <= log tau is one the
     full estimate drops at tau."""
-    grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    full = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
-                              block_k=config.block_k)
+    full = _quantize(q, k, config)
 
     def bound_codes(codes):
         """`[Pc, |P'c|]`: the projected codes and the norm of what the projection drops."""
@@ -195,9 +197,8 @@ def certified_bound_margins(q: jax.Array, k: jax.Array, basis: jax.Array, config
         dropped = jnp.sum(codes * codes, axis=-1) - jnp.sum(projected * projected, axis=-1)
         return jnp.concatenate([projected, jnp.sqrt(jnp.maximum(dropped, 0.0))[..., None]], axis=-1)
 
-    quant = full._replace(q_codes=bound_codes(full.q_codes), k_codes=bound_codes(full.k_codes))
-    ones = jnp.ones((q.shape[2],), jnp.float32)
-    return block_margins(q, quant, ones, grid, config, config.softmax_scale(q.shape[-1]), False)[1]
+    return _margins_at_tau_one(q, k, full._replace(q_codes=bound_codes(full.q_codes),
+                                                   k_codes=bound_codes(full.k_codes)), config)
 
 
 def tiles_needing_estimate(bound_margins: np.ndarray, middle: np.ndarray, log_tau: float,
