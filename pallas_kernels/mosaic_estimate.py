@@ -51,10 +51,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src.lib.mlir import ir  # inline_mgpu bodies are MLIR builders; jax has no public path to these modules
-from jax._src.lib.mlir.dialects import arith, memref, vector
+from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
 from jax.experimental import pallas as pl
+import jax.experimental.mosaic.gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import sparse_wgmma
 
 MAX_ACC_ELEMENTS = 64 * 256  # f32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
 _MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
@@ -176,18 +179,28 @@ _WGMMA_COLUMN_GROUP = 8  # the wgmma accumulator layout's registers come in 8-co
 _WARP_SIZE = 32
 
 
-def _warp_or_hit_flags(*, block_k: int, tile_k: int):
+def _wait_for_wgmma():
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "wgmma.wait_group.sync.aligned 0;", "", has_side_effects=True)
+
+
+def _warp_or_hit_flags(*, block_k: int, tile_k: int, in_flight: bool = False):
     """The epilogue below Pallas's array level: stores 1 into `flags[j]` for each of the tile's blocks j that has
     an accumulator element > 0, leaving the others as they are.
 
     Per thread, a maximum over the block's registers and one bit per block; per warp, one `redux.sync.or` of the
     bits; lane j of each warp stores block j's flag. The warps never wait for each other (they store the same 1),
-    where the array-level epilogue needs cross-lane shuffles per row and a warpgroup barrier per tile."""
+    where the array-level epilogue needs cross-lane shuffles per row and a warpgroup barrier per tile.
+    `in_flight`: the accumulator comes straight from `_issue_sparse` (its registers as wgmma holds them, the
+    instructions not yet waited for), so the epilogue waits for them first."""
     num_blocks = tile_k // block_k  # at most 256 // 8 = 32, one per lane
+    layout = plgpu.Layout._WGMMA_ACC_32BIT if in_flight else plgpu.Layout.WGMMA
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
     def store_flags(_, excess, flags):
         i32 = ir.IntegerType.get_signless(32)
+        if in_flight:
+            _wait_for_wgmma()
+            excess = mgpu.optimization_barrier(excess)
         registers = excess.registers
         if registers.shape[1] != tile_k // _WGMMA_COLUMN_GROUP:
             raise NotImplementedError(f"unexpected wgmma register layout {registers.shape} for {tile_k} columns")
@@ -254,6 +267,25 @@ def _terms_transforms():
     return plgpu.TilingTransform((8, _OFFSET_TERMS)), plgpu.SwizzleTransform(4 * _OFFSET_TERMS)
 
 
+def _issue_sparse(*, rows: int, tile_k: int, head_dim: int):
+    """The offsets' tf32 wgmma and the dots as 2:4-sparse fp8 wgmmas (`sparse_wgmma`), issued and committed, not
+    waited for: returns the accumulator as wgmma holds it, for `_warp_or_hit_flags(in_flight=True)`."""
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(_terms_transforms()), plgpu.RefType(_terms_transforms()),
+                   plgpu.RefType(_mma_transforms(head_dim // 2)), plgpu.RefType(),
+                   plgpu.RefType(_mma_transforms(head_dim))),
+        return_type=plgpu.ShapeDtypeStruct((rows, tile_k), jnp.float32, layout=plgpu.Layout._WGMMA_ACC_32BIT))
+    def issue(_, row_terms, key_terms, q_values, q_metadata, k):
+        acc = mgpu.WGMMAAccumulator.zero(rows, tile_k)
+        acc = mgpu.wgmma(acc, row_terms, mgpu.memref_transpose(key_terms, (1, 0, 3, 2)), swizzle=4 * _OFFSET_TERMS)
+        registers = sparse_wgmma.issue(acc._value.registers, q_values, q_metadata, k, n=tile_k)
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "wgmma.commit_group.sync.aligned;", "",
+                        has_side_effects=True)
+        return mgpu.FragmentedArray(_registers=registers, _layout=acc._value.layout, _is_signed=None)
+
+    return issue
+
+
 def _tile_range(middle_end_gmem, head, q_block, *, num_q_blocks, block_k, tile_k, middle_start, num_k_blocks):
     """(first_block, end_block, first_tile, num_tiles) of a q block's estimated keys, from the ends flattened to
     `[Hq * nQ]`. Tiles are aligned to tile_k, so the first and last may hold sink or local blocks, which the
@@ -281,14 +313,28 @@ def _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blo
 
 
 def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, first_tile, step, *, rows, block_k,
-                tile_k, warp_level, after_issue=None, block_range=None):
+                tile_k, warp_level, after_issue=None, block_range=None, q_metadata_smem=None):
     """The per-tile body of both kernels: `rows` q rows against key tile `first_tile + step`, its flags into
     `flags_smem` (one int32 per key block).
 
     The offsets (tf32) and the dots (fp8) go into one f32 accumulator whose sign is the excess's; `after_issue`
     runs while the wgmmas are in flight. Natively the warp-level epilogue ORs the tile's hits into the flags (the
     caller clears the blocks outside the estimated range afterwards); in interpret mode the array-level epilogue
-    stores every block's flag, kept only inside `block_range = (first_block, end_block)` when one is given."""
+    stores every block's flag, kept only inside `block_range = (first_block, end_block)` when one is given.
+
+    With `q_metadata_smem` the q codes are 2:4-compressed (`sparse_wgmma`) and the dots run as sparse wgmmas
+    (natively only)."""
+    tile = first_tile + step
+    blocks_per_tile = tile_k // block_k
+    if q_metadata_smem is not None:
+        excess_over_scale = _issue_sparse(rows=rows, tile_k=tile_k, head_dim=k_smem.shape[1])(
+            row_terms_smem, key_terms_smem, q_smem, q_metadata_smem, k_smem)
+        if after_issue is not None:
+            after_issue()
+        _warp_or_hit_flags(block_k=block_k, tile_k=tile_k, in_flight=True)(
+            excess_over_scale, flags_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
+        return
+
     def mma(acc_ref):
         plgpu.wgmma(acc_ref, row_terms_smem, key_terms_smem.T)  # the offsets (tf32)
         plgpu.wgmma(acc_ref, q_smem, k_smem.T)  # + the dots (fp8); both operands K-major, as wgmma needs
@@ -297,9 +343,7 @@ def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, firs
         return acc_ref[...]
 
     excess_over_scale = pl.run_scoped(mma, plgpu.ACC((rows, tile_k), jnp.float32))  # excess's sign
-    tile = first_tile + step
     if warp_level:
-        blocks_per_tile = tile_k // block_k
         _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)(
             excess_over_scale, flags_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
         return
@@ -313,10 +357,11 @@ def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, firs
         flags_smem[block] = hit.astype(jnp.int32)
 
 
-def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
-                     row_terms_smem, hits_smem, q_barriers, *, block_q, block_k, tile_k, middle_start, group,
-                     max_concurrent_steps, warp_level):
-    """One CTA: q block `q_block` of `head` against the key tiles of its middle blocks."""
+def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, q_metadata_gmem, hits_gmem,
+                     q_smem, row_terms_smem, hits_smem, q_barriers, q_metadata_smem, *, block_q, block_k, tile_k,
+                     middle_start, group, max_concurrent_steps, warp_level):
+    """One CTA: q block `q_block` of `head` against the key tiles of its middle blocks (the q metadata refs are
+    None unless the q codes are 2:4-compressed)."""
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
     q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")  # longest rows first
@@ -325,17 +370,22 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
 
     plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem, q_barriers.at[0])
     plgpu.copy_gmem_to_smem(row_terms_gmem.at[batch, head, rows], row_terms_smem, q_barriers.at[1])
+    if q_metadata_gmem is not None:
+        row_groups = block_q // sparse_wgmma.ROWS
+        plgpu.copy_gmem_to_smem(q_metadata_gmem.at[batch, head, pl.ds(q_block * row_groups, row_groups)],
+                                q_metadata_smem, q_barriers.at[2])
     hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
     plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
     first_block, end_block, first_tile, num_tiles = _tile_range(
         middle_end_gmem, head, q_block, num_q_blocks=num_q_blocks, block_k=block_k, tile_k=tile_k,
         middle_start=middle_start, num_k_blocks=num_k_blocks)
-    plgpu.barrier_wait(q_barriers.at[0])
-    plgpu.barrier_wait(q_barriers.at[1])
+    for barrier in range(q_barriers.shape[0]):
+        plgpu.barrier_wait(q_barriers.at[barrier])
 
     def tile_body(indices, k_smem, key_terms_smem):
         _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, hits_smem, first_tile, indices[0], rows=block_q,
-                    block_k=block_k, tile_k=tile_k, warp_level=warp_level, block_range=(first_block, end_block))
+                    block_k=block_k, tile_k=tile_k, warp_level=warp_level, block_range=(first_block, end_block),
+                    q_metadata_smem=q_metadata_smem)
 
     plgpu.emit_pipeline(
         tile_body,
@@ -357,9 +407,9 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
 SPLIT_ROWS = 64  # rows of a q block per compute warpgroup in the split kernel (wgmma's M)
 
 
-def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, hits_gmem, q_smem,
-                       row_terms_smem, hits_smem, q_barriers, schedule, done, *, block_k, tile_k, middle_start,
-                       group, max_concurrent_steps, warp_level):
+def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, q_metadata_gmem, hits_gmem,
+                       q_smem, row_terms_smem, hits_smem, q_barriers, schedule, done, q_metadata_smem, *, block_k,
+                       tile_k, middle_start, group, max_concurrent_steps, warp_level):
     """compute_warpgroups=2: a 128-row q block as two 64-row compute warpgroups that share each key tile, which a
     third warpgroup loads by TMA. Each accumulator is 64 x tile_k, so tiles can be twice as wide as one
     warpgroup's 128 rows allow; the two take turns issuing their wgmmas (FlashAttention-3's ping-pong), so one's
@@ -385,10 +435,13 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         rows = pl.ds(q_block * block_q + wg * SPLIT_ROWS, SPLIT_ROWS)
         plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem.at[wg], q_barriers.at[wg])
         plgpu.copy_gmem_to_smem(row_terms_gmem.at[batch, head, rows], row_terms_smem.at[wg], q_barriers.at[2 + wg])
+        if q_metadata_gmem is not None:
+            plgpu.copy_gmem_to_smem(q_metadata_gmem.at[batch, head, pl.ds(2 * q_block + wg, 1)],
+                                    q_metadata_smem.at[wg], q_barriers.at[4 + wg])
         hits_smem[wg] = jnp.zeros(hits_smem.shape[1:], jnp.int32)
         plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
-        plgpu.barrier_wait(q_barriers.at[wg])
-        plgpu.barrier_wait(q_barriers.at[2 + wg])
+        for operand in range(q_barriers.shape[0] // 2):  # this half's q codes, row terms and metadata
+            plgpu.barrier_wait(q_barriers.at[2 * operand + wg])
 
     def compute_thread(run_pipeline):
         # The turns outside the loop go here, inside the pipeline's allocations: entering them is a barrier across
@@ -402,7 +455,8 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         # to [first_block, end_block) once both rows are combined.
         _tile_flags(q_smem.at[wg], row_terms_smem.at[wg], k_smem, key_terms_smem, hits_smem.at[wg], first_tile,
                     indices[0], rows=SPLIT_ROWS, block_k=block_k, tile_k=tile_k, warp_level=warp_level,
-                    after_issue=take_turn)
+                    after_issue=take_turn,
+                    q_metadata_smem=None if q_metadata_smem is None else q_metadata_smem.at[wg])
         return carry
 
     plgpu.emit_pipeline_warp_specialized(
@@ -436,14 +490,30 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         plgpu.wait_smem_to_gmem(0)
 
 
+def _check_compressed(q_values, q_positions, k_codes):
+    """The 2:4-compressed q codes' shapes; returns a stand-in with the dense codes' shape and dtype."""
+    head_dim = k_codes.shape[-1]
+    dense_shape = (*q_values.shape[:-1], head_dim)
+    if (q_values.shape[-1] * 2 != head_dim or q_positions.shape != (*q_values.shape[:-1], head_dim // 4)
+            or q_positions.dtype != jnp.uint8):
+        raise ValueError(f"2:4-compressed q codes must be values [..., {head_dim // 2}] and uint8 positions "
+                         f"[..., {head_dim // 4}] (head_dim {head_dim}), got {q_values.shape} and {q_positions.dtype} "
+                         f"{q_positions.shape}")
+    return jax.ShapeDtypeStruct(dense_shape, q_values.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
                                              "compute_warpgroups", "interpret"))
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
                   block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
-                  compute_warpgroups: int = 1, interpret=False):
+                  compute_warpgroups: int = 1, q_positions=None, interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
     False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs: the array-level epilogue stands in
     for the warp-level one, which is inline Mosaic GPU code interpret mode cannot run).
+
+    `q_positions`: q_codes are 2:4-compressed (`sparse_wgmma.compress`: values [B, T, Hq, D / 2], these uint8
+    positions [B, T, Hq, D / 4]) and the dots run as sparse wgmmas at twice the dense rate; the flags are those of
+    the decompressed codes. Interpret mode estimates the decompressed codes.
 
     `compute_warpgroups`: 1, one warpgroup per CTA holds the whole q block's accumulator; 2 (block_q 128), the
     q block's halves as two warpgroups fed by a TMA warpgroup (`_split_rows_kernel`), tiles up to 256 keys.
@@ -466,8 +536,11 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                          f"compute_warpgroups=2)")
     if max_concurrent_steps < 1:
         raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
+    dense_q = q_codes if q_positions is None else _check_compressed(q_codes, q_positions, k_codes)
+    if q_positions is not None and interpret:
+        q_codes, q_positions = sparse_wgmma.decompress(q_codes, q_positions), None
     batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
-        q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
+        dense_q, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
         block_k=block_k, middle_start=middle_start)
     if kv_len % tile_k:
         raise ValueError(f"key length {kv_len} must be a multiple of tile_k {tile_k} (pad it)")
@@ -488,21 +561,41 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
     knobs = dict(block_k=block_k, tile_k=tile_k, middle_start=middle_start, group=q_heads // kv_heads,
                  max_concurrent_steps=max_concurrent_steps, warp_level=not interpret)
+    sparse = q_positions is not None
+    q_width = head_dim // 2 if sparse else head_dim
+    q_operands = dict(dtype=jnp.float8_e4m3fn, transforms=_mma_transforms(q_width))
+    # One barrier per q operand: the codes, the row terms and, when sparse, the metadata.
+    num_q_operands = 3 if sparse else 2
+    metadata_words = (head_dim // sparse_wgmma.DENSE_K, sparse_wgmma.THREADS)
     if compute_warpgroups == 1:
         kernel = functools.partial(_estimate_kernel, block_q=block_q, **knobs)
-        scratch = [plgpu.SMEM((block_q, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim)),
+        scratch = [plgpu.SMEM((block_q, q_width), **q_operands),
                    plgpu.SMEM((block_q, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
                    plgpu.SMEM((padded_flags,), jnp.int32),
-                   plgpu.Barrier(num_barriers=2)]  # barriers: the q codes and the row terms
+                   plgpu.Barrier(num_barriers=num_q_operands)]
+        metadata_scratch = plgpu.SMEM((block_q // sparse_wgmma.ROWS, *metadata_words), jnp.int32)
     else:
         kernel = functools.partial(_split_rows_kernel, **knobs)
         halves = (2, SPLIT_ROWS)
-        scratch = [plgpu.SMEM((*halves, head_dim), jnp.float8_e4m3fn, transforms=_mma_transforms(head_dim)),
+        scratch = [plgpu.SMEM((*halves, q_width), **q_operands),
                    plgpu.SMEM((*halves, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
                    plgpu.SMEM((2, padded_flags), jnp.int32),
-                   plgpu.Barrier(num_barriers=4),  # each half's q codes and row terms
+                   plgpu.Barrier(num_barriers=2 * num_q_operands),  # each half's q operands
                    plgpu.Barrier(num_arrivals=2),  # the turns on the tensor cores
                    plgpu.Barrier(num_arrivals=2)]  # both halves' flags stored
+        metadata_scratch = plgpu.SMEM((2, 1, *metadata_words), jnp.int32)
         launch |= dict(num_threads=3, thread_name="wg")
-    return plgpu.kernel(kernel, scratch_types=scratch, **launch)(*fp8_codes, row_terms, key_terms,
-                                                                 middle_end.reshape(-1))
+    inputs = [*fp8_codes, row_terms, key_terms, middle_end.reshape(-1)]
+    if sparse:
+        positions = jnp.moveaxis(q_positions, 2, 1)  # [B, Hq, T, D / 4]
+        return plgpu.kernel(kernel, scratch_types=[*scratch, metadata_scratch], **launch)(
+            *inputs, sparse_wgmma.metadata_words(positions))
+    return plgpu.kernel(_without_metadata(kernel, len(inputs)), scratch_types=scratch, **launch)(*inputs)
+
+
+def _without_metadata(kernel, num_inputs: int):
+    """`kernel` (whose refs are the inputs, the q metadata, the output, the scratch and the q metadata's scratch)
+    called with dense q codes: both metadata refs None."""
+    def dense_kernel(*refs):
+        return kernel(*refs[:num_inputs], None, *refs[num_inputs:], None)
+    return dense_kernel

@@ -10,6 +10,7 @@ import jax
 from sale_jax import tuning
 
 QUANT_GRANULARITIES = ("per_token", "per_block")
+ESTIMATES = ("full", "sparse_q")
 # A selection call's (q block, key block) pairs over batch and heads, at most: its hit flags and layout slots stay
 # indexable by int32 and within a few GB (2**30 int32 flags: 4 GB).
 MAX_SELECTION_PAIRS = 2 ** 30
@@ -35,6 +36,11 @@ class SaleConfig:
       local_tokens: key blocks intersecting `[p_first - local_tokens + 1, p_last]` of a query block are always kept
         and feed the reference statistics; at least 1, so the diagonal block is always local.
       quant_granularity: `"per_token"` (one 4-bit scale per query row / key) or `"per_block"` (one per block).
+      estimate: what the selection's low-bit estimate multiplies: `"full"`, every 4-bit code (the paper's), or
+        `"sparse_q"`, the q codes pruned to 2:4 structured sparsity (the two largest of every four channels): on the
+        `mosaic_gpu` backend the estimate's dots then run as Hopper's sparse fp8 wgmma, at twice the dense rate;
+        the other backends estimate the same pruned codes (the same selection, without the speedup). What it
+        keeps and loses against the full estimate: docs/results.md#cheaper-estimates.
       backend: `"reference"` (pure jnp), `"triton"` (the Pallas kernels, Triton lowering; any GPU),
         `"mosaic_gpu"` (the same, but the selection's low-bit estimate runs as a Pallas Mosaic GPU kernel: fp8
         wgmma, Hopper only; block_q 64 or 128, head_dim 64, 128 or 256; for bf16/fp16 inputs with head_dim 64 or
@@ -61,6 +67,7 @@ class SaleConfig:
     sink_tokens: int = 32
     local_tokens: int = 128
     quant_granularity: str = "per_token"
+    estimate: str = "full"
     backend: str = "auto"
     interpret: bool = False
     scale: float | None = None
@@ -84,6 +91,8 @@ class SaleConfig:
         if self.quant_granularity not in QUANT_GRANULARITIES:
             raise ValueError(
                 f"SaleConfig.quant_granularity must be one of {QUANT_GRANULARITIES}, got {self.quant_granularity!r}")
+        if self.estimate not in ESTIMATES:
+            raise ValueError(f"SaleConfig.estimate must be one of {ESTIMATES}, got {self.estimate!r}")
         if isinstance(self.backend, str):
             object.__setattr__(self, "backend", BACKEND_ALIASES.get(self.backend, self.backend))
         if self.backend not in BACKENDS:

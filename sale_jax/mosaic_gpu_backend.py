@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_kernels
-from pallas_kernels import mosaic_estimate, mosaic_sparse_attention
+from pallas_kernels import mosaic_estimate, mosaic_sparse_attention, sparse_wgmma
 from sale_jax import triton_backend, tuning
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
@@ -87,13 +87,16 @@ def _estimate_hits(quant, row_threshold, middle_end, regions, config: SaleConfig
     the sink and local keys of every row, and each key block's flag depends on its own keys alone."""
     middle_start = regions.sink_blocks * config.block_k
     q_codes, k_codes = quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn)
+    q_positions = None
+    if config.estimate == "sparse_q":
+        q_codes, q_positions = sparse_wgmma.compress(q_codes)
     hits = []
     for start, end in estimate_key_chunks(k_codes.shape[1], config, launch, MAX_K_BLOCKS):
         hits.append(pallas_kernels.estimate_hits(
             q_codes, k_codes[:, start:end], 1.0 / quant.q_scale, row_threshold, quant.k_scale[..., start:end],
             quant.bias[..., start:end], jnp.clip(middle_end - start, 0, end - start), block_q=config.block_q,
             block_k=config.block_k, middle_start=min(max(middle_start - start, 0), end - start),
-            **launch._asdict(), interpret=_interpret(config)))
+            **launch._asdict(), q_positions=q_positions, interpret=_interpret(config)))
     return hits[0] if len(hits) == 1 else jnp.concatenate(hits, axis=-1)
 
 

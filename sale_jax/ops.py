@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import sparse_wgmma
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -48,3 +50,11 @@ def column_bias(q_mean: jax.Array, k_smooth: jax.Array) -> jax.Array:
     grouped = q_mean.reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
     bias = jnp.einsum("bkgd,bskd->bkgs", grouped, k_smooth, precision=_HIGHEST)
     return bias.reshape(batch, q_heads, -1)
+
+
+def estimated_q_codes(q_codes: jax.Array, estimate: str) -> jax.Array:
+    """The q codes the selection's estimate multiplies under `SaleConfig.estimate`: all of them (`"full"`), or
+    pruned to 2:4 (`"sparse_q"`, the rule `sparse_wgmma.compress` keeps for the sparse tensor cores)."""
+    if estimate == "sparse_q":
+        return sparse_wgmma.decompress(*sparse_wgmma.compress(q_codes))
+    return q_codes

@@ -21,7 +21,7 @@ _READABLE_VERSIONS = (1, 2)  # version 1 recorded only the paper recipe's theta
 # The SaleConfig fields that decide which blocks a threshold keeps: the block grid, the always-kept sink and local
 # regions, the low-bit quantization of the estimate, and the softmax scale of the scores a threshold is compared
 # with. Backend, interpret and dense_below change how or whether the selection runs, not what it selects.
-SELECTION_FIELDS = ("block_q", "block_k", "sink_tokens", "local_tokens", "quant_granularity", "scale")
+SELECTION_FIELDS = ("block_q", "block_k", "sink_tokens", "local_tokens", "quant_granularity", "estimate", "scale")
 
 
 @jax.tree_util.register_pytree_node_class

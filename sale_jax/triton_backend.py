@@ -14,7 +14,7 @@ import pallas_kernels
 from sale_jax import tuning
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
-from sale_jax.ops import column_bias, pad_axis, smoothing_means
+from sale_jax.ops import column_bias, estimated_q_codes, pad_axis, smoothing_means
 
 MIN_TILE = 16  # Triton's smallest dot operand dimension
 MIN_HEAD_DIM = 32  # int8 tensor-core dots contract over at least 32 (Hopper's int8 MMA k)
@@ -83,6 +83,7 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     table = tuning.for_backend("triton")
     quant = quantize(q, k, config, estimate_tile(config), means)
+    quant = quant._replace(q_codes=estimated_q_codes(quant.q_codes, config.estimate))
     regions = kernel_regions(grid, config)
     indices, counts = pallas_kernels.select_blocks(
         quant.q_rows, quant.q_codes, quant.q_scale, quant.k_smooth, quant.k_codes, quant.k_scale, quant.bias, tau,

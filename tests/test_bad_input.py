@@ -64,6 +64,7 @@ def test_bad_tau(tau, message):
     (dict(local_tokens=0), "local_tokens"),
     (dict(sink_tokens=-1), "sink_tokens"),
     (dict(quant_granularity="per_channel"), "quant_granularity"),
+    (dict(estimate="rank32"), r"estimate must be one of \('full', 'sparse_q'\)"),
     (dict(backend="cuda"), r"backend must be one of \('auto', 'reference', 'triton', 'mosaic_gpu'\)"),
     (dict(scale=-1.0), "scale"),
     (dict(dense_below=-5), "dense_below"),

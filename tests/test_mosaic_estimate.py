@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import sparse_wgmma
 from pallas_kernels.mosaic_estimate import (estimate_hits, estimate_hits_reference, estimate_margins_reference,
                                             offset_terms)
 
@@ -76,27 +77,55 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("codes", ["int8", "float8_e4m3fn"])
-@pytest.mark.parametrize("name", CASES)
-def test_kernel_hits_equal_reference(rng, name, codes):
-    """Natively the warp-level epilogue runs; in interpret mode the array-level one stands in for it."""
+def _case_inputs(rng, name, *, sparse_q=False):
+    """(inputs with thresholds set, reference knobs, launch knobs) of `CASES[name]`; with `sparse_q` the q codes
+    are pruned to 2:4 before the thresholds are set."""
     case = dict(CASES[name])
     tile_k, block_k = case.pop("tile_k"), case.pop("block_k", 32)
     compute_warpgroups = case.pop("compute_warpgroups", 1)
     knobs = dict(block_q=case["block_q"], block_k=block_k, middle_start=case["middle_start"])
-    inputs = set_thresholds(rng, draw_inputs(rng, **case, block_k=block_k), knobs)
+    inputs = draw_inputs(rng, **case, block_k=block_k)
+    if sparse_q:
+        inputs[Q_CODES] = np.asarray(sparse_wgmma.decompress(*sparse_wgmma.compress(inputs[Q_CODES])))
+    return set_thresholds(rng, inputs, knobs), knobs, dict(tile_k=tile_k, compute_warpgroups=compute_warpgroups)
+
+
+def _expected_hits(inputs, knobs):
     margins = np.asarray(estimate_margins_reference(*inputs, **knobs))
     want = np.asarray(estimate_hits_reference(*inputs, **knobs))
     estimated = np.isfinite(margins)
     assert np.abs(margins[estimated]).min() > 1e-3, "thresholds too close to a margin for an exact comparison"
     assert 0 < want.sum() < estimated.sum(), "the case should have blocks that hit and blocks that miss"
+    return want
 
-    inputs[Q_CODES], inputs[K_CODES] = (jnp.asarray(inputs[i], codes) for i in (Q_CODES, K_CODES))
-    got = np.asarray(estimate_hits(*inputs, **knobs, tile_k=tile_k, compute_warpgroups=compute_warpgroups,
-                                     interpret=INTERPRET))
+
+def _assert_flags_equal(got, want):
+    got = np.asarray(got)
     assert got.shape == want.shape and got.dtype == np.int32
     assert np.isin(got, (0, 1)).all(), f"unwritten or invalid flags: {np.unique(got)}"
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("codes", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("name", CASES)
+def test_kernel_hits_equal_reference(rng, name, codes):
+    """Natively the warp-level epilogue runs; in interpret mode the array-level one stands in for it."""
+    inputs, knobs, launch = _case_inputs(rng, name)
+    want = _expected_hits(inputs, knobs)
+    inputs[Q_CODES], inputs[K_CODES] = (jnp.asarray(inputs[i], codes) for i in (Q_CODES, K_CODES))
+    _assert_flags_equal(estimate_hits(*inputs, **knobs, **launch, interpret=INTERPRET), want)
+
+
+@pytest.mark.parametrize("name", ["gqa_bq64_tile128", "bq128_d64_longer_keys", "split_rows_tile256"])
+def test_sparse_q_kernel_hits_equal_reference_on_pruned_codes(rng, name):
+    """2:4-compressed q codes: natively the dots run as sparse wgmmas, whose flags must be the reference's on the
+    pruned codes (interpret mode estimates the decompressed codes)."""
+    inputs, knobs, launch = _case_inputs(rng, name, sparse_q=True)
+    want = _expected_hits(inputs, knobs)
+    values, positions = sparse_wgmma.compress(jnp.asarray(inputs[Q_CODES], jnp.float8_e4m3fn))
+    inputs[K_CODES] = jnp.asarray(inputs[K_CODES], jnp.float8_e4m3fn)
+    _assert_flags_equal(estimate_hits(values, *inputs[1:], **knobs, **launch, q_positions=positions,
+                                      interpret=INTERPRET), want)
 
 
 def valid_inputs():
@@ -156,6 +185,39 @@ def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warp
                                        compute_warpgroups=compute_warpgroups))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("block_q, tile_k, head_dim, compute_warpgroups", [
+    (128, 128, 128, 1), (64, 256, 128, 1), (64, 128, 256, 1), (128, 256, 128, 2), (128, 128, 64, 2)])
+def test_sparse_q_kernel_lowers_for_hopper(block_q, tile_k, head_dim, compute_warpgroups):
+    """The sparse wgmmas are inline PTX: lowering checks their operands and metadata plumbing, ptxas (on a GPU)
+    their syntax."""
+    batch, length, q_heads, kv_heads = 1, 2048, 4, 2
+    shapes = [((batch, length, q_heads, head_dim // 2), jnp.float8_e4m3fn),
+              ((batch, length, kv_heads, head_dim), jnp.float8_e4m3fn),
+              ((batch, q_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
+              ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
+              ((q_heads, length // block_q), jnp.int32), ((batch, length, q_heads, head_dim // 4), jnp.uint8)]
+
+    def kernel(*inputs):
+        return estimate_hits(*inputs[:-1], q_positions=inputs[-1], block_q=block_q, block_k=32, tile_k=tile_k,
+                             middle_start=128, compute_warpgroups=compute_warpgroups)
+
+    exported = jax.export.export(jax.jit(kernel), platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda values, positions: (values, positions.astype(jnp.int32)), "uint8 positions"),
+    (lambda values, positions: (values[..., :16], positions), "2:4-compressed q codes must be values"),
+])
+def test_bad_compressed_q_codes_raise_value_error(change, message):
+    inputs, knobs = valid_inputs()
+    codes = jnp.asarray(inputs[Q_CODES], jnp.float8_e4m3fn)
+    values, positions = change(*sparse_wgmma.compress(codes))
+    inputs[K_CODES] = jnp.asarray(inputs[K_CODES], jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match=message):
+        estimate_hits(values, *inputs[1:], **knobs, q_positions=positions, interpret=INTERPRET)
 
 
 def test_offset_terms_carry_the_offsets_through_tf32(rng):

@@ -180,6 +180,26 @@ def test_mosaic_selection_through_the_split_rows_estimate(rng, monkeypatch):
         2, 256, tuning.HOPPER.mosaic_split_rows_stages)
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic_gpu"])
+def test_sparse_q_selection_matches_the_reference(rng, backend):
+    """`estimate="sparse_q"`: the kernels estimate the 2:4-pruned q codes (natively on Hopper, as sparse wgmmas)
+    and keep the reference's blocks wherever its margin is clear of rounding."""
+    case = draw_mosaic_case(rng)
+    case = dataclasses.replace(case, q_heads=2 * case.kv_heads, config=dataclasses.replace(
+        case.config, backend=backend, estimate="sparse_q"))
+    q, k, _ = cases.draw_structured_qkv(rng, case, jnp.bfloat16)
+    tau = cases.draw_tau(rng, case.q_heads)
+    mask = np.asarray(_kernel_layout(q, k, tau, case.config).to_mask())
+    reference_config = dataclasses.replace(case.config, backend="reference", interpret=False)
+    want = np.asarray(sale_jax.select_blocks(q, k, tau, reference_config).to_mask())
+    _, margins = selection_margins_reference(q, k, tau, reference_config)
+    _, full_margins = selection_margins_reference(q, k, tau, dataclasses.replace(reference_config, estimate="full"))
+    margins, full_margins = np.asarray(margins), np.asarray(full_margins)
+    finite = np.isfinite(margins)
+    assert not np.allclose(margins[finite], full_margins[finite]), "pruning the q codes should move the estimate"
+    assert np.all(np.abs(margins[mask != want]) < 1e-3), f"{(mask != want).sum()} blocks differ from the reference"
+
+
 @pytest.mark.parametrize("block_q, block_k, kv_len, head_dim, warpgroups", [
     (128, 32, 32768, 128, 1), (128, 32, 65536, 128, 2), (128, 32, 131072, 64, 2), (64, 32, 131072, 128, 1),
     (128, 32, 131072, 256, 1),  # three stages of 256 x 256-byte key tiles would not fit in shared memory

@@ -111,7 +111,8 @@ def test_uniform_thresholds_without_a_config_run_under_any_config():
 
 @pytest.mark.parametrize("changes", [
     dict(block_q=32), dict(block_k=32), dict(sink_tokens=0), dict(local_tokens=64),
-    dict(quant_granularity="per_block"), dict(scale=0.25), dict(block_q=32, local_tokens=64),
+    dict(quant_granularity="per_block"), dict(estimate="sparse_q"), dict(scale=0.25),
+    dict(block_q=32, local_tokens=64),
 ])
 def test_another_selection_geometry_names_each_difference_and_the_remedy(changes):
     thresholds = sale_jax.Thresholds.uniform(2, 4, model_name="tiny", config=CALIBRATED)

@@ -26,6 +26,7 @@ import sale_jax
 from experiments.lib import flags as common, results
 from experiments.lib.attention_targets import dense_attention, dense_baseline
 from experiments.lib.timing import median_seconds
+from pallas_kernels import sparse_wgmma
 from pallas_kernels.mosaic_estimate import estimate_hits, estimate_margins_reference
 
 _LENGTHS = common.define_lengths([32768, 131072])
@@ -41,6 +42,9 @@ _HIT_FRACTION = flags.DEFINE_float("hit_fraction", 0.1, "Target fraction of esti
 _FLIP_TOLERANCE = flags.DEFINE_float("flip_tolerance", 1e-2, "Largest |reference margin| at which a flip is allowed.")
 _CODES = flags.DEFINE_enum("codes", "float8_e4m3fn", ["int8", "float8_e4m3fn"],
                            "Code dtype passed in (the kernel multiplies fp8; int8 codes are cast first).")
+_SPARSE_Q = flags.DEFINE_bool(
+    "sparse_q", False, "Prune the q codes to 2:4 and run the dots as sparse wgmmas (checked against the reference "
+    "on the pruned codes).")
 _SKIP_DENSE = flags.DEFINE_bool("skip_dense", False, "Time the estimate kernel alone.")
 _REPEATS = common.define_repeats(5)
 _OUTPUT = common.define_output()
@@ -78,7 +82,10 @@ def random_inputs(length: int, seed: int, thresholds: np.ndarray | None = None) 
         row_threshold = (thresholds[None, :, None] + rng.normal(0.0, 0.1, (1, hq, length))).astype(np.float32)
     arrays = (q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end(length))
     arrays = tuple(jax.device_put(a) for a in arrays)
-    return tuple(a.astype(_CODES.value) if a.dtype == jnp.int8 else a for a in arrays)
+    arrays = tuple(a.astype(_CODES.value) if a.dtype == jnp.int8 else a for a in arrays)
+    if _SPARSE_Q.value:  # the reference sees the pruned codes the kernel multiplies
+        arrays = (sparse_wgmma.decompress(*sparse_wgmma.compress(arrays[0])), *arrays[1:])
+    return arrays
 
 
 def calibrated_thresholds(length: int) -> np.ndarray:
@@ -104,13 +111,18 @@ def kernel_knobs(length: int) -> dict:
     return dict(launch_knobs(), middle_start=middle_start(length))
 
 
-def estimate(inputs):
+def kernel_call(inputs):
+    """The estimate kernel on `inputs` as a function of nothing (with --sparse_q, on the compressed q codes)."""
     interpret = plgpu.InterpretGPUParams() if _SALE.interpret.value else False
-    return estimate_hits(*inputs, **kernel_knobs(inputs[0].shape[1]), interpret=interpret)
+    knobs = dict(kernel_knobs(inputs[0].shape[1]), interpret=interpret)
+    if not _SPARSE_Q.value:
+        return lambda: estimate_hits(*inputs, **knobs)
+    values, positions = sparse_wgmma.compress(inputs[0])
+    return lambda: estimate_hits(values, *inputs[1:], q_positions=positions, **knobs)
 
 
 def check(inputs) -> dict:
-    hits = np.asarray(estimate(inputs))
+    hits = np.asarray(kernel_call(inputs)())
     margins = np.asarray(estimate_margins_reference(*inputs, **reference_knobs(inputs[0].shape[1])))
     want = (margins > 0).astype(np.int32)
     flips = hits != want
@@ -126,7 +138,8 @@ def check(inputs) -> dict:
 
 
 def estimated_int8_ops(inputs) -> float:
-    """Multiply-adds the kernel issues (whole tiles, masked blocks included), counted as 2 ops each."""
+    """Multiply-adds the kernel issues (whole tiles, masked blocks included), counted as 2 ops each (with
+    --sparse_q, the dense ones the sparse wgmmas stand for)."""
     middle_ends = np.asarray(inputs[6])
     block_k, tile_k = _SALE.block_k.value, _TILE_K.value
     first_tile = middle_start(inputs[0].shape[1]) // tile_k
@@ -155,7 +168,7 @@ def main(argv):
           f"per head {np.round(thresholds[:4], 3).tolist()}...", flush=True)
     baseline = dense_baseline()
     hq, hkv, d = _HEADS.values()
-    summary = {"knobs": launch_knobs(), "codes": _CODES.value, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+    summary = {"knobs": launch_knobs(), "codes": _CODES.value, "sparse_q": _SPARSE_Q.value, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
                "local_tokens": _SALE.local_tokens.value, "dense_baseline": baseline, "repeats": _REPEATS.value,
                "lengths": {}}
     for length in lengths:
@@ -163,7 +176,7 @@ def main(argv):
         entry = {}
         if length == lengths[0]:
             entry["check"] = check(inputs)
-        seconds = median_seconds(lambda: estimate(inputs), _REPEATS.value)
+        seconds = median_seconds(kernel_call(inputs), _REPEATS.value)
         entry["estimate_ms"] = seconds * 1e3
         entry["estimate_int8_tops"] = estimated_int8_ops(inputs) / seconds / 1e12
         line = f"  {length:>7} estimate {seconds * 1e3:9.3f} ms ({entry['estimate_int8_tops']:.0f} int8 TOP/s)"

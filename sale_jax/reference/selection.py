@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout
-from sale_jax.ops import grouped_scores, pad_axis
+from sale_jax.ops import estimated_q_codes, grouped_scores, pad_axis
 from sale_jax.reference.common import q_block_visibility
 from sale_jax.reference.quantize import QuantizedQK, quantize_reference
 
@@ -38,6 +38,7 @@ def selection_margins_reference(q: jax.Array, k: jax.Array, tau: jax.Array, conf
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     quant = quantize_reference(q, k, granularity=config.quant_granularity, block_q=config.block_q,
                                block_k=config.block_k, means=means)
+    quant = quant._replace(q_codes=estimated_q_codes(quant.q_codes, config.estimate))
     return block_margins(q, quant, tau, grid, config, config.softmax_scale(q.shape[-1]), estimator == "exact")
 
 
