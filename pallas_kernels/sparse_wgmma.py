@@ -55,6 +55,11 @@ def decompress(values: jax.Array, positions: jax.Array) -> jax.Array:
     return dense.astype(values.dtype).reshape(*positions.shape[:-1], -1)
 
 
+def prune(codes: jax.Array) -> jax.Array:
+    """`codes` with what `compress` drops zeroed: the dense codes a sparse wgmma multiplies."""
+    return decompress(*compress(codes))
+
+
 def _metadata_slots():
     """(row, group) of the code in nibble s of thread t's register, as int arrays [128, 8]."""
     thread, nibble = np.meshgrid(np.arange(THREADS), np.arange(_CODES_PER_WORD), indexing="ij")

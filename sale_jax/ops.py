@@ -56,5 +56,5 @@ def estimated_q_codes(q_codes: jax.Array, estimate: str) -> jax.Array:
     """The q codes the selection's estimate multiplies under `SaleConfig.estimate`: all of them (`"full"`), or
     pruned to 2:4 (`"sparse_q"`, the rule `sparse_wgmma.compress` keeps for the sparse tensor cores)."""
     if estimate == "sparse_q":
-        return sparse_wgmma.decompress(*sparse_wgmma.compress(q_codes))
+        return sparse_wgmma.prune(q_codes)
     return q_codes

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import sparse_wgmma
 from experiments.lib import estimate_candidates as candidates
 from sale_jax import SaleConfig, workloads
 from sale_jax.reference.quantize import quantize_reference
@@ -132,15 +133,6 @@ def test_tiles_needing_estimate_counts_whole_tiles_and_the_last_partial_one():
     assert candidates.tiles_needing_estimate(bound, middle & (bound < 1), 0.0, 2) == pytest.approx(1 / 2)
 
 
-def test_structured_sparse_codes_keep_the_two_largest_of_each_four():
-    codes = jnp.asarray([[3, -5, 1, 0, 2, 2, -2, 1, 0, 0, 0, 7]], jnp.int8)
-    # Ties go to the lower channel: 2, 2, -2 keeps the first two.
-    want = [[3, -5, 0, 0, 2, 2, 0, 0, 0, 0, 0, 7]]
-    np.testing.assert_array_equal(np.asarray(candidates.structured_sparse_codes(codes)), want)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        candidates.structured_sparse_codes(jnp.zeros((1, 6), jnp.int8))
-
-
 def test_structured_sparse_margins_refuse_an_unknown_operand(rng):
     q, k = _qk(rng)
     with pytest.raises(ValueError, match="operand"):
@@ -157,7 +149,7 @@ def test_adversarial_needles_for_2_4_codes_use_only_the_pruned_channels(rng):
     delta = np.asarray(keys) - plain_k  # [1, S, Hkv, D]
     quant = quantize_reference(work.q, work.k, granularity=CONFIG.quant_granularity, block_q=CONFIG.block_q,
                                block_k=CONFIG.block_k)
-    kept = np.asarray(candidates.structured_sparse_codes(quant.q_codes)) != 0  # [1, L, Hq, D]
+    kept = np.asarray(sparse_wgmma.prune(quant.q_codes)) != 0  # [1, L, Hq, D]
     rows, needle_keys = np.asarray(work.needle_rows[0]), np.asarray(work.needle_keys[0])
     for head in range(4):
         group_keys = list(needle_keys[2 * (head // 2):2 * (head // 2) + 2].ravel())

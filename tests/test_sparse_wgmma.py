@@ -26,6 +26,12 @@ def test_compress_keeps_the_two_largest_of_every_four_channels(rng):
     assert (first[0, 0, 0, 0], second[0, 0, 0, 0]) == (0, 1)
 
 
+def test_prune_zeroes_all_but_the_two_largest_of_each_four():
+    codes = jnp.asarray([[3, -5, 1, 0, 2, 2, -2, 1, 0, 0, 0, 7]], jnp.int8)
+    # Ties go to the lower channel: 2, 2, -2 keeps the first two; 0, 0, 0, 7 keeps a zero and the 7.
+    np.testing.assert_array_equal(np.asarray(sparse_wgmma.prune(codes)), [[3, -5, 0, 0, 2, 2, 0, 0, 0, 0, 0, 7]])
+
+
 def test_decompress_restores_the_kept_channels_and_zeroes_the_rest(rng):
     codes = jnp.asarray(rng.integers(-7, 8, (2, 64, 3, 64)), jnp.float8_e4m3fn)
     dense = np.asarray(sparse_wgmma.decompress(*sparse_wgmma.compress(codes)).astype(jnp.float32))

@@ -42,12 +42,15 @@ _HIT_FRACTION = flags.DEFINE_float("hit_fraction", 0.1, "Target fraction of esti
 _FLIP_TOLERANCE = flags.DEFINE_float("flip_tolerance", 1e-2, "Largest |reference margin| at which a flip is allowed.")
 _CODES = flags.DEFINE_enum("codes", "float8_e4m3fn", ["int8", "float8_e4m3fn"],
                            "Code dtype passed in (the kernel multiplies fp8; int8 codes are cast first).")
-_SPARSE_Q = flags.DEFINE_bool(
-    "sparse_q", False, "Prune the q codes to 2:4 and run the dots as sparse wgmmas (checked against the reference "
-    "on the pruned codes).")
 _SKIP_DENSE = flags.DEFINE_bool("skip_dense", False, "Time the estimate kernel alone.")
 _REPEATS = common.define_repeats(5)
 _OUTPUT = common.define_output()
+
+
+def sparse_q() -> bool:
+    """--estimate=sparse_q: the q codes pruned to 2:4, their dots run as sparse wgmmas (checked against the
+    reference on the pruned codes)."""
+    return _SALE.estimate.value == "sparse_q"
 
 
 def regions(length: int) -> sale_jax.BlockRegions:
@@ -83,7 +86,7 @@ def random_inputs(length: int, seed: int, thresholds: np.ndarray | None = None) 
     arrays = (q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end(length))
     arrays = tuple(jax.device_put(a) for a in arrays)
     arrays = tuple(a.astype(_CODES.value) if a.dtype == jnp.int8 else a for a in arrays)
-    if _SPARSE_Q.value:  # the reference sees the pruned codes the kernel multiplies
+    if sparse_q():  # the reference sees the pruned codes the kernel multiplies
         arrays = (sparse_wgmma.decompress(*sparse_wgmma.compress(arrays[0])), *arrays[1:])
     return arrays
 
@@ -112,10 +115,11 @@ def kernel_knobs(length: int) -> dict:
 
 
 def kernel_call(inputs):
-    """The estimate kernel on `inputs` as a function of nothing (with --sparse_q, on the compressed q codes)."""
+    """The estimate kernel on `inputs` as a function of nothing (with --estimate=sparse_q, on the compressed q
+    codes)."""
     interpret = plgpu.InterpretGPUParams() if _SALE.interpret.value else False
     knobs = dict(kernel_knobs(inputs[0].shape[1]), interpret=interpret)
-    if not _SPARSE_Q.value:
+    if not sparse_q():
         return lambda: estimate_hits(*inputs, **knobs)
     values, positions = sparse_wgmma.compress(inputs[0])
     return lambda: estimate_hits(values, *inputs[1:], q_positions=positions, **knobs)
@@ -139,7 +143,7 @@ def check(inputs) -> dict:
 
 def estimated_int8_ops(inputs) -> float:
     """Multiply-adds the kernel issues (whole tiles, masked blocks included), counted as 2 ops each (with
-    --sparse_q, the dense ones the sparse wgmmas stand for)."""
+    --estimate=sparse_q, the dense ones the sparse wgmmas stand for)."""
     middle_ends = np.asarray(inputs[6])
     block_k, tile_k = _SALE.block_k.value, _TILE_K.value
     first_tile = middle_start(inputs[0].shape[1]) // tile_k
@@ -168,7 +172,8 @@ def main(argv):
           f"per head {np.round(thresholds[:4], 3).tolist()}...", flush=True)
     baseline = dense_baseline()
     hq, hkv, d = _HEADS.values()
-    summary = {"knobs": launch_knobs(), "codes": _CODES.value, "sparse_q": _SPARSE_Q.value, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+    summary = {"knobs": launch_knobs(), "codes": _CODES.value, "estimate": _SALE.estimate.value, "q_heads": hq,
+               "kv_heads": hkv, "head_dim": d,
                "local_tokens": _SALE.local_tokens.value, "dense_baseline": baseline, "repeats": _REPEATS.value,
                "lengths": {}}
     for length in lengths:

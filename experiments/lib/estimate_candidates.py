@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import sparse_wgmma
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid
 from sale_jax.reference.quantize import quantize_reference
@@ -122,34 +123,21 @@ def outside_basis(basis: jax.Array):
     return dropped
 
 
-def structured_sparse_codes(codes: jax.Array, keep: int = 2, group: int = 4) -> jax.Array:
-    """`codes [..., D]` with all but the `keep` largest |code| of each `group` consecutive channels zeroed (ties to
-    the lower channel): the 2:4 structured sparsity of Hopper's sparse `wgmma`, whose A operand runs at twice the
-    dense rate."""
-    if codes.shape[-1] % group or not 0 < keep <= group:
-        raise ValueError(f"keep {keep} of each {group} channels needs head_dim a multiple of {group}, got "
-                         f"{codes.shape[-1]}")
-    grouped = codes.reshape(*codes.shape[:-1], -1, group)
-    order = jnp.argsort(-jnp.abs(grouped.astype(jnp.float32)), axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1)
-    return jnp.where(rank < keep, grouped, 0).reshape(codes.shape).astype(codes.dtype)
-
-
 def structured_sparse_margins(q: jax.Array, k: jax.Array, config: SaleConfig, operand: str) -> jax.Array:
     """Block margins at tau = 1 (as `reduced_margins`) with the 4-bit codes of `operand` ("q" or "k") pruned to
-    2:4 (`structured_sparse_codes`); statistics, scales and column bias as the full estimate's."""
+    2:4 (`sparse_wgmma.prune`, the sparse tensor cores' operand); statistics, scales and column bias as the full estimate's."""
     if operand not in ("q", "k"):
         raise ValueError(f"operand must be 'q' or 'k', got {operand!r}")
     quant = _quantize(q, k, config)
     field = f"{operand}_codes"
-    return _margins_at_tau_one(q, k, quant._replace(**{field: structured_sparse_codes(getattr(quant, field))}),
+    return _margins_at_tau_one(q, k, quant._replace(**{field: sparse_wgmma.prune(getattr(quant, field))}),
                                config)
 
 
 def outside_structured_sparse(q: jax.Array, k: jax.Array, needle_rows: jax.Array, config: SaleConfig):
     """For `adversarial_needle_keys`: each needle row's own query in the channels that 2:4 pruning of its q codes
     zeroes."""
-    pruned = structured_sparse_codes(_quantize(q, k, config).q_codes) == 0  # [B, L, Hq, D]
+    pruned = sparse_wgmma.prune(_quantize(q, k, config).q_codes) == 0  # [B, L, Hq, D]
     b_idx = jnp.arange(q.shape[0])[:, None, None]
     h_idx = jnp.broadcast_to(jnp.arange(q.shape[2])[None, :, None], needle_rows.shape)
     at_needles = pruned[b_idx, needle_rows, h_idx]  # [B, Hq, N, D]

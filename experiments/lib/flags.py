@@ -16,7 +16,7 @@ from absl import flags
 
 import sale_jax
 from experiments.lib import retrieval_task
-from sale_jax.config import QUANT_GRANULARITIES
+from sale_jax.config import ESTIMATES, QUANT_GRANULARITIES
 
 # Flags defined by the functions below are the calling script's own, not this module's.
 flags.disclaim_key_flags()
@@ -93,8 +93,8 @@ class HeadFlags:
 
 @dataclasses.dataclass(frozen=True)
 class SaleFlags:
-    """--backend, --block_q, --block_k, --sink_tokens, --local_tokens, --quant_granularity and --interpret: the
-    `SaleConfig` a script runs. Defaults are `SaleConfig`'s unless the script passes its own; `backend=None` leaves
+    """--backend, --block_q, --block_k, --sink_tokens, --local_tokens, --quant_granularity, --estimate and
+    --interpret: the `SaleConfig` a script runs. Defaults are `SaleConfig`'s unless the script passes its own; `backend=None` leaves
     --backend out, for the scripts that call the kernels themselves."""
     backend: flags.FlagHolder | None
     block_q: flags.FlagHolder
@@ -102,6 +102,7 @@ class SaleFlags:
     sink_tokens: flags.FlagHolder
     local_tokens: flags.FlagHolder
     quant_granularity: flags.FlagHolder
+    estimate: flags.FlagHolder
     interpret: flags.FlagHolder
 
     @classmethod
@@ -123,13 +124,16 @@ class SaleFlags:
             quant_granularity=flags.DEFINE_enum("quant_granularity", default["quant_granularity"],
                                                 QUANT_GRANULARITIES,
                                                 "SaleConfig.quant_granularity: one 4-bit scale per row or per block."),
+            estimate=flags.DEFINE_enum("estimate", default["estimate"], ESTIMATES,
+                                       "SaleConfig.estimate: the selection's estimate multiplies every 4-bit code "
+                                       "(full) or the q codes pruned to 2:4 (sparse_q, Hopper's sparse wgmma)."),
             interpret=flags.DEFINE_bool("interpret", False, "SaleConfig.interpret: run the Pallas kernels in "
                                         "interpret mode (on a CPU; slow, for smoke runs and tests)."))
 
     def config(self, **overrides) -> sale_jax.SaleConfig:
         """The `SaleConfig` of the flags, with `overrides` (e.g. `dense_below=0`) on top."""
         fields = {name: getattr(self, name).value for name in ("block_q", "block_k", "sink_tokens", "local_tokens",
-                                                                "quant_granularity", "interpret")}
+                                                                "quant_granularity", "estimate", "interpret")}
         if self.backend is not None:
             fields["backend"] = self.backend.value
         return sale_jax.SaleConfig(**(fields | overrides))
