@@ -7,10 +7,12 @@ kept values of each group of four side by side (half the row's width), with a 4-
 rows by a 64-channel slice of B (the dense K of 64, 32 stored bytes of A per row) at the tensor cores' sparse rate,
 twice the dense one, into the same f32 accumulator a dense `wgmma` uses.
 
-The position codes reach the tensor cores as one 32-bit register per thread and instruction: eight codes, thread t
-of the warpgroup holding rows `16 * (t // 32) + (t % 32) // 4` and 8 below it, four consecutive groups each,
-starting at group `4 * (t % 4)` of the instruction's sixteen (`metadata_words` packs them; the sparsity selector is
-0, as PTX requires for fp8).
+The position codes reach the tensor cores as one 32-bit register per thread and instruction: eight codes, those of
+eight consecutive groups of one row. With lane l of warp w (thread `32 w + l` of the warpgroup), the row is
+`16 w + l // 4 + 8 (l % 2)` and the groups start at `8 ((l // 2) % 2)` of the instruction's sixteen, code s in bits
+`4 s ... 4 s + 3` (`metadata_words` packs them; the sparsity selector is 0, as PTX requires for fp8). This layout
+was read off the H200 by planting one code at a time; tests/test_mosaic_estimate.py holds the sparse kernel to the
+reference natively.
 """
 
 from __future__ import annotations
@@ -34,15 +36,24 @@ _CODES_PER_WORD = 8  # 4-bit position codes in a thread's 32-bit metadata regist
 def compress(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`codes [..., D]` (D a multiple of 4) to 2:4 form: the two largest |code| of each group of four channels
     (ties to the lower channel), in channel order, as `values [..., D // 2]` (codes' dtype) and their position
-    codes `positions` uint8 `[..., D // 4]`."""
+    codes `positions` uint8 `[..., D // 4]`. Elementwise within each group (ranks by pairwise comparison), so it
+    fuses into one pass over the codes."""
     if codes.shape[-1] % GROUP:
         raise ValueError(f"2:4 compression needs head_dim a multiple of {GROUP}, got {codes.shape[-1]}")
     grouped = codes.reshape(*codes.shape[:-1], -1, GROUP)
-    largest = jnp.argsort(-jnp.abs(grouped.astype(jnp.float32)), axis=-1, stable=True)[..., :2]
-    first, second = jnp.min(largest, axis=-1), jnp.max(largest, axis=-1)
-    kept = jnp.stack([first, second], axis=-1)
-    values = jnp.take_along_axis(grouped, kept, axis=-1).reshape(*codes.shape[:-1], -1)
-    return values, (first | second << 2).astype(jnp.uint8)
+    size = jnp.abs(grouped.astype(jnp.float32))
+    earlier = np.tri(GROUP, k=-1, dtype=bool)  # [i, j]: channel j comes before channel i
+    beaten_by = (size[..., None, :] > size[..., :, None]) | ((size[..., None, :] == size[..., :, None]) & earlier)
+    kept = jnp.sum(beaten_by, axis=-1) < 2  # [..., G, 4]: exactly two per group
+    channel = jnp.arange(GROUP, dtype=jnp.int32)
+    first = jnp.min(jnp.where(kept, channel, GROUP), axis=-1)
+    second = jnp.max(jnp.where(kept, channel, -1), axis=-1)
+
+    def value_at(position):
+        return jnp.sum(jnp.where(channel == position[..., None], grouped, 0), axis=-1, dtype=grouped.dtype)
+
+    values = jnp.stack([value_at(first), value_at(second)], axis=-1).reshape(*codes.shape[:-1], -1)
+    return values.astype(codes.dtype), (first | second << 2).astype(jnp.uint8)
 
 
 def decompress(values: jax.Array, positions: jax.Array) -> jax.Array:
@@ -64,8 +75,8 @@ def _metadata_slots():
     """(row, group) of the code in nibble s of thread t's register, as int arrays [128, 8]."""
     thread, nibble = np.meshgrid(np.arange(THREADS), np.arange(_CODES_PER_WORD), indexing="ij")
     lane = thread % 32
-    row = 16 * (thread // 32) + lane // 4 + 8 * (nibble // 4)
-    group = 4 * (lane % 4) + nibble % 4
+    row = 16 * (thread // 32) + lane // 4 + 8 * (lane % 2)
+    group = 8 * (lane // 2 % 2) + nibble
     return row, group
 
 

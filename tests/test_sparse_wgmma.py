@@ -44,15 +44,15 @@ def test_decompress_restores_the_kept_channels_and_zeroes_the_rest(rng):
 
 def test_metadata_words_hold_each_row_groups_codes_once(rng):
     """Thread t's word for instruction i of row group m holds, nibble s, the code of row
-    `64 m + 16 (t // 32) + (t % 32) // 4 + 8 (s // 4)` and group `16 i + 4 (t % 4) + s % 4`."""
+    `64 m + 16 (t // 32) + (t % 32) // 4 + 8 (t % 2)` and group `16 i + 8 ((t // 2) % 2) + s`."""
     positions = rng.integers(0, 16, (2, 128, 64)).astype(np.uint8)  # [B, rows, D / 4], D = 256
     words = np.asarray(sparse_wgmma.metadata_words(jnp.asarray(positions))).view(np.uint32)
     assert words.shape == (2, 2, 4, 128)
     decoded = np.full(positions.shape, 255, np.int64)
     for b, m, i, t in np.ndindex(words.shape):
         for s in range(8):
-            row = 64 * m + 16 * (t // 32) + (t % 32) // 4 + 8 * (s // 4)
-            group = 16 * i + 4 * (t % 4) + s % 4
+            row = 64 * m + 16 * (t // 32) + (t % 32) // 4 + 8 * (t % 2)
+            group = 16 * i + 8 * ((t // 2) % 2) + s
             assert decoded[b, row, group] == 255, "a code placed twice"
             decoded[b, row, group] = (int(words[b, m, i, t]) >> (4 * s)) & 0xF
     np.testing.assert_array_equal(decoded, positions)
