@@ -40,8 +40,8 @@ def compress(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
     fuses into one pass over the codes."""
     if codes.shape[-1] % GROUP:
         raise ValueError(f"2:4 compression needs head_dim a multiple of {GROUP}, got {codes.shape[-1]}")
-    grouped = codes.reshape(*codes.shape[:-1], -1, GROUP)
-    size = jnp.abs(grouped.astype(jnp.float32))
+    grouped = codes.reshape(*codes.shape[:-1], -1, GROUP).astype(jnp.float32)  # no arithmetic on 8-bit floats
+    size = jnp.abs(grouped)
     earlier = np.tri(GROUP, k=-1, dtype=bool)  # [i, j]: channel j comes before channel i
     beaten_by = (size[..., None, :] > size[..., :, None]) | ((size[..., None, :] == size[..., :, None]) & earlier)
     kept = jnp.sum(beaten_by, axis=-1) < 2  # [..., G, 4]: exactly two per group
@@ -50,7 +50,7 @@ def compress(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
     second = jnp.max(jnp.where(kept, channel, -1), axis=-1)
 
     def value_at(position):
-        return jnp.sum(jnp.where(channel == position[..., None], grouped, 0), axis=-1, dtype=grouped.dtype)
+        return jnp.sum(jnp.where(channel == position[..., None], grouped, 0.0), axis=-1)
 
     values = jnp.stack([value_at(first), value_at(second)], axis=-1).reshape(*codes.shape[:-1], -1)
     return values.astype(codes.dtype), (first | second << 2).astype(jnp.uint8)
@@ -59,10 +59,10 @@ def compress(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
 def decompress(values: jax.Array, positions: jax.Array) -> jax.Array:
     """The dense codes `[..., D]` that `compress` gave `(values, positions)` for, zeros where it dropped one."""
     positions = positions.astype(jnp.int32)
-    pairs = values.reshape(*positions.shape, 2)
+    pairs = values.reshape(*positions.shape, 2).astype(jnp.float32)
     channel = jnp.arange(GROUP)
-    dense = (jnp.where(channel == (positions & 3)[..., None], pairs[..., :1], 0)
-             + jnp.where(channel == (positions >> 2)[..., None], pairs[..., 1:], 0))
+    dense = (jnp.where(channel == (positions & 3)[..., None], pairs[..., :1], 0.0)
+             + jnp.where(channel == (positions >> 2)[..., None], pairs[..., 1:], 0.0))
     return dense.astype(values.dtype).reshape(*positions.shape[:-1], -1)
 
 
@@ -71,30 +71,22 @@ def prune(codes: jax.Array) -> jax.Array:
     return decompress(*compress(codes))
 
 
-def _metadata_slots():
-    """(row, group) of the code in nibble s of thread t's register, as int arrays [128, 8]."""
-    thread, nibble = np.meshgrid(np.arange(THREADS), np.arange(_CODES_PER_WORD), indexing="ij")
-    lane = thread % 32
-    row = 16 * (thread // 32) + lane // 4 + 8 * (lane % 2)
-    group = 8 * (lane // 2 % 2) + nibble
-    return row, group
-
-
-def metadata_words(positions: jnp.ndarray) -> jnp.ndarray:
+def metadata_words(positions: jax.Array) -> jax.Array:
     """Position codes `[..., rows, D // 4]` (rows a multiple of 64, D of 64) as the threads' registers: int32
     `[..., rows // 64, D // 64, 128]`, word `[m, i, t]` being thread t's register for the instruction over
-    channels `64 i ... 64 i + 63` of rows `64 m ...`."""
+    channels `64 i ... 64 i + 63` of rows `64 m ...` (a reshape and a transpose: row `16 w + 8 a + g` and group
+    `8 b + s` go to thread `32 w + 4 g + 2 b + a`, nibble s)."""
     *lead, rows, groups = positions.shape
     if rows % ROWS or groups % GROUPS_PER_INSTRUCTION:
         raise ValueError(f"positions [..., rows, D // 4] need rows a multiple of {ROWS} and D of {DENSE_K}, got "
                          f"{positions.shape}")
     instructions = groups // GROUPS_PER_INSTRUCTION
-    tiles = positions.astype(jnp.uint32).reshape(*lead, rows // ROWS, ROWS, instructions, GROUPS_PER_INSTRUCTION)
-    tiles = jnp.moveaxis(tiles, -2, -3)  # [..., m, i, 64 rows, 16 groups]
-    row, group = _metadata_slots()
-    codes = tiles[..., row, group]  # [..., m, i, 128, 8]
+    n = len(lead)
+    # [..., m, w, a, g, i, b, s] -> [..., m, i, w, g, b, a, s]
+    codes = positions.astype(jnp.uint32).reshape(*lead, rows // ROWS, 4, 2, 8, instructions, 2, _CODES_PER_WORD)
+    codes = codes.transpose(*range(n), n, n + 4, n + 1, n + 3, n + 5, n + 2, n + 6)
     words = jnp.sum(codes << (4 * jnp.arange(_CODES_PER_WORD, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)
-    return jax.lax.bitcast_convert_type(words, jnp.int32)
+    return jax.lax.bitcast_convert_type(words, jnp.int32).reshape(*lead, rows // ROWS, instructions, THREADS)
 
 
 def _operand_descriptor(ref, row_offset: int, k_byte_offset: int):
