@@ -31,6 +31,10 @@ How (the alternatives each choice was timed against are in docs/tuning.md#mosaic
 - `compute_warpgroups=2`: a 128-row q block's halves as two warpgroups taking turns on the tensor cores, fed by
   a TMA warpgroup, with tiles up to 256 keys (`_split_rows_kernel`); the caller picks it by key length.
 - Both kernels run the same per-tile body (`_tile_flags`).
+- With `q_positions` the q codes come 2:4-compressed (`SaleConfig.estimate="sparse_q"`) and the dots run as
+  Hopper's sparse fp8 wgmma (`sparse_wgmma`, inline PTX: Pallas has no sparse wgmma) after the offsets' tf32 one;
+  each thread reads its metadata register from shared memory per instruction. The wgmmas are issued and committed
+  in one inline body (`_issue_sparse`) and waited for at the start of the warp-level epilogue.
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
 `tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`, none for a streaming head), reduces each tile to one flag

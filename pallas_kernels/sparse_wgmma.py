@@ -36,21 +36,23 @@ _CODES_PER_WORD = 8  # 4-bit position codes in a thread's 32-bit metadata regist
 def compress(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`codes [..., D]` (D a multiple of 4) to 2:4 form: the two largest |code| of each group of four channels
     (ties to the lower channel), in channel order, as `values [..., D // 2]` (codes' dtype) and their position
-    codes `positions` uint8 `[..., D // 4]`. Elementwise within each group (ranks by pairwise comparison), so it
-    fuses into one pass over the codes."""
+    codes `positions` uint8 `[..., D // 4]`. Elementwise over the groups (each channel's rank from its three
+    comparisons), so it fuses into one pass over the codes."""
     if codes.shape[-1] % GROUP:
         raise ValueError(f"2:4 compression needs head_dim a multiple of {GROUP}, got {codes.shape[-1]}")
     grouped = codes.reshape(*codes.shape[:-1], -1, GROUP).astype(jnp.float32)  # no arithmetic on 8-bit floats
-    size = jnp.abs(grouped)
-    earlier = np.tri(GROUP, k=-1, dtype=bool)  # [i, j]: channel j comes before channel i
-    beaten_by = (size[..., None, :] > size[..., :, None]) | ((size[..., None, :] == size[..., :, None]) & earlier)
-    kept = jnp.sum(beaten_by, axis=-1) < 2  # [..., G, 4]: exactly two per group
-    channel = jnp.arange(GROUP, dtype=jnp.int32)
-    first = jnp.min(jnp.where(kept, channel, GROUP), axis=-1)
-    second = jnp.max(jnp.where(kept, channel, -1), axis=-1)
+    channels = [grouped[..., c] for c in range(GROUP)]
+    sizes = [jnp.abs(x) for x in channels]
+
+    def beats(j, i):  # channel j ranks above channel i: larger, or as large and earlier
+        return (sizes[j] >= sizes[i]) if j < i else (sizes[j] > sizes[i])
+
+    kept = [sum(beats(j, i).astype(jnp.int32) for j in range(GROUP) if j != i) < 2 for i in range(GROUP)]
+    first = jnp.where(kept[0], 0, jnp.where(kept[1], 1, 2))
+    second = jnp.where(kept[3], 3, jnp.where(kept[2], 2, 1))
 
     def value_at(position):
-        return jnp.sum(jnp.where(channel == position[..., None], grouped, 0.0), axis=-1)
+        return jnp.select([position == c for c in range(GROUP - 1)], channels[:-1], channels[-1])
 
     values = jnp.stack([value_at(first), value_at(second)], axis=-1).reshape(*codes.shape[:-1], -1)
     return values.astype(codes.dtype), (first | second << 2).astype(jnp.uint8)

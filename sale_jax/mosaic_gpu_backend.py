@@ -59,11 +59,12 @@ def _one_warpgroup_launch(config: SaleConfig) -> EstimateLaunch:
 def estimate_launch(kv_len: int, head_dim: int, config: SaleConfig) -> EstimateLaunch:
     """The split-rows kernel at block_q 128 from the tuning table's `mosaic_split_rows_from` keys on, where its two
     rows of flags (one per warpgroup) fit in shared memory; one warpgroup otherwise. Not at head_dim 256: three
-    stages of 256-key tiles would take 216 KB without the q codes and flags."""
+    stages of 256-key tiles would take 216 KB without the q codes and flags. Not for 2:4-sparse q codes, whose
+    halved tensor-core time one warpgroup per CTA keeps busier (docs/tuning.md#estimate-sparse-q)."""
     table = tuning.for_backend("mosaic_gpu")
     split = EstimateLaunch(2, 2 * mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, table.mosaic_split_rows_stages)
     if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= table.mosaic_split_rows_from
-            and head_dim <= 128):
+            and head_dim <= 128 and config.estimate == "full"):
         return split
     return _one_warpgroup_launch(config)
 
@@ -86,10 +87,11 @@ def _estimate_hits(quant, row_threshold, middle_end, regions, config: SaleConfig
     """The estimate's hit flags `[B, Hq, nQ, nK]`, one launch per key chunk. Exact: the row thresholds come from
     the sink and local keys of every row, and each key block's flag depends on its own keys alone."""
     middle_start = regions.sink_blocks * config.block_k
-    q_codes, k_codes = quant.q_codes.astype(jnp.float8_e4m3fn), quant.k_codes.astype(jnp.float8_e4m3fn)
+    q_codes, k_codes = quant.q_codes, quant.k_codes.astype(jnp.float8_e4m3fn)
     q_positions = None
     if config.estimate == "sparse_q":
         q_codes, q_positions = sparse_wgmma.compress(q_codes)
+    q_codes = q_codes.astype(jnp.float8_e4m3fn)
     hits = []
     for start, end in estimate_key_chunks(k_codes.shape[1], config, launch, MAX_K_BLOCKS):
         hits.append(pallas_kernels.estimate_hits(

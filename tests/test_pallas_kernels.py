@@ -200,13 +200,15 @@ def test_sparse_q_selection_matches_the_reference(rng, backend):
     assert np.all(np.abs(margins[mask != want]) < 1e-3), f"{(mask != want).sum()} blocks differ from the reference"
 
 
-@pytest.mark.parametrize("block_q, block_k, kv_len, head_dim, warpgroups", [
-    (128, 32, 32768, 128, 1), (128, 32, 65536, 128, 2), (128, 32, 131072, 64, 2), (64, 32, 131072, 128, 1),
-    (128, 32, 131072, 256, 1),  # three stages of 256 x 256-byte key tiles would not fit in shared memory
-    (128, 16, 131072, 128, 2), (128, 16, 262144, 128, 2),  # longer keys than one launch's flags: key chunks
+@pytest.mark.parametrize("block_q, block_k, kv_len, head_dim, warpgroups, estimate", [
+    (128, 32, 32768, 128, 1, "full"), (128, 32, 65536, 128, 2, "full"), (128, 32, 131072, 64, 2, "full"),
+    (64, 32, 131072, 128, 1, "full"),
+    (128, 32, 131072, 256, 1, "full"),  # three stages of 256 x 256-byte key tiles would not fit in shared memory
+    (128, 16, 131072, 128, 2, "full"), (128, 16, 262144, 128, 2, "full"),  # longer keys: key chunks
+    (128, 32, 131072, 128, 1, "sparse_q"),  # sparse dots leave one warpgroup per CTA the faster
 ])
-def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, head_dim, warpgroups):
-    config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k)
+def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, head_dim, warpgroups, estimate):
+    config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k, estimate=estimate)
     launch = mosaic_gpu_backend.estimate_launch(kv_len, head_dim, config)
     assert launch.compute_warpgroups == warpgroups
     assert launch.tile_k * block_q // warpgroups == mosaic_estimate.MAX_ACC_ELEMENTS
