@@ -273,7 +273,11 @@ def _terms_transforms():
 
 def _issue_sparse(*, rows: int, tile_k: int, head_dim: int):
     """The offsets' tf32 wgmma and the dots as 2:4-sparse fp8 wgmmas (`sparse_wgmma`), issued and committed, not
-    waited for: returns the accumulator as wgmma holds it, for `_warp_or_hit_flags(in_flight=True)`."""
+    waited for: returns the accumulator as wgmma holds it, for `_warp_or_hit_flags(in_flight=True)`.
+
+    The accumulator stays in the layout wgmma writes (`_WGMMA_ACC_32BIT`, Pallas's name for Mosaic GPU's
+    `WGMMA_LAYOUT_ACC_32BIT`): converting it to `WGMMA` here would read registers the instructions still write.
+    Mosaic GPU's accumulator exposes its registers only as `_value`, which its own wgmma lowering reads too."""
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(_terms_transforms()), plgpu.RefType(_terms_transforms()),
                    plgpu.RefType(_mma_transforms(head_dim // 2)), plgpu.RefType(),
