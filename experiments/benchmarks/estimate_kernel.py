@@ -11,7 +11,9 @@ smallest length the kernel's hits are checked against `estimate_margins_referenc
 the reference's margin is within --flip_tolerance of zero (the kernel adds the offsets in another order, as tf32
 halves on the tensor cores). Then medians of --repeats timed calls after warm-up: the estimate kernel and, for
 scale, dense attention (cuDNN on a GPU) on bf16 q/k/v [1, L, Hq, D] / [1, L, Hkv, D], causal. The kernel needs a
-Hopper GPU; --interpret runs it in Mosaic GPU interpret mode on a CPU (smoke runs only).
+Hopper GPU; --interpret runs it in Mosaic GPU interpret mode on a CPU (smoke runs only). With --estimate=sparse_q
+the q codes are pruned to 2:4 and passed compressed, so the dots run as sparse wgmmas, and the check's reference
+sees the pruned codes.
 """
 
 from __future__ import annotations
