@@ -37,9 +37,9 @@ How (the alternatives each choice was timed against are in docs/tuning.md#mosaic
   in one inline body (`_issue_sparse`) and waited for at the start of the warp-level epilogue.
 
 Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
-`tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`, none for a streaming head), reduces each tile to one flag
-per `block_k` keys and keeps the row of flags in shared memory, written out by one TMA copy at the end (so every
-output element is written, zeros included).
+`tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`, none for a streaming head),
+reduces each tile to one flag per `block_k` keys and keeps the row of flags in shared memory, written out by one
+TMA copy at the end (so every output element is written, zeros included).
 
 tests/test_mosaic_estimate.py checks it against `estimate_hits_reference` in Mosaic GPU interpret mode and runs
 Mosaic GPU's lowering for sm_90 on a CPU (everything short of ptxas), and natively on a GPU. The kernel's float
