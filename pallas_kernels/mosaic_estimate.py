@@ -183,8 +183,9 @@ _WGMMA_COLUMN_GROUP = 8  # the wgmma accumulator layout's registers come in 8-co
 _WARP_SIZE = 32
 
 
-def _wait_for_wgmma():
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "wgmma.wait_group.sync.aligned 0;", "", has_side_effects=True)
+def _wgmma_group(instruction: str):
+    """`wgmma.commit_group` or `wgmma.wait_group 0`, for wgmmas issued in inline Mosaic GPU code."""
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], instruction, "", has_side_effects=True)
 
 
 def _warp_or_hit_flags(*, block_k: int, tile_k: int, in_flight: bool = False):
@@ -203,7 +204,7 @@ def _warp_or_hit_flags(*, block_k: int, tile_k: int, in_flight: bool = False):
     def store_flags(_, excess, flags):
         i32 = ir.IntegerType.get_signless(32)
         if in_flight:
-            _wait_for_wgmma()
+            _wgmma_group("wgmma.wait_group.sync.aligned 0;")
             excess = mgpu.optimization_barrier(excess)
         registers = excess.registers
         if registers.shape[1] != tile_k // _WGMMA_COLUMN_GROUP:
@@ -287,8 +288,7 @@ def _issue_sparse(*, rows: int, tile_k: int, head_dim: int):
         acc = mgpu.WGMMAAccumulator.zero(rows, tile_k)
         acc = mgpu.wgmma(acc, row_terms, mgpu.memref_transpose(key_terms, (1, 0, 3, 2)), swizzle=4 * _OFFSET_TERMS)
         registers = sparse_wgmma.issue(acc._value.registers, q_values, q_metadata, k, n=tile_k)
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "wgmma.commit_group.sync.aligned;", "",
-                        has_side_effects=True)
+        _wgmma_group("wgmma.commit_group.sync.aligned;")
         return mgpu.FragmentedArray(_registers=registers, _layout=acc._value.layout, _is_signed=None)
 
     return issue

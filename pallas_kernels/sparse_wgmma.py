@@ -114,37 +114,33 @@ def issue(accumulator_registers: np.ndarray, a_values, metadata, b, *, n: int) -
     a_values: the compressed A, a tiled fp8 memref `[rows / 8, 1, 8, D / 2]` (swizzled rows of D / 2 bytes);
     metadata: int32 smem `[rows // 64, D // 64, 128]` (`metadata_words` of these rows); b: the dense B, a
     tiled fp8 memref `[n / 8, ., 8, swizzle]` of n rows of D bytes. Must run on all threads of one warpgroup."""
-    rows = accumulator_registers.shape[0] * ROWS
     row_groups = accumulator_registers.shape[0]
     b_type = ir.MemRefType(b.type)
-    head_dim = b_type.shape[1] * b_type.shape[3]
-    instructions = head_dim // DENSE_K
+    instructions = b_type.shape[1] * b_type.shape[3] // DENSE_K  # head_dim // 64
     i32 = ir.IntegerType.get_signless(32)
-    f32_register = ir.VectorType.get((1,), ir.F32Type.get())
-    thread = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, THREADS))
     index = ir.IndexType.get()
+    f32_register = ir.VectorType.get((1,), ir.F32Type.get())
+    count = n // 2  # accumulator registers per thread
+    accumulators = "{" + ",".join(f"${j}" for j in range(count)) + "}"
+    a_arg, b_arg, meta_arg, one_arg = (f"${2 * count + j}" for j in range(4))
+    ptx = (f"{{ .reg .pred p; setp.ne.b32 p, {one_arg}, 0; "
+           f"wgmma.mma_async.sp.sync.aligned.m64n{n}k{DENSE_K}.f32.e4m3.e4m3 "
+           f"{accumulators}, {a_arg}, {b_arg}, {meta_arg}, 0, p, 1, 1; }}\n")
+    constraints = ",".join(["=f"] * count + [str(j) for j in range(count)] + ["l", "l", "r", "n"])
+    result_type = llvm.StructType.get_literal([f32_register] * count)
+    thread = arith.index_cast(index, arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, THREADS)))
     registers = accumulator_registers.copy()
     for m in range(row_groups):
         block = registers[m:m + 1]
         values = list(block.flat)
-        if len(values) != n // 2 or values[0].type != f32_register:
-            raise NotImplementedError(f"unexpected accumulator registers {block.shape} for {rows} x {n}")
+        if len(values) != count or values[0].type != f32_register:
+            raise NotImplementedError(f"unexpected accumulator registers {block.shape} for {ROWS} x {n}")
         for i in range(instructions):
-            word = memref.load(metadata, [arith.constant(index, m), arith.constant(index, i),
-                                          arith.index_cast(index, thread)])
+            word = memref.load(metadata, [arith.constant(index, m), arith.constant(index, i), thread])
             a_descriptor = _operand_descriptor(a_values, m * ROWS, i * DENSE_K // 2)
             b_descriptor = _operand_descriptor(b, 0, i * DENSE_K)
-            count = len(values)
-            accumulators = "{" + ",".join(f"${j}" for j in range(count)) + "}"
-            a_arg, b_arg, meta_arg, one_arg = (f"${2 * count + j}" for j in range(4))
-            ptx = (f"{{ .reg .pred p; setp.ne.b32 p, {one_arg}, 0; "
-                   f"wgmma.mma_async.sp.sync.aligned.m64n{n}k{DENSE_K}.f32.e4m3.e4m3 "
-                   f"{accumulators}, {a_arg}, {b_arg}, {meta_arg}, 0, p, 1, 1; }}\n")
-            constraints = ",".join(["=f"] * count + [str(j) for j in range(count)] + ["l", "l", "r", "n"])
-            result = llvm.inline_asm(
-                llvm.StructType.get_literal([f32_register] * count),
-                [*values, a_descriptor, b_descriptor, word, arith.constant(i32, 1)],
-                ptx, constraints, asm_dialect=0, has_side_effects=True)
+            result = llvm.inline_asm(result_type, [*values, a_descriptor, b_descriptor, word, arith.constant(i32, 1)],
+                                     ptx, constraints, asm_dialect=0, has_side_effects=True)
             values = [llvm.extractvalue(f32_register, result, [j]) for j in range(count)]
         registers[m:m + 1] = np.array(values, dtype=object).reshape(block.shape)
     return registers
