@@ -72,6 +72,31 @@ def llm_like_qkv(seed: int, batch: int, kv_len: int, q_heads: int, kv_heads: int
                          head_dim, q_len, jnp.dtype(dtype), num_needles, num_stripes, sink_tokens)
 
 
+def _distinct_per_kv_head(needle_keys, far_limit, sink_tokens, kv_heads):
+    """Moves a needle's key off any key an earlier needle of its KV head took, to the next free position below
+    (wrapping to the top of its range `[sink_tokens, far_limit)`). Two needles raising one key would each take
+    a third of their rows' attention, not half. Keys stay put where their range has no free position."""
+    batch = needle_keys.shape[0]
+    flat = needle_keys.reshape(batch, kv_heads, -1)  # the needles of one KV head's query heads, side by side
+    limit = far_limit.reshape(flat.shape)
+    for i in range(1, flat.shape[-1]):
+        taken, room = flat[..., :i], limit[..., i] - sink_tokens
+
+        def clashes(key, tries):
+            return jnp.any(taken == key[..., None], axis=-1) & (tries < room)
+
+        def step(state):
+            key, tries = state
+            busy = clashes(key, tries)
+            below = jnp.where(key > sink_tokens, key - 1, limit[..., i] - 1)
+            return jnp.where(busy, below, key), tries + busy
+
+        key, _ = jax.lax.while_loop(lambda state: jnp.any(clashes(*state)), step,
+                                    (flat[..., i], jnp.zeros_like(room)))
+        flat = flat.at[..., i].set(key)
+    return flat.reshape(needle_keys.shape)
+
+
 @jax.jit(static_argnums=tuple(range(2, 12)))
 def _llm_like_qkv(key, head_key, batch, kv_len, q_heads, kv_heads, head_dim, q_len, dtype, num_needles, num_stripes,
                   sink_tokens):
@@ -124,6 +149,7 @@ def _llm_like_qkv(key, head_key, batch, kv_len, q_heads, kv_heads, head_dim, q_l
     far_limit = q_pos[needle_rows] - far_gap
     needle_keys = sink_tokens + (jax.random.uniform(next(keys), needle_rows.shape) * (far_limit - sink_tokens)
                                  ).astype(jnp.int32)
+    needle_keys = _distinct_per_kv_head(needle_keys, far_limit, sink_tokens, kv_heads)
     b_idx = jnp.arange(batch)[:, None, None]
     h_idx = jnp.broadcast_to(jnp.arange(q_heads)[None, :, None], needle_rows.shape)
     needle_q = q[b_idx, needle_rows, h_idx]  # [B, Hq, N, D]

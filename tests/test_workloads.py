@@ -47,6 +47,17 @@ def test_needles_carry_real_attention_mass_and_sale_keeps_them(rng):
     assert np.mean(always[q_blocks, k_blocks]) < 0.5
 
 
+def test_needles_of_one_kv_head_never_share_a_key(rng):
+    """128 needles per KV head over ~3000 far keys: shared keys are all but certain before they are moved apart."""
+    work = workloads.llm_like_qkv(int(rng.integers(2**31)), 2, 4096, 8, 2, 32, dtype=jnp.float32, num_needles=32)
+    keys = np.asarray(work.needle_keys).reshape(2, 2, -1)
+    positions = np.asarray(work.needle_rows).reshape(keys.shape)
+    for b in range(2):
+        for kv in range(2):
+            assert len(set(keys[b, kv])) == keys.shape[-1]
+    assert np.all((keys >= 4) & (keys <= positions - 1024))
+
+
 @pytest.mark.parametrize("num_tokens", [400, 5000, 131072])
 def test_json_kv_prompt_is_valid_json_with_the_answer_at_its_record(rng, num_tokens):
     depth = float(rng.uniform())
