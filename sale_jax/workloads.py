@@ -77,24 +77,28 @@ def _distinct_per_kv_head(needle_keys, far_limit, sink_tokens, kv_heads):
     (wrapping to the top of its range `[sink_tokens, far_limit)`). Two needles raising one key would each take
     a third of their rows' attention, not half. Keys stay put where their range has no free position."""
     batch = needle_keys.shape[0]
+    if needle_keys.size == 0:
+        return needle_keys
     flat = needle_keys.reshape(batch, kv_heads, -1)  # the needles of one KV head's query heads, side by side
     limit = far_limit.reshape(flat.shape)
-    for i in range(1, flat.shape[-1]):
-        taken, room = flat[..., :i], limit[..., i] - sink_tokens
+    needles = jnp.arange(flat.shape[-1])
+
+    def place(i, flat):
+        earlier, room, top = needles < i, limit[..., i] - sink_tokens, limit[..., i] - 1
 
         def clashes(key, tries):
-            return jnp.any(taken == key[..., None], axis=-1) & (tries < room)
+            return jnp.any((flat == key[..., None]) & earlier, axis=-1) & (tries < room)
 
         def step(state):
             key, tries = state
             busy = clashes(key, tries)
-            below = jnp.where(key > sink_tokens, key - 1, limit[..., i] - 1)
-            return jnp.where(busy, below, key), tries + busy
+            return jnp.where(busy, jnp.where(key > sink_tokens, key - 1, top), key), tries + busy
 
         key, _ = jax.lax.while_loop(lambda state: jnp.any(clashes(*state)), step,
                                     (flat[..., i], jnp.zeros_like(room)))
-        flat = flat.at[..., i].set(key)
-    return flat.reshape(needle_keys.shape)
+        return flat.at[..., i].set(key)
+
+    return jax.lax.fori_loop(1, flat.shape[-1], place, flat).reshape(needle_keys.shape)
 
 
 @jax.jit(static_argnums=tuple(range(2, 12)))
