@@ -252,9 +252,7 @@ def _plot(points, adversarial, path):
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"reduced estimates against SALE's 4-bit estimate ({jax.devices()[0].device_kind})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results.save_figure(fig, path, "reduced estimates against SALE's 4-bit estimate")
 
 
 if __name__ == "__main__":

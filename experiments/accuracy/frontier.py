@@ -153,9 +153,7 @@ def _plot(points, path):
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"accuracy-density frontier ({jax.devices()[0].device_kind})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results.save_figure(fig, path, "accuracy-density frontier")
 
 
 if __name__ == "__main__":

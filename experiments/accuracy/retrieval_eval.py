@@ -163,9 +163,7 @@ def _plot(cells: dict, lengths: list[int], depths: list[float], path: str) -> No
         ax.set_xlabel("depth of the queried records")
         ax.set_ylabel("context length")
         ax.set_title(method, fontsize=9)
-    fig.suptitle(f"exact-match retrieval accuracy (d = density of kept blocks), {jax.devices()[0].device_kind}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results.save_figure(fig, path, "exact-match retrieval accuracy (d = density of kept blocks)")
 
 
 def _plot_payoff(cells: dict, prefill: dict, lengths: list[int], path: str) -> None:
@@ -183,9 +181,7 @@ def _plot_payoff(cells: dict, prefill: dict, lengths: list[int], path: str) -> N
     ax.set_xlabel("prefill speedup over dense attention")
     ax.set_ylabel("exact-match accuracy")
     ax.legend(fontsize=7)
-    ax.set_title(f"accuracy against prefill speed, {jax.devices()[0].device_kind}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results.save_figure(fig, path, "accuracy against prefill speed")
 
 
 def main(argv):

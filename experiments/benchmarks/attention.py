@@ -111,9 +111,7 @@ def _plot(lengths: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     by_length.set_xscale("log", base=2)
-    fig.suptitle(f"SALE end to end vs {dense_baseline()} ({jax.devices()[0].device_kind})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results.save_figure(fig, path, f"SALE end to end vs {dense_baseline()}")
 
 
 def computation_kernel(config: sale_jax.SaleConfig) -> str:

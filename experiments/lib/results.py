@@ -79,6 +79,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str | os.PathLike, title: str) -> None:
+    """Titles `fig` with `title` and the device the figures were measured on, then writes it to `path`."""
+    fig.suptitle(f"{title} ({jax.devices()[0].device_kind})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def write(output: str | os.PathLike, data: dict, config: SaleConfig | None,
           files: tuple[str | os.PathLike, ...] = ()) -> None:
     """Writes `data` as JSON to `output` (creating its folder), under a `provenance` block and, when given,
