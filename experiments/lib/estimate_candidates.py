@@ -125,7 +125,8 @@ def outside_basis(basis: jax.Array):
 
 def structured_sparse_margins(q: jax.Array, k: jax.Array, config: SaleConfig, operand: str) -> jax.Array:
     """Block margins at tau = 1 (as `reduced_margins`) with the 4-bit codes of `operand` ("q" or "k") pruned to
-    2:4 (`sparse_wgmma.prune`, the sparse tensor cores' operand); statistics, scales and column bias as the full estimate's."""
+    2:4 (`sparse_wgmma.prune`, the sparse tensor cores' operand); statistics, scales and column bias as the full
+    estimate's."""
     if operand not in ("q", "k"):
         raise ValueError(f"operand must be 'q' or 'k', got {operand!r}")
     quant = _quantize(q, k, config)

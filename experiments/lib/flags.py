@@ -94,8 +94,8 @@ class HeadFlags:
 @dataclasses.dataclass(frozen=True)
 class SaleFlags:
     """--backend, --block_q, --block_k, --sink_tokens, --local_tokens, --quant_granularity, --estimate and
-    --interpret: the `SaleConfig` a script runs. Defaults are `SaleConfig`'s unless the script passes its own; `backend=None` leaves
-    --backend out, for the scripts that call the kernels themselves."""
+    --interpret: the `SaleConfig` a script runs. Defaults are `SaleConfig`'s unless the script passes its own;
+    `backend=None` leaves --backend out, for the scripts that call the kernels themselves."""
     backend: flags.FlagHolder | None
     block_q: flags.FlagHolder
     block_k: flags.FlagHolder
