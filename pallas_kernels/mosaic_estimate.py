@@ -238,7 +238,7 @@ def _mma_transforms(head_dim: int):
     return plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle)
 
 
-_OFFSET_TERMS = 8  # K of the tf32 wgmma that adds the per-row and per-key offsets (its smallest)
+OFFSET_TERMS = 8  # K of the tf32 wgmma that adds the per-row and per-key offsets (its smallest)
 _TF32_DROPPED_BITS = 13  # tf32 keeps the top 10 of f32's 23 mantissa bits
 _FINITE_THRESHOLD = 1e30  # +-inf thresholds (select nothing / everything) clipped, so hi/lo splits stay finite
 
@@ -269,7 +269,7 @@ def offset_terms(row_factor, row_threshold, k_scale, column_bias):
 
 def _terms_transforms():
     """wgmma's tf32 operand layout for rows of 8 f32 (32 bytes): 8 x 8 tiles, 32-byte swizzle."""
-    return plgpu.TilingTransform((8, _OFFSET_TERMS)), plgpu.SwizzleTransform(4 * _OFFSET_TERMS)
+    return plgpu.TilingTransform((8, OFFSET_TERMS)), plgpu.SwizzleTransform(4 * OFFSET_TERMS)
 
 
 def _issue_sparse(*, rows: int, tile_k: int, head_dim: int):
@@ -286,7 +286,7 @@ def _issue_sparse(*, rows: int, tile_k: int, head_dim: int):
         return_type=plgpu.ShapeDtypeStruct((rows, tile_k), jnp.float32, layout=plgpu.Layout._WGMMA_ACC_32BIT))
     def issue(_, row_terms, key_terms, q_values, q_metadata, k):
         acc = mgpu.WGMMAAccumulator.zero(rows, tile_k)
-        acc = mgpu.wgmma(acc, row_terms, mgpu.memref_transpose(key_terms, (1, 0, 3, 2)), swizzle=4 * _OFFSET_TERMS)
+        acc = mgpu.wgmma(acc, row_terms, mgpu.memref_transpose(key_terms, (1, 0, 3, 2)), swizzle=4 * OFFSET_TERMS)
         registers = sparse_wgmma.issue(acc._value.registers, q_values, q_metadata, k, n=tile_k)
         _wgmma_group("wgmma.commit_group.sync.aligned;")
         return mgpu.FragmentedArray(_registers=registers, _layout=acc._value.layout, _is_signed=None)
@@ -400,7 +400,7 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
         grid=(num_tiles,),
         in_specs=[
             plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
-            plgpu.BlockSpec((tile_k, _OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
+            plgpu.BlockSpec((tile_k, OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
         ],
         max_concurrent_steps=max_concurrent_steps,
     )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
@@ -473,7 +473,7 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         memory_registers=40,
         in_specs=[
             plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
-            plgpu.BlockSpec((tile_k, _OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
+            plgpu.BlockSpec((tile_k, OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -578,7 +578,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if compute_warpgroups == 1:
         kernel = functools.partial(_estimate_kernel, block_q=block_q, **knobs)
         scratch = [plgpu.SMEM((block_q, q_width), **q_operands),
-                   plgpu.SMEM((block_q, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
+                   plgpu.SMEM((block_q, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
                    plgpu.SMEM((padded_flags,), jnp.int32),
                    plgpu.Barrier(num_barriers=num_q_operands)]
         metadata_scratch = plgpu.SMEM((block_q // sparse_wgmma.ROWS, *metadata_words), jnp.int32)
@@ -586,7 +586,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         kernel = functools.partial(_split_rows_kernel, **knobs)
         halves = (2, SPLIT_ROWS)
         scratch = [plgpu.SMEM((*halves, q_width), **q_operands),
-                   plgpu.SMEM((*halves, _OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
+                   plgpu.SMEM((*halves, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
                    plgpu.SMEM((2, padded_flags), jnp.int32),
                    plgpu.Barrier(num_barriers=2 * num_q_operands),  # each half's q operands
                    plgpu.Barrier(num_arrivals=2),  # the turns on the tensor cores

@@ -69,7 +69,7 @@ def estimate_launch(kv_len: int, head_dim: int, config: SaleConfig) -> EstimateL
     return _one_warpgroup_launch(config)
 
 
-def _key_padding(config: SaleConfig, launch: EstimateLaunch) -> int:
+def key_padding(config: SaleConfig, launch: EstimateLaunch) -> int:
     """Keys pad to whole estimate tiles and to whole compaction chunks of flags."""
     return max(launch.tile_k, pallas_kernels.COMPACTION_CHUNK * config.block_k)
 
@@ -78,12 +78,12 @@ def estimate_key_chunks(padded_kv_len: int, config: SaleConfig, launch: Estimate
                         max_k_blocks: int = MAX_K_BLOCKS) -> list[tuple[int, int]]:
     """The `[start, end)` key ranges of the estimate's launches: as long as a launch's flags fit in shared memory
     (`max_k_blocks` per q block, shared by its warpgroups), in whole units of the key padding."""
-    padding = _key_padding(config, launch)
+    padding = key_padding(config, launch)
     chunk = max_k_blocks // launch.compute_warpgroups * config.block_k // padding * padding
     return [(start, min(start + chunk, padded_kv_len)) for start in range(0, padded_kv_len, chunk)]
 
 
-def _estimate_hits(quant, row_threshold, middle_end, regions, config: SaleConfig, launch: EstimateLaunch):
+def estimate_hits(quant, row_threshold, middle_end, regions, config: SaleConfig, launch: EstimateLaunch):
     """The estimate's hit flags `[B, Hq, nQ, nK]`, one launch per key chunk. Exact: the row thresholds come from
     the sink and local keys of every row, and each key block's flag depends on its own keys alone."""
     middle_start = regions.sink_blocks * config.block_k
@@ -107,7 +107,7 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     regions = grid.regions(config.sink_tokens, config.local_tokens)
     launch = estimate_launch(k.shape[1], k.shape[-1], config)
-    quant = triton_backend.quantize(q, k, config, _key_padding(config, launch), means)
+    quant = triton_backend.quantize(q, k, config, key_padding(config, launch), means)
     kernel_regions = triton_backend.kernel_regions(grid, config)
     rows = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q)
     row_threshold = pallas_kernels.row_thresholds(
@@ -115,7 +115,7 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
         scale=config.softmax_scale(q.shape[-1]), interpret=config.interpret)
     # Each head's estimated keys end where its local blocks start; a streaming head (tau inf) estimates none.
     middle_end = jnp.where(jnp.isinf(tau)[:, None], 0, jnp.asarray(regions.local_first_block * config.block_k)[None])
-    hits = _estimate_hits(quant, row_threshold, middle_end, regions, config, launch)
+    hits = estimate_hits(quant, row_threshold, middle_end, regions, config, launch)
     indices, counts = pallas_kernels.compact_hits(
         hits, *kernel_regions.arrays, num_slots=grid.num_slots, **rows, **kernel_regions.bounds,
         index_dtype=grid.index_dtype(), interpret=config.interpret)

@@ -45,8 +45,11 @@ SMOKE_RUNS = {
         "kernel_sweep.json"),
     "experiments.benchmarks.estimate_kernel": (
         (*ATTENTION_SHAPE[:3], *KERNELS, "--lengths=256", "--block_q=64",
-         "--sink_tokens=32", "--local_tokens=64", "--repeats=1", "--output={out}/estimate_kernel.json"),
-        "estimate_kernel.json"),
+         "--sink_tokens=32", "--local_tokens=64", "--variants=kernel,no_dots,pipeline_only", "--repeats=1",
+         "--output={out}/estimate_kernel.json"), "estimate_kernel.json"),
+    "experiments.benchmarks.selection_passes": (
+        (*ATTENTION_SHAPE, *KERNELS, "--lengths=512", "--block_q=64", "--sink_tokens=32", "--local_tokens=64",
+         "--repeats=1", "--output={out}/selection_passes.json"), "selection_passes.json"),
     "experiments.benchmarks.model": (  # a family other than Llama, from its transformers fixture
         (f"--checkpoint={REPOSITORY / 'tests' / 'fixtures' / 'tiny_qwen2'}", "--seq_len=128", "--backend=reference",
          "--repeats=1", "--warmup=1", "--output={out}/model.json"), "model.json"),
@@ -89,7 +92,8 @@ EXPECTED_KEYS = {
     "experiments.benchmarks.attention": {"lengths", "computation_kernel", "dense_baseline", "files"},
     "experiments.benchmarks.triton_passes": {"lengths", "dense_baseline", "tau"},
     "experiments.benchmarks.kernel_sweep": {"ms"},
-    "experiments.benchmarks.estimate_kernel": {"lengths", "knobs", "codes"},
+    "experiments.benchmarks.estimate_kernel": {"lengths", "launch", "codes"},
+    "experiments.benchmarks.selection_passes": {"lengths", "dense_baseline", "target_density"},
     "experiments.benchmarks.model": {"prefill_ms", "per_layer", "prefill_memory_bytes"},
     "experiments.benchmarks.long_context": {"lengths", "dense_baseline", "shape"},
     "experiments.accuracy.validate_gpu": {"rows", "tau", "shape"},
@@ -282,6 +286,9 @@ def test_smoke_run(smoke_runs, module_name):
         assert record["family"] == "qwen2" and len(record["per_layer"]) == record["layers"]
     if module_name == "experiments.benchmarks.estimate_kernel":
         assert record["lengths"]["256"]["check"]["values_ok"]
+        assert set(record["lengths"]["256"]["variants"]) == {"kernel", "no_dots", "pipeline_only"}
+    if module_name == "experiments.benchmarks.selection_passes":
+        assert set(record["lengths"]["512"]["passes"]) == {"quantize", "row_thresholds", "estimate", "compact_hits"}
 
 
 def test_demo_runs_as_a_command(smoke_runs):

@@ -4,6 +4,15 @@ r"""Times the Mosaic GPU estimate kernel (pallas_kernels/mosaic_estimate.py) bes
         --compute_warpgroups=2 --tile_k=256 --max_concurrent_steps=3 \
         --output=experiments/results/estimate_kernel/h200/wg2_t256_s3.json
 
+The roofline record: --launch=table takes each length's launch from the backend's tuning table (as
+`sale_attention` runs it), and --variants times the kernel with its parts left out (experiments/lib/
+estimate_variants.py) beside the fp8 dot's operations, its share of --fp8_peak_tops and an fp8 matrix product's
+measured rate:
+
+    python -m experiments.benchmarks.estimate_kernel --lengths=32768,65536,131072 --launch=table \
+        --variants=kernel,no_epilogue,no_dots,no_offsets,pipeline_only --repeats=10 \
+        --output=experiments/results/estimate_roofline/h200/full.json
+
 Inputs are random int8 codes in [-7, 7] with f32 factors, a sink of --sink_tokens keys and a local window of
 --local_tokens keys per q block (the middle region between them is estimated). Each head's threshold is set from
 the block margins of a small calibration problem so that about --hit_fraction of the estimated blocks hit. At the
@@ -27,9 +36,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import sale_jax
 from experiments.lib import flags as common, results
 from experiments.lib.attention_targets import dense_attention, dense_baseline
-from experiments.lib.timing import median_seconds
-from pallas_kernels import sparse_wgmma
-from pallas_kernels.mosaic_estimate import estimate_hits, estimate_margins_reference
+from experiments.lib.timing import interleaved_median_seconds, median_seconds
+from experiments.lib import estimate_variants
+from pallas_kernels import mosaic_estimate, sparse_wgmma
+from pallas_kernels.mosaic_estimate import estimate_margins_reference
+from sale_jax import mosaic_gpu_backend
 
 _LENGTHS = common.define_lengths([32768, 131072])
 _HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)
@@ -40,6 +51,13 @@ _STAGES = flags.DEFINE_integer("max_concurrent_steps", 2, "Key tiles in flight (
 _COMPUTE_WARPGROUPS = flags.DEFINE_integer(
     "compute_warpgroups", 1, "estimate_hits' compute_warpgroups: 2 splits a 128-row q block across two warpgroups "
     "fed by a TMA warpgroup (tiles up to 256 keys).")
+_LAUNCH = flags.DEFINE_enum("launch", "flags", ["flags", "table"], "flags: --tile_k, --max_concurrent_steps and "
+                            "--compute_warpgroups; table: each length's launch from the mosaic_gpu backend's tuning "
+                            "table (mosaic_gpu_backend.estimate_launch), as sale_attention runs it.")
+_VARIANTS = flags.DEFINE_list("variants", ["kernel"], f"Kernel variants to time, of {estimate_variants.VARIANTS} "
+                              "(all but kernel leave a part out and are timed only).")
+_FP8_PEAK = flags.DEFINE_float("fp8_peak_tops", 1979.0, "Dense fp8 tensor-core peak (TOP/s) the fractions use: the "
+                               "H100/H200 datasheet's.")
 _HIT_FRACTION = flags.DEFINE_float("hit_fraction", 0.1, "Target fraction of estimated blocks that hit.")
 _FLIP_TOLERANCE = flags.DEFINE_float("flip_tolerance", 1e-2, "Largest |reference margin| at which a flip is allowed.")
 _CODES = flags.DEFINE_enum("codes", "float8_e4m3fn", ["int8", "float8_e4m3fn"],
@@ -107,20 +125,27 @@ def reference_knobs(length: int) -> dict:
     return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, middle_start=middle_start(length))
 
 
-def launch_knobs() -> dict:
-    return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, tile_k=_TILE_K.value,
-                max_concurrent_steps=_STAGES.value, compute_warpgroups=_COMPUTE_WARPGROUPS.value)
+def launch_knobs(length: int) -> dict:
+    """The launch at `length`: the flags', or with --launch=table the one the mosaic_gpu backend takes."""
+    if _LAUNCH.value == "table":
+        launch = mosaic_gpu_backend.estimate_launch(length, _HEADS.head_dim.value, _SALE.config(backend="mosaic_gpu"))
+        launch = launch._asdict()
+    else:
+        launch = dict(tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
+                      compute_warpgroups=_COMPUTE_WARPGROUPS.value)
+    return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, **launch)
 
 
 def kernel_knobs(length: int) -> dict:
-    return dict(launch_knobs(), middle_start=middle_start(length))
+    return dict(launch_knobs(length), middle_start=middle_start(length))
 
 
-def kernel_call(inputs):
-    """The estimate kernel on `inputs` as a function of nothing (with --estimate=sparse_q, on the compressed q
-    codes)."""
+def kernel_call(inputs, variant: str = "kernel"):
+    """The estimate kernel (or one of its roofline variants) on `inputs` as a function of nothing (with
+    --estimate=sparse_q, on the compressed q codes)."""
     interpret = plgpu.InterpretGPUParams() if _SALE.interpret.value else False
     knobs = dict(kernel_knobs(inputs[0].shape[1]), interpret=interpret)
+    estimate_hits = estimate_variants.estimate_hits(variant)
     if not sparse_q():
         return lambda: estimate_hits(*inputs, **knobs)
     values, positions = sparse_wgmma.compress(inputs[0])
@@ -143,15 +168,22 @@ def check(inputs) -> dict:
     return result
 
 
-def estimated_int8_ops(inputs) -> float:
-    """Multiply-adds the kernel issues (whole tiles, masked blocks included), counted as 2 ops each (with
-    --estimate=sparse_q, the dense ones the sparse wgmmas stand for)."""
-    middle_ends = np.asarray(inputs[6])
-    block_k, tile_k = _SALE.block_k.value, _TILE_K.value
-    first_tile = middle_start(inputs[0].shape[1]) // tile_k
-    tiles = np.maximum(-(-(middle_ends // block_k * block_k) // tile_k) - first_tile, 0).sum()
+def work(inputs) -> dict:
+    """What the kernel must do at these inputs, summed over heads and q blocks: the fp8 operations of the middle
+    keys' dots (2 per multiply-add; with --estimate=sparse_q the dense ones the sparse wgmmas stand for), the
+    operations the whole tiles issue (masked blocks included), and the key-tile bytes streamed into shared
+    memory (fp8 codes and the offsets' f32 key terms)."""
+    length = inputs[0].shape[1]
+    knobs = launch_knobs(length)
+    block_q, block_k, tile_k = knobs["block_q"], knobs["block_k"], knobs["tile_k"]
+    ends = np.asarray(inputs[6]) // block_k * block_k
+    start = middle_start(length)
+    first_tile = start // tile_k
+    tiles = float(np.maximum(-(-ends // tile_k) - first_tile, 0).sum())
+    middle_keys = float(np.maximum(ends - start, 0).sum())
     _, _, d = _HEADS.values()
-    return 2.0 * _SALE.block_q.value * tile_k * d * float(tiles)  # tiles summed over heads and q blocks
+    return {"middle_fp8_ops": 2.0 * block_q * d * middle_keys, "issued_fp8_ops": 2.0 * block_q * d * tile_k * tiles,
+            "key_tile_bytes": tiles * tile_k * (d + 4 * mosaic_estimate.OFFSET_TERMS)}
 
 
 def dense_inputs(length: int):
@@ -163,36 +195,73 @@ def dense_inputs(length: int):
     return q, k, v
 
 
+def fp8_matmul_tops(size: int = 8192) -> float | None:
+    """The measured rate of an fp8 matrix product (XLA's, f32 out, both operands K-major) of `size`^3, the
+    ceiling the tensor cores reach on this device; None where XLA cannot run one."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    a, b = (jax.random.randint(key, (size, size), -7, 8).astype(jnp.float8_e4m3fn) for key in keys)
+    product = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                                       preferred_element_type=jnp.float32))
+    try:
+        seconds = median_seconds(lambda: product(a, b), _REPEATS.value)
+    except Exception as error:  # an XLA build without fp8 dots: the record says so instead of a rate
+        print(f"  fp8 matmul not run: {type(error).__name__}: {error}", flush=True)
+        return None
+    return 2.0 * size ** 3 / seconds / 1e12
+
+
+def time_variants(inputs) -> dict:
+    """Per variant, the median ms and the middle dots' share of --fp8_peak_tops; interleaved, so a drift of the
+    machine reaches every variant alike."""
+    calls = {variant: kernel_call(inputs, variant) for variant in _VARIANTS.value}
+    seconds = interleaved_median_seconds(calls, _REPEATS.value)
+    middle_ops = work(inputs)["middle_fp8_ops"]
+    return {variant: {"ms": s * 1e3, "middle_fp8_tops": middle_ops / s / 1e12,
+                      "fraction_of_fp8_peak": middle_ops / s / 1e12 / _FP8_PEAK.value}
+            for variant, s in seconds.items()}
+
+
 def main(argv):
     del argv
     if jax.default_backend() != "gpu" and not _SALE.interpret.value:
         raise SystemExit(f"estimate_kernel needs a Hopper GPU (Mosaic GPU kernel); the backend here is "
                          f"{jax.default_backend()!r}. Run it on an H100/H200, or pass --interpret for a smoke run.")
+    unknown = set(_VARIANTS.value) - set(estimate_variants.VARIANTS)
+    if unknown or "kernel" not in _VARIANTS.value:
+        raise SystemExit(f"--variants must include kernel and name only {estimate_variants.VARIANTS}, got "
+                         f"{_VARIANTS.value}")
     lengths = sorted(_LENGTHS.value)
     thresholds = calibrated_thresholds(min(4096, lengths[0]))
-    print(f"device {jax.devices()[0].device_kind}; knobs {launch_knobs()}, {_CODES.value} codes; thresholds "
-          f"per head {np.round(thresholds[:4], 3).tolist()}...", flush=True)
+    print(f"device {jax.devices()[0].device_kind}; launch {_LAUNCH.value}, {_CODES.value} codes, estimate "
+          f"{_SALE.estimate.value}; thresholds per head {np.round(thresholds[:4], 3).tolist()}...", flush=True)
     baseline = dense_baseline()
     hq, hkv, d = _HEADS.values()
-    summary = {"knobs": launch_knobs(), "codes": _CODES.value, "estimate": _SALE.estimate.value, "q_heads": hq,
-               "kv_heads": hkv, "head_dim": d,
+    summary = {"launch": _LAUNCH.value, "codes": _CODES.value, "estimate": _SALE.estimate.value, "q_heads": hq,
+               "kv_heads": hkv, "head_dim": d, "sink_tokens": _SALE.sink_tokens.value,
                "local_tokens": _SALE.local_tokens.value, "dense_baseline": baseline, "repeats": _REPEATS.value,
-               "lengths": {}}
+               "fp8_peak_tops": _FP8_PEAK.value, "lengths": {}}
+    if len(_VARIANTS.value) > 1 and not _SALE.interpret.value:
+        summary["fp8_matmul_tops"] = fp8_matmul_tops()
+        print(f"  fp8 matmul 8192^3: {summary['fp8_matmul_tops']} TOP/s", flush=True)
     for length in lengths:
         inputs = random_inputs(length, seed=length, thresholds=thresholds)
-        entry = {}
+        entry = {"knobs": launch_knobs(length), **work(inputs)}
         if length == lengths[0]:
             entry["check"] = check(inputs)
-        seconds = median_seconds(kernel_call(inputs), _REPEATS.value)
-        entry["estimate_ms"] = seconds * 1e3
-        entry["estimate_int8_tops"] = estimated_int8_ops(inputs) / seconds / 1e12
-        line = f"  {length:>7} estimate {seconds * 1e3:9.3f} ms ({entry['estimate_int8_tops']:.0f} int8 TOP/s)"
+        entry["variants"] = time_variants(inputs)
+        kernel = entry["variants"]["kernel"]
+        entry["estimate_ms"] = kernel["ms"]
+        entry["key_tile_tb_per_s"] = entry["key_tile_bytes"] / kernel["ms"] / 1e9
+        line = (f"  {length:>7} {entry['knobs']}: " + ", ".join(
+            f"{variant} {v['ms']:.2f} ms" for variant, v in entry["variants"].items())
+            + f"; dots at {kernel['fraction_of_fp8_peak']:.0%} of peak, key tiles {entry['key_tile_tb_per_s']:.2f} "
+            "TB/s")
         if not _SKIP_DENSE.value:
             q, k, v = dense_inputs(length)
             dense_seconds = median_seconds(lambda: dense_attention(q, k, v, baseline), _REPEATS.value)
             entry[f"{baseline}_ms"] = dense_seconds * 1e3
-            entry[f"estimate_over_{baseline}"] = seconds / dense_seconds
-            line += f"  {baseline} {dense_seconds * 1e3:9.3f} ms  ratio {seconds / dense_seconds:.3f}"
+            entry[f"estimate_over_{baseline}"] = kernel["ms"] / 1e3 / dense_seconds
+            line += f"; {baseline} {dense_seconds * 1e3:.2f} ms, ratio {entry[f'estimate_over_{baseline}']:.3f}"
         print(line, flush=True)
         summary["lengths"][str(length)] = entry
     results.write(_OUTPUT.value, summary, None)
