@@ -12,7 +12,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--randomised-only", action="store_true",
+                     help="Run only the tests that draw from the seeded `rng` fixture (scripts/seed_sweep.py).")
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--randomised-only"):
+        fixed = [item for item in items if "rng" not in getattr(item, "fixturenames", ())]
+        config.hook.pytest_deselected(items=fixed)
+        items[:] = [item for item in items if "rng" in getattr(item, "fixturenames", ())]
     backend = jax.default_backend()
     if backend == "gpu":
         return
