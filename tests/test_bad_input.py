@@ -1,5 +1,6 @@
 """Bad input raises a ValueError/TypeError that names the problem, before any computation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -93,3 +94,28 @@ def test_layout_that_does_not_match_the_inputs():
         sale_jax.block_sparse_attention(q2, k2, v2, layout, CONFIG)
     with pytest.raises(TypeError, match="BlockLayout"):
         sale_jax.block_sparse_attention(q, k, v, layout.to_mask(), CONFIG)
+
+
+@pytest.mark.parametrize("tau,error,message", [
+    (jnp.full((1, 2), jnp.nan), ValueError, r"Thresholds: tau must be >= 0 or inf, never NaN .*got \[nan\]"),
+    (jnp.full((1, 2), -0.1), ValueError, r"tau must be >= 0 .*got \[-0.1\]"),
+    (jnp.full((1, 2), -jnp.inf), ValueError, r"tau must be >= 0 .*got \[-inf\]"),
+    (jnp.full((2,), 0.1), ValueError, r"tau must be a non-empty \[num_layers, num_q_heads\] array, got shape \(2,\)"),
+    (jnp.full((1, 2, HQ), 0.1), ValueError, r"\[num_layers, num_q_heads\] array, got shape \(1, 2, 4\)"),
+    (jnp.zeros((0, HQ)), ValueError, r"non-empty .*got shape \(0, 4\)"),
+    (jnp.zeros((1, HQ), jnp.int32), TypeError, "tau must be a float array, got dtype int32"),
+])
+def test_bad_thresholds(tau, error, message):
+    with pytest.raises(error, match=message):
+        sale_jax.Thresholds(tau)
+
+
+def test_thresholds_check_shapes_under_jax_transforms_and_values_where_concrete():
+    thresholds = sale_jax.Thresholds(jnp.asarray([[0.0, 0.01, np.inf]]))
+    assert jax.jit(lambda t: t.layer(0))(thresholds).shape == (3,)
+    assert jax.vmap(lambda x, t: x * t.layer(0), in_axes=(0, None))(jnp.ones(2), thresholds).shape == (2, 3)
+    assert jax.eval_shape(lambda t: t, thresholds).tau.shape == (1, 3)
+    assert jax.tree.map(lambda x: x.shape, thresholds).tau == (1, 3)
+    assert jax.jit(lambda tau: sale_jax.Thresholds(tau).layer(0))(-jnp.ones((1, 3))).shape == (3,)  # traced values
+    with pytest.raises(ValueError, match=r"got shape \(3,\)"):
+        jax.jit(lambda tau: sale_jax.Thresholds(tau))(jnp.ones(3))
