@@ -68,11 +68,36 @@ def test_bad_tau(tau, message):
     (dict(estimate="rank32"), r"estimate must be one of \('full', 'sparse_q'\)"),
     (dict(backend="cuda"), r"backend must be one of \('auto', 'reference', 'triton', 'mosaic_gpu'\)"),
     (dict(scale=-1.0), "scale"),
-    (dict(dense_below=-5), "dense_below"),
+    (dict(dense_below=-5), "SaleConfig.dense_below must be None or an int >= 0, got -5"),
+    (dict(query_chunk=0), "SaleConfig.query_chunk must be None or an int >= 1, got 0"),
+    (dict(query_chunk=200), "query_chunk must be a multiple of block_q 128"),
+    (dict(interpret="yes"), "SaleConfig.interpret must be a bool"),
+    (dict(backend="triton", block_k=8), "SaleConfig: backend='triton' needs block_k >= 16, got 8"),
+    (dict(backend="pallas", block_q=8), "SaleConfig: backend='triton' needs block_q >= 16, got 8"),
+    (dict(backend="mosaic_gpu", block_q=32), r"SaleConfig: backend='mosaic_gpu' needs block_q in \(64, 128\)"),
+    (dict(backend="mosaic_gpu", block_k=256), "SaleConfig: backend='mosaic_gpu' needs block_k <= 128, got 256"),
 ])
 def test_bad_config(fields, message):
     with pytest.raises(ValueError, match=message):
         sale_jax.SaleConfig(**fields)
+
+
+def test_auto_leaves_the_kernels_block_limits_to_the_call():
+    assert sale_jax.SaleConfig(block_q=8, block_k=8).backend == "auto"  # the reference, off a GPU, takes them
+
+
+def test_local_tokens_below_block_k_keep_the_blocks_their_window_touches():
+    """local_tokens counts keys: a window shorter than block_k keeps whole blocks, the diagonal ones and the one
+    holding key p_first - local_tokens + 1, so at block_k 32 every window of 2 to 33 keys keeps the same blocks."""
+    config = sale_jax.SaleConfig(local_tokens=8)
+    grid = sale_jax.BlockGrid(q_len=256, kv_len=256, block_q=config.block_q, block_k=config.block_k)
+
+    def first_local_blocks(local_tokens):
+        return tuple(grid.regions(config.sink_tokens, local_tokens).local_first_block.tolist())
+
+    assert first_local_blocks(config.local_tokens) == (1, 3)  # q block 1 starts at key 128; keys 121..127: block 3
+    assert {first_local_blocks(local_tokens) for local_tokens in range(2, 34)} == {(1, 3)}
+    assert first_local_blocks(1) == (1, 4) and first_local_blocks(34) == (1, 2)
 
 
 @pytest.mark.parametrize("alias, name", [("pallas", "triton"), ("pallas_mosaic", "mosaic_gpu")])
