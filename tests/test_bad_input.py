@@ -1,4 +1,10 @@
-"""Bad input raises a ValueError/TypeError that names the problem, before any computation."""
+"""Bad input (arrays, thresholds, configs, checkpoints) raises a ValueError/TypeError that names the problem and what
+is accepted, where it enters: before any computation."""
+
+import json
+import os
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +12,9 @@ import numpy as np
 import pytest
 
 import sale_jax
+from models import checkpoint
 
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 B, T, S, HQ, HKV, D = 1, 40, 48, 4, 2, 16
 CONFIG = sale_jax.SaleConfig(dense_below=0, block_q=8, block_k=8, backend="reference")
 
@@ -144,3 +152,81 @@ def test_thresholds_check_shapes_under_jax_transforms_and_values_where_concrete(
     assert jax.jit(lambda tau: sale_jax.Thresholds(tau).layer(0))(-jnp.ones((1, 3))).shape == (3,)  # traced values
     with pytest.raises(ValueError, match=r"got shape \(3,\)"):
         jax.jit(lambda tau: sale_jax.Thresholds(tau))(jnp.ones(3))
+
+
+def _checkpoint(tmp_path, family="llama", edit_config=None, sharded=False):
+    """A copy of a tiny fixture checkpoint in tmp_path, its config.json edited by `edit_config(dict)`."""
+    source = os.path.join(FIXTURES, f"tiny_{family}", "sharded" if sharded else "")
+    target = tmp_path / family
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("sharded", "*.npz"))
+    if edit_config:
+        config = json.loads((target / "config.json").read_text())
+        edit_config(config)
+        (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def _load_fails(directory, message, error=ValueError):
+    with pytest.raises(error, match=message):
+        checkpoint.load_llama(directory, dtype="float32")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_config_without_a_required_size(tmp_path, family):
+    directory = _checkpoint(tmp_path, family, lambda config: config.pop("num_attention_heads"))
+    _load_fails(directory, re.escape(f"{directory / 'config.json'}: no num_attention_heads; a {family} config.json "
+                                     f"needs vocab_size, hidden_size, intermediate_size, num_hidden_layers, "
+                                     f"num_attention_heads (each a positive int)"))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(hidden_size=66, head_dim=None), "hidden_size 66 is not a multiple of num_attention_heads 4; without "
+                                          "head_dim"),
+    (dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(num_hidden_layers="2"), "num_hidden_layers must be a positive int, got '2'"),
+    (dict(intermediate_size=0), "intermediate_size must be a positive int, got 0"),
+])
+def test_config_with_inconsistent_sizes(tmp_path, changes, message):
+    directory = _checkpoint(tmp_path, edit_config=lambda config: config.update(changes))
+    _load_fails(directory, re.escape(f"{directory / 'config.json'}: {message}"))
+
+
+def test_config_with_llama3_rope_scaling_lacking_a_field(tmp_path):
+    directory = _checkpoint(tmp_path, edit_config=lambda config: config["rope_parameters"].pop("low_freq_factor"))
+    _load_fails(directory, re.escape(f"{directory / 'config.json'}: llama3 rope scaling without low_freq_factor"))
+
+
+def test_config_cut_short(tmp_path):
+    directory = _checkpoint(tmp_path)
+    (directory / "config.json").write_text((directory / "config.json").read_text()[:50])
+    _load_fails(directory, re.escape(f"{directory / 'config.json'}: not valid JSON") + ".*download it again")
+
+
+def test_weights_cut_short(tmp_path):
+    directory = _checkpoint(tmp_path)
+    weights = directory / "model.safetensors"
+    contents = weights.read_bytes()
+    weights.write_bytes(contents[:len(contents) // 2])
+    _load_fails(directory, re.escape(f"{weights}: not a readable safetensors file (") + ".*"
+                + re.escape(f"it holds {len(contents) // 2} bytes of the {len(contents)} its header describes; an "
+                            f"interrupted download leaves a file like this: download it again"))
+
+
+def test_weights_that_are_a_git_lfs_pointer(tmp_path):
+    directory = _checkpoint(tmp_path)
+    (directory / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
+    _load_fails(directory, re.escape(f"{directory / 'model.safetensors'}: not a readable safetensors file")
+                + ".*it is a Git LFS pointer, not the weights")
+
+
+def test_sharded_weights_missing_a_shard(tmp_path):
+    directory = _checkpoint(tmp_path, sharded=True)
+    os.remove(directory / "model-00003-of-00005.safetensors")
+    _load_fails(directory, re.escape(f"{directory / 'model.safetensors.index.json'} names shards that {directory} "
+                                     f"lacks: ['model-00003-of-00005.safetensors']"), FileNotFoundError)
+
+
+def test_weights_of_another_size_than_the_config(tmp_path):
+    directory = _checkpoint(tmp_path, edit_config=lambda config: config.update(intermediate_size=64))
+    _load_fails(directory, re.escape(f"{directory / 'model.safetensors'}: model.layers.0.mlp.down_proj.weight has "
+                                     f"shape (64, 128), but {directory}/config.json makes the model need (64, 64)"))
