@@ -55,14 +55,14 @@ class SaleConfig:
         the other backends estimate the same pruned codes (the same selection, without the speedup). What it
         keeps and loses against the full estimate: docs/results.md#cheaper-estimates.
       backend: `"reference"` (pure jnp, any block sizes), `"triton"` (the Pallas kernels, Triton lowering; any GPU;
-        block_q and block_k >= 16),
-        `"mosaic_gpu"` (the same, but the selection's low-bit estimate runs as a Pallas Mosaic GPU kernel: fp8
-        wgmma, Hopper only; block_q 64 or 128, head_dim 64, 128 or 256; for bf16/fp16 inputs with head_dim 64 or
-        128 at block_q 128 the computation pass too) or `"auto"`: `"mosaic_gpu"` on Hopper, where its selection
-        is the faster one (docs/tuning.md#backends), with `"triton"` for the calls it cannot take; `"triton"` on
-        other GPUs; the reference elsewhere. The names `"pallas"` and `"pallas_mosaic"` are accepted for
-        `"triton"` and `"mosaic_gpu"`. A config naming a kernel backend is refused when made if its block sizes are
-        ones that backend never takes; `"auto"` checks them at the call, once it knows the backend.
+        block_q and block_k >= 16), `"mosaic_gpu"` (the same, but the selection's low-bit estimate runs as a Pallas
+        Mosaic GPU kernel: fp8 wgmma, Hopper only; block_q 64 or 128, block_k from 16 to 256 or 128 with them,
+        head_dim 64, 128 or 256; for bf16/fp16 inputs with head_dim 64 or 128 at block_q 128 the computation pass
+        too) or `"auto"`: `"mosaic_gpu"` on Hopper, where its selection is the faster one
+        (docs/tuning.md#backends), with `"triton"` for the calls it cannot take; `"triton"` on other GPUs; the
+        reference elsewhere. The names `"pallas"` and `"pallas_mosaic"` are accepted for `"triton"` and
+        `"mosaic_gpu"`. A config naming a kernel backend is refused when made if its block sizes are ones that
+        backend never takes; `"auto"` checks them at the call, once it knows the backend.
       interpret: run Pallas kernels in interpret mode (for CPU testing).
       scale: softmax scale; `None` means `head_dim ** -0.5`.
       dense_below: `sale_attention` runs dense attention for key sequences shorter than this, where the

@@ -140,13 +140,25 @@ class Thresholds:
                 raise ValueError(f"{path}: holds {actual} for {name}, expected {expected}")
         check_values(tau, where=str(path))
         recipe = _recipe_of(contents, path)
-        config = contents.get("config")
         return cls(
             jnp.asarray(tau, jnp.float32),
             model_name=str(contents.get("model_name", "")),
             recipe=recipe,
-            config=None if config is None else SaleConfig.from_dict(config),
+            config=_config_of(contents, path),
         )
+
+
+def _config_of(contents: dict, path) -> SaleConfig | None:
+    """The file's calibration config, or None where it records none."""
+    config = contents.get("config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: 'config' must map SaleConfig fields to values, got {config!r}")
+    try:
+        return SaleConfig.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: 'config': {e}") from None
 
 
 def _recipe_of(contents: dict, path) -> dict:

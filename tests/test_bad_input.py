@@ -230,3 +230,13 @@ def test_weights_of_another_size_than_the_config(tmp_path):
     directory = _checkpoint(tmp_path, edit_config=lambda config: config.update(intermediate_size=64))
     _load_fails(directory, re.escape(f"{directory / 'model.safetensors'}: model.layers.0.mlp.down_proj.weight has "
                                      f"shape (64, 128), but {directory}/config.json makes the model need (64, 64)"))
+
+
+def test_thresholds_file_with_a_bad_config_names_the_file(tmp_path):
+    path = tmp_path / "t.json"
+    sale_jax.Thresholds.uniform(1, HQ, config=sale_jax.SaleConfig(backend="reference")).save(path)
+    contents = json.loads(path.read_text())
+    path.write_text(json.dumps({**contents, "config": {**contents["config"], "backend": "triton", "block_k": 8}}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: 'config': SaleConfig: backend='triton' "
+                                                   f"needs block_k >= 16, got 8")):
+        sale_jax.Thresholds.load(path)
