@@ -8,12 +8,13 @@ and a transform (PyTorch's Linear stores `[out, in]`; `nnx.Linear` stores `[in, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from models.config import LlamaConfig
@@ -21,6 +22,7 @@ from models.llama import Llama
 
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
+_LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file, left where the weights should be, starts
 
 
 def _transpose(x):
@@ -64,18 +66,81 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
     """The safetensors files of a checkpoint folder: `model.safetensors`, or the shards its index names."""
     index = os.path.join(directory, _INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+        shards = _index_shards(index)
+        absent = [name for name in shards if not os.path.exists(os.path.join(directory, name))]
+        if absent:
+            raise FileNotFoundError(f"{index} names shards that {directory} lacks: {absent}; an interrupted download "
+                                    f"leaves them out: download them")
+        return [os.path.join(directory, name) for name in shards]
     single = os.path.join(directory, _SINGLE_FILE)
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"{directory}: neither {_SINGLE_FILE} nor {_INDEX_FILE}")
 
 
+def _index_shards(index: str) -> list[str]:
+    """The shard files an index's `weight_map` (tensor name -> file name) names, sorted."""
+    with open(index) as f:
+        try:
+            contents = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index}: not valid JSON ({e}); an interrupted download leaves a file like this: "
+                             f"download it again") from None
+    weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ValueError(f"{index}: needs a 'weight_map' from tensor names to shard file names")
+    return sorted(set(weight_map.values()))
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+    """`safe_open`, with safetensors' errors (a file cut short, or not safetensors at all) naming the file and the
+    likely cause."""
+    try:
+        with safe_open(path, framework="flax") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); {_unreadable_hint(path)}") from None
+
+
+def _unreadable_hint(path: str) -> str:
+    with open(path, "rb") as f:
+        start = f.read(len(_LFS_POINTER))
+    if start == _LFS_POINTER:
+        return "it is a Git LFS pointer, not the weights: fetch them (git lfs pull, or huggingface-cli download)"
+    size, promised = os.path.getsize(path), _promised_size(path)
+    holds = f"it holds {size} bytes" + (f" of the {promised} its header describes" if promised else "")
+    return f"{holds}; an interrupted download leaves a file like this: download it again"
+
+
+def _promised_size(path: str) -> int | None:
+    """The file size a safetensors header describes (8 bytes of header length, the JSON header, then the data up
+    to the largest data offset), or None where the header is not there to read."""
+    with open(path, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        if header_length > os.path.getsize(path) - 8:
+            return None
+        try:
+            header = json.loads(f.read(header_length))
+            data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                           default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return None
+    return 8 + header_length + data_end
+
+
+def _nnx_target(name: str, config: LlamaConfig, expected: dict):
+    """The NNX path and transform a checkpoint tensor loads into, or None where the model has no place for it."""
+    target = _nnx_path(name)
+    if target is None or (target[0] == ("lm_head", "kernel") and config.tie_word_embeddings):
+        return None
+    return target if target[0] in expected else None
+
+
 def load_llama(directory: str | os.PathLike, **config_overrides) -> Llama:
     """A `Llama` built from `directory/config.json` (plus overrides such as attention, sale, dtype) with the
-    checkpoint's weights cast to the config's dtype. Parameters are never randomly initialized."""
+    checkpoint's weights cast to the config's dtype. Parameters are never randomly initialized. Errors name the
+    file and what in it is wrong."""
     config = LlamaConfig.from_hf(directory, **config_overrides)
     abstract = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -83,23 +148,21 @@ def load_llama(directory: str | os.PathLike, **config_overrides) -> Llama:
     loaded = {}
     unexpected = []
     for path in checkpoint_files(directory):
-        with safe_open(path, framework="flax") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
-                target = _nnx_path(name)
-                if target is None or (target[0] == ("lm_head", "kernel") and config.tie_word_embeddings):
+                target = _nnx_target(name, config, expected)
+                if target is None:
                     unexpected.append(name)
                     continue
                 nnx_path, transform = target
-                if nnx_path not in expected:
-                    unexpected.append(name)
-                    continue
                 want = expected[nnx_path]
-                shape = tuple(reversed(f.get_slice(name).get_shape())) if transform is _transpose else tuple(
-                    f.get_slice(name).get_shape())
+                stored = tuple(f.get_slice(name).get_shape())
+                shape = tuple(reversed(stored)) if transform is _transpose else stored
                 if shape != tuple(want.shape):
-                    raise ValueError(f"{path}: {name} has shape {tuple(f.get_slice(name).get_shape())}, the model "
-                                     f"needs {tuple(want.shape)} at {'.'.join(map(str, nnx_path))} "
-                                     f"(after {transform.__name__.lstrip('_')})")
+                    raise ValueError(f"{path}: {name} has shape {stored}, but {directory}/config.json makes the "
+                                     f"model need {tuple(want.shape)} at {'.'.join(map(str, nnx_path))} (after "
+                                     f"{transform.__name__.lstrip('_')}): the weights and config.json are of "
+                                     f"different models")
                 loaded[nnx_path] = transform(f.get_tensor(name)).astype(want.dtype)
     if unexpected:
         raise ValueError(f"{directory}: tensors the model has no place for: {sorted(unexpected)[:10]}"

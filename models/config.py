@@ -99,38 +99,34 @@ class LlamaConfig:
     def from_hf(cls, config: str | os.PathLike | dict, **overrides) -> "LlamaConfig":
         """From a Hugging Face `config.json` (a path to the file or its folder, or the parsed dict) of a family in
         `FAMILIES`, chosen by `model_type` (or, without it, by `architectures`). Only full attention is supported:
-        a sliding window shorter than `max_position_embeddings` is refused."""
+        a sliding window shorter than `max_position_embeddings` is refused. Errors name the file and the field."""
+        source = "config"
         if not isinstance(config, dict):
-            path = os.path.join(config, "config.json") if os.path.isdir(config) else config
-            with open(path) as f:
-                config = json.load(f)
-        family = _family(config)
+            source = os.path.join(config, "config.json") if os.path.isdir(config) else os.fspath(config)
+            config = _read_json(source)
+        family = _family(config, source)
+        _check_sizes(config, family, source)
         # Qwen2 and Qwen3 keep a `sliding_window` size that `use_sliding_window: false` switches off.
         window = None if config.get("use_sliding_window") is False else config.get("sliding_window")
         max_positions = config.get("max_position_embeddings", 131_072)
         if window is not None and window < max_positions:
-            raise ValueError(f"sliding_window={window} is below max_position_embeddings={max_positions}: only full "
-                             f"attention is supported, not sliding-window attention (sliding_window null)")
+            raise ValueError(f"{source}: sliding_window={window} is below max_position_embeddings={max_positions}: "
+                             f"only full attention is supported, not sliding-window attention (sliding_window null)")
         for name in ("attention_bias", "mlp_bias"):  # Qwen2's q/k/v biases are its family's, not these flags
             if config.get(name):
-                raise ValueError(f"{name}=true is not supported: the only biases are Qwen2's, on q, k and v")
+                raise ValueError(f"{source}: {name}=true is not supported: the only biases are Qwen2's, on q, k "
+                                 f"and v")
         # transformers 5 nests theta and scaling in `rope_parameters`; 4.x has `rope_theta` and `rope_scaling`.
         rope = config.get("rope_parameters") or {}
         theta = rope.get("rope_theta", config.get("rope_theta", 10_000.0))
         scaling = rope if rope.get("rope_type", "default") != "default" else config.get("rope_scaling")
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind != "llama3":
-                raise ValueError(f"unsupported rope scaling type {kind!r}; supported: llama3 or none")
-            scaling = RopeScaling(float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                                  float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
         num_heads = config["num_attention_heads"]
         fields = dict(
             vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
             intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
-            num_heads=num_heads, num_kv_heads=config.get("num_key_value_heads", num_heads),
-            head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
-            rope_theta=float(theta), rope_scaling=scaling,
+            num_heads=num_heads, num_kv_heads=_optional(config, "num_key_value_heads", num_heads),
+            head_dim=_optional(config, "head_dim", config["hidden_size"] // num_heads),
+            rope_theta=float(theta), rope_scaling=_rope_scaling(scaling, source),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             max_position_embeddings=max_positions, **FAMILIES[family][1])
@@ -161,7 +157,69 @@ class LlamaConfig:
         raise ValueError(f"no Hugging Face family has {differences}; supported: {_supported()}")
 
 
-def _family(config: dict) -> str:
+# The sizes every family's config.json gives; `num_key_value_heads` (default: num_attention_heads) and `head_dim`
+# (default: hidden_size / num_attention_heads) may be left out or null.
+REQUIRED_HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_HF_SIZES = ("num_key_value_heads", "head_dim")
+LLAMA3_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); an interrupted download leaves a file like this: "
+                             f"download it again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of model settings, got a {type(config).__name__}")
+    return config
+
+
+def _optional(config: dict, name: str, default):
+    return default if config.get(name) is None else config[name]
+
+
+def _check_sizes(config: dict, family: str, source: str) -> None:
+    """The sizes are there, positive ints, and agree: heads divide the hidden size where no head_dim is given,
+    and k/v heads divide the q heads."""
+    missing = [name for name in REQUIRED_HF_SIZES if name not in config]
+    if missing:
+        raise ValueError(f"{source}: no {', '.join(missing)}; a {family} config.json needs "
+                         f"{', '.join(REQUIRED_HF_SIZES)} (each a positive int), and may give "
+                         f"{' and '.join(OPTIONAL_HF_SIZES)}")
+    for name in REQUIRED_HF_SIZES + OPTIONAL_HF_SIZES:
+        value = config.get(name)
+        if name in OPTIONAL_HF_SIZES and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{source}: {name} must be a positive int, got {value!r}")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") is None and hidden % heads:
+        raise ValueError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; without "
+                         f"head_dim the head size is hidden_size / num_attention_heads (give head_dim, or fix one "
+                         f"of the two)")
+    kv_heads = _optional(config, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ValueError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                         f"{kv_heads}; grouped-query attention shares each k/v head among a whole number of q heads")
+
+
+def _rope_scaling(scaling: dict | None, source: str) -> RopeScaling | None:
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise ValueError(f"{source}: unsupported rope scaling type {kind!r}; supported: llama3 or none")
+    missing = [name for name in LLAMA3_SCALING_FIELDS if name not in scaling]
+    if missing:
+        raise ValueError(f"{source}: llama3 rope scaling without {', '.join(missing)}; it needs "
+                         f"{', '.join(LLAMA3_SCALING_FIELDS)}")
+    return RopeScaling(float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                       float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+
+
+def _family(config: dict, source: str) -> str:
     """The `FAMILIES` key of a Hugging Face config: its `model_type`, without one its `architectures`, without
     either llama."""
     architectures = {architecture: name for name, (architecture, _) in FAMILIES.items()}
@@ -172,8 +230,8 @@ def _family(config: dict) -> str:
     else:
         family = "llama"
     if family not in FAMILIES:
-        raise ValueError(f"unsupported architecture: model_type={config.get('model_type')!r}, architectures="
-                         f"{config.get('architectures')}; supported: {_supported()}")
+        raise ValueError(f"{source}: unsupported architecture: model_type={config.get('model_type')!r}, "
+                         f"architectures={config.get('architectures')}; supported: {_supported()}")
     return family
 
 

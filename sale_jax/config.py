@@ -23,6 +23,16 @@ def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
+def _check_kernel_block_sizes(config: "SaleConfig") -> None:
+    """The block sizes the named kernel backend takes, checked by the backend itself (imported here, not at the
+    top: the backends import this module)."""
+    from sale_jax import mosaic_gpu_backend, triton_backend
+    try:
+        {"triton": triton_backend, "mosaic_gpu": mosaic_gpu_backend}[config.backend].check_block_sizes(config)
+    except ValueError as e:
+        raise ValueError(f"SaleConfig: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class SaleConfig:
     """Everything about a SALE call that is fixed at compile time (hashable, so it can be a static jit argument).
@@ -34,20 +44,25 @@ class SaleConfig:
       block_k: keys per block (power of two). The paper's default is 32.
       sink_tokens: key blocks intersecting `[0, sink_tokens)` are always kept and feed the reference statistics.
       local_tokens: key blocks intersecting `[p_first - local_tokens + 1, p_last]` of a query block are always kept
-        and feed the reference statistics; at least 1, so the diagonal block is always local.
+        and feed the reference statistics; at least 1, so the diagonal block is always local. Counted in keys, not
+        blocks, and any count is accepted: the blocks the window touches are kept whole, so a window shorter than
+        block_k keeps the diagonal blocks and the one holding key `p_first - local_tokens + 1` (at block_k 32,
+        every local_tokens from 2 to 33 keeps the same blocks for a query block that starts on a key block).
       quant_granularity: `"per_token"` (one 4-bit scale per query row / key) or `"per_block"` (one per block).
       estimate: what the selection's low-bit estimate multiplies: `"full"`, every 4-bit code (the paper's), or
         `"sparse_q"`, the q codes pruned to 2:4 structured sparsity (the two largest of every four channels): on the
         `mosaic_gpu` backend the estimate's dots then run as Hopper's sparse fp8 wgmma, at twice the dense rate;
         the other backends estimate the same pruned codes (the same selection, without the speedup). What it
         keeps and loses against the full estimate: docs/results.md#cheaper-estimates.
-      backend: `"reference"` (pure jnp), `"triton"` (the Pallas kernels, Triton lowering; any GPU),
-        `"mosaic_gpu"` (the same, but the selection's low-bit estimate runs as a Pallas Mosaic GPU kernel: fp8
-        wgmma, Hopper only; block_q 64 or 128, head_dim 64, 128 or 256; for bf16/fp16 inputs with head_dim 64 or
-        128 at block_q 128 the computation pass too) or `"auto"`: `"mosaic_gpu"` on Hopper, where its selection
-        is the faster one (docs/tuning.md#backends), with `"triton"` for the calls it cannot take; `"triton"` on
-        other GPUs; the reference elsewhere. The names `"pallas"` and `"pallas_mosaic"` are accepted for
-        `"triton"` and `"mosaic_gpu"`.
+      backend: `"reference"` (pure jnp, any block sizes), `"triton"` (the Pallas kernels, Triton lowering; any GPU;
+        block_q and block_k >= 16), `"mosaic_gpu"` (the same, but the selection's low-bit estimate runs as a Pallas
+        Mosaic GPU kernel: fp8 wgmma, Hopper only; block_q 64 or 128, block_k from 16 to 256 or 128 with them,
+        head_dim 64, 128 or 256; for bf16/fp16 inputs with head_dim 64 or 128 at block_q 128 the computation pass
+        too) or `"auto"`: `"mosaic_gpu"` on Hopper, where its selection is the faster one
+        (docs/tuning.md#backends), with `"triton"` for the calls it cannot take; `"triton"` on other GPUs; the
+        reference elsewhere. The names `"pallas"` and `"pallas_mosaic"` are accepted for `"triton"` and
+        `"mosaic_gpu"`. A config naming a kernel backend is refused when made if its block sizes are ones that
+        backend never takes; `"auto"` checks them at the call, once it knows the backend.
       interpret: run Pallas kernels in interpret mode (for CPU testing).
       scale: softmax scale; `None` means `head_dim ** -0.5`.
       dense_below: `sale_attention` runs dense attention for key sequences shorter than this, where the
@@ -81,10 +96,12 @@ class SaleConfig:
                 raise ValueError(f"SaleConfig.{name} must be a positive power of two, got {value!r}")
         for name, minimum in (("sink_tokens", 0), ("local_tokens", 1), ("dense_below", 0), ("query_chunk", 1)):
             value = getattr(self, name)
-            if name in ("dense_below", "query_chunk") and value is None:
+            optional = name in ("dense_below", "query_chunk")
+            if optional and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"SaleConfig.{name} must be an int >= {minimum}, got {value!r}")
+                raise ValueError(f"SaleConfig.{name} must be {'None or ' if optional else ''}an int >= {minimum}, "
+                                 f"got {value!r}")
         if self.query_chunk is not None and self.query_chunk % self.block_q:
             raise ValueError(f"SaleConfig.query_chunk must be a multiple of block_q {self.block_q}, got "
                              f"{self.query_chunk}")
@@ -98,6 +115,8 @@ class SaleConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"SaleConfig.backend must be one of {BACKENDS} (or an alias in {BACKEND_ALIASES}), got "
                              f"{self.backend!r}")
+        if self.backend in KERNEL_BACKENDS:
+            _check_kernel_block_sizes(self)
         if not isinstance(self.interpret, bool):
             raise ValueError(f"SaleConfig.interpret must be a bool, got {self.interpret!r}")
         if self.scale is not None:

@@ -36,6 +36,12 @@ def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig) -> None:
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"backend='mosaic_gpu' needs head_dim in {HEAD_DIMS}, got {head_dim}")
+    check_block_sizes(config)
+
+
+def check_block_sizes(config: SaleConfig) -> None:
+    """The limits on the config alone (a `SaleConfig` naming the backend checks them when made)."""
+    triton_backend.check_block_sizes(config, backend="mosaic_gpu")
     if config.block_q not in BLOCK_QS:
         raise ValueError(f"backend='mosaic_gpu' needs block_q in {BLOCK_QS} (wgmma rows), got {config.block_q}")
     one_warpgroup = _one_warpgroup_launch(config)

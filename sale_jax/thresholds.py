@@ -34,6 +34,9 @@ class Thresholds:
     calibration recipe and its parameters, the `SaleConfig` it was calibrated with) is static metadata. `recipe` is
     given as a dict of numbers and strings (e.g. `{"name": "paper", "theta": 0.4}`) and kept as sorted pairs, so
     that the metadata stays hashable.
+
+    Construction checks `tau` (`check_thresholds_tau`): a float `[num_layers, num_q_heads]` array of values >= 0 or
+    inf. A stack of thresholds is not one: batch the `tau` arrays and build `Thresholds` inside the vmapped function.
     """
 
     tau: jax.Array
@@ -44,6 +47,7 @@ class Thresholds:
     def __post_init__(self):
         if isinstance(self.recipe, dict):
             object.__setattr__(self, "recipe", tuple(sorted(self.recipe.items())))
+        check_thresholds_tau(self.tau)
 
     def tree_flatten(self):
         return (self.tau,), (self.model_name, self.recipe, self.config)
@@ -56,7 +60,6 @@ class Thresholds:
     def uniform(cls, num_layers: int, num_q_heads: int, value: float = DEFAULT_TAU, **metadata) -> "Thresholds":
         if num_layers < 1 or num_q_heads < 1:
             raise ValueError(f"need num_layers >= 1 and num_q_heads >= 1, got {num_layers}, {num_q_heads}")
-        check_values(np.full((num_layers, num_q_heads), value, np.float64))
         return cls(jnp.full((num_layers, num_q_heads), value, jnp.float32), **metadata)
 
     @property
@@ -130,22 +133,32 @@ class Thresholds:
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: 'tau' must be a [num_layers, num_q_heads] array of numbers and \"inf\" "
                              f"({e})") from None
-        if tau.ndim != 2 or 0 in tau.shape:
-            raise ValueError(f"{path}: 'tau' must be a non-empty [num_layers, num_q_heads] array, got shape "
-                             f"{tau.shape}")
+        check_shape(tau.shape, where=str(path))
         for name, expected, actual in (("num_layers", num_layers, tau.shape[0]),
                                        ("num_q_heads", num_q_heads, tau.shape[1])):
             if expected is not None and expected != actual:
                 raise ValueError(f"{path}: holds {actual} for {name}, expected {expected}")
         check_values(tau, where=str(path))
         recipe = _recipe_of(contents, path)
-        config = contents.get("config")
         return cls(
             jnp.asarray(tau, jnp.float32),
             model_name=str(contents.get("model_name", "")),
             recipe=recipe,
-            config=None if config is None else SaleConfig.from_dict(config),
+            config=_config_of(contents, path),
         )
+
+
+def _config_of(contents: dict, path) -> SaleConfig | None:
+    """The file's calibration config, or None where it records none."""
+    config = contents.get("config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: 'config' must map SaleConfig fields to values, got {config!r}")
+    try:
+        return SaleConfig.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: 'config': {e}") from None
 
 
 def _recipe_of(contents: dict, path) -> dict:
@@ -177,8 +190,35 @@ def _streaming_as_inf(rows):
     return [[number(value) for value in row] if isinstance(row, list) else row for row in rows]
 
 
-def check_values(tau: np.ndarray, where: str = "thresholds") -> None:
+def check_thresholds_tau(tau, where: str = "Thresholds") -> None:
+    """The rules of `Thresholds.tau`, for whatever it holds: shape and dtype where it has them (arrays, tracers,
+    `ShapeDtypeStruct`s), values where they are concrete. JAX also rebuilds pytrees around placeholders (`object()`,
+    None, partition specs), which have neither and pass."""
+    if not isinstance(tau, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+        return
+    check_shape(tau.shape, where)
+    if not jnp.issubdtype(tau.dtype, jnp.floating):
+        raise TypeError(f"{where}: tau must be a float array, got dtype {tau.dtype}")
+    if _is_concrete(tau):
+        check_values(np.asarray(tau, np.float64), where)
+
+
+def _is_concrete(tau) -> bool:
+    """Whether `tau`'s values can be read here: a NumPy array, or a JAX array that is neither a tracer nor held in
+    part by other processes."""
+    if isinstance(tau, np.ndarray):
+        return True
+    return isinstance(tau, jax.Array) and not isinstance(tau, jax.core.Tracer) and tau.is_fully_addressable
+
+
+def check_shape(shape: tuple, where: str = "Thresholds") -> None:
+    """One threshold per layer and q head: `[num_layers, num_q_heads]`, each at least 1."""
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(f"{where}: tau must be a non-empty [num_layers, num_q_heads] array, got shape {tuple(shape)}")
+
+
+def check_values(tau: np.ndarray, where: str = "Thresholds") -> None:
     """Every tau is 0 (a dense head), positive, or +inf (a streaming head); NaN and negative values are refused."""
     if np.any(np.isnan(tau)) or np.any(tau < 0):
-        raise ValueError(f"{where}: tau must be >= 0 (0: a dense head, inf: a streaming head that keeps its sink and "
-                         f"local blocks only), got {np.unique(tau[np.isnan(tau) | (tau < 0)])}")
+        raise ValueError(f"{where}: tau must be >= 0 or inf, never NaN (0: a dense head, inf: a streaming head that "
+                         f"keeps its sink and local blocks only), got {np.unique(tau[np.isnan(tau) | (tau < 0)])}")

@@ -27,6 +27,11 @@ def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str
     head_dim = q.shape[-1]
     if head_dim < MIN_HEAD_DIM or head_dim & (head_dim - 1):
         raise ValueError(f"backend={backend!r} needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}")
+    check_block_sizes(config, backend)
+
+
+def check_block_sizes(config: SaleConfig, backend: str = "triton") -> None:
+    """The Triton kernels' limits on the config alone (a `SaleConfig` naming the backend checks them when made)."""
     for name in ("block_q", "block_k"):
         if getattr(config, name) < MIN_TILE:
             raise ValueError(f"backend={backend!r} needs {name} >= {MIN_TILE}, got {getattr(config, name)}")

@@ -138,5 +138,5 @@ def test_mosaic_gpu_runs_the_computation_where_the_kernel_fits(dtype, head_dim, 
     """16-bit inputs, head_dim 64 or 128, block_q 128 and blocks that divide a step take the Mosaic kernel; the rest
     (block_q 64 among them, which the kernel is not built for) Triton."""
     q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), dtype)
-    config = sale_jax.SaleConfig(backend="mosaic_gpu", block_q=block_q, block_k=block_k)
+    config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k)  # "auto": block_k 256 is no mosaic_gpu config
     assert mosaic_gpu_backend.fits_attention(q, config) == fits
