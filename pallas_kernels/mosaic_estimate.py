@@ -417,11 +417,15 @@ SPLIT_ROWS = 64  # rows of a q block per compute warpgroup in the split kernel (
 
 def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, q_metadata_gmem, hits_gmem,
                        q_smem, row_terms_smem, hits_smem, q_barriers, schedule, done, q_metadata_smem, *, block_k,
-                       tile_k, middle_start, group, max_concurrent_steps, warp_level):
+                       tile_k, middle_start, group, max_concurrent_steps, warp_level, cluster_heads):
     """compute_warpgroups=2: a 128-row q block as two 64-row compute warpgroups that share each key tile, which a
     third warpgroup loads by TMA. Each accumulator is 64 x tile_k, so tiles can be twice as wide as one
     warpgroup's 128 rows allow; the two take turns issuing their wgmmas (FlashAttention-3's ping-pong), so one's
     epilogue runs under the other's.
+
+    `cluster_heads` > 1: a cluster of that many CTAs, q heads of one kv head at the same q block, receives each key
+    tile's codes by one TMA multicast, so the codes cross L2 once per cluster rather than once per q head. The
+    cluster's CTAs walk the same tiles, the union of their heads' middle keys.
 
     Each warpgroup ORs its flags into its own row of `hits_smem` (no ordering between them); after the last tile
     the first combines both rows, keeps the blocks in [first_block, end_block) and copies the result out."""
@@ -429,11 +433,14 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
     q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")  # longest rows first
-    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
+    batch, first_head = jax.lax.axis_index("batch"), jax.lax.axis_index("head_group") * cluster_heads
+    head = first_head + (jax.lax.axis_index("cluster") if cluster_heads > 1 else 0)
     wg = jax.lax.axis_index("wg")
-    first_block, end_block, first_tile, num_tiles = _tile_range(
-        middle_end_gmem, head, q_block, num_q_blocks=num_q_blocks, block_k=block_k, tile_k=tile_k,
-        middle_start=middle_start, num_k_blocks=num_k_blocks)
+    tile_range = functools.partial(_tile_range, middle_end_gmem, q_block=q_block, num_q_blocks=num_q_blocks,
+                                   block_k=block_k, tile_k=tile_k, middle_start=middle_start,
+                                   num_k_blocks=num_k_blocks)
+    first_block, end_block, first_tile, _ = tile_range(head)
+    num_tiles = _balanced(jnp.maximum, [tile_range(first_head + i)[3] for i in range(cluster_heads)])
     def take_turn():
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
@@ -472,7 +479,8 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         grid=(num_tiles,),
         memory_registers=40,
         in_specs=[
-            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
+            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim),
+                            collective_axes=("cluster",) if cluster_heads > 1 else None),
             plgpu.BlockSpec((tile_k, OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
         ],
         wg_axis="wg",
@@ -510,11 +518,15 @@ def _check_compressed(q_values, q_positions, k_codes):
     return jax.ShapeDtypeStruct(dense_shape, q_values.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps",
-                                             "compute_warpgroups", "interpret"))
+# estimate_hits' launch knobs, static under jit.
+STATIC_ARGNAMES = ("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps", "compute_warpgroups",
+                   "cluster_heads", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=STATIC_ARGNAMES)
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
                   block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
-                  compute_warpgroups: int = 1, q_positions=None, interpret=False):
+                  compute_warpgroups: int = 1, cluster_heads: int = 1, q_positions=None, interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
     False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs: the array-level epilogue stands in
     for the warp-level one, which is inline Mosaic GPU code interpret mode cannot run).
@@ -525,6 +537,9 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
 
     `compute_warpgroups`: 1, one warpgroup per CTA holds the whole q block's accumulator; 2 (block_q 128), the
     q block's halves as two warpgroups fed by a TMA warpgroup (`_split_rows_kernel`), tiles up to 256 keys.
+
+    `cluster_heads` (with compute_warpgroups 2): CTAs of that many q heads of one kv head form a cluster that
+    receives each key tile's codes by one TMA multicast; it must divide the q heads per kv head.
 
     Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
     """
@@ -544,12 +559,18 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                          f"compute_warpgroups=2)")
     if max_concurrent_steps < 1:
         raise ValueError(f"max_concurrent_steps must be at least 1, got {max_concurrent_steps}")
+    if cluster_heads != 1 and compute_warpgroups != 2:
+        raise ValueError(f"cluster_heads {cluster_heads} needs compute_warpgroups=2 (the TMA warpgroup's pipeline "
+                         f"multicasts; the one-warpgroup kernel's does not)")
     dense_q = q_codes if q_positions is None else _check_compressed(q_codes, q_positions, k_codes)
     if q_positions is not None and interpret:
         q_codes, q_positions = sparse_wgmma.decompress(q_codes, q_positions), None
     batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
         dense_q, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
         block_k=block_k, middle_start=middle_start)
+    if cluster_heads < 1 or (q_heads // kv_heads) % cluster_heads:
+        raise ValueError(f"cluster_heads {cluster_heads} must divide the q heads per kv head, "
+                         f"{q_heads // kv_heads}: a cluster's CTAs share one kv head's key tiles")
     if kv_len % tile_k:
         raise ValueError(f"key length {kv_len} must be a multiple of tile_k {tile_k} (pad it)")
     if head_dim not in (64, 128, 256):
@@ -583,7 +604,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                    plgpu.Barrier(num_barriers=num_q_operands)]
         metadata_scratch = plgpu.SMEM((block_q // sparse_wgmma.ROWS, *metadata_words), jnp.int32)
     else:
-        kernel = functools.partial(_split_rows_kernel, **knobs)
+        kernel = functools.partial(_split_rows_kernel, **knobs, cluster_heads=cluster_heads)
         halves = (2, SPLIT_ROWS)
         scratch = [plgpu.SMEM((*halves, q_width), **q_operands),
                    plgpu.SMEM((*halves, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
@@ -592,7 +613,10 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                    plgpu.Barrier(num_arrivals=2),  # the turns on the tensor cores
                    plgpu.Barrier(num_arrivals=2)]  # both halves' flags stored
         metadata_scratch = plgpu.SMEM((2, 1, *metadata_words), jnp.int32)
-        launch |= dict(num_threads=3, thread_name="wg")
+        launch |= dict(grid=(num_q_blocks, batch, q_heads // cluster_heads), grid_names=("q_block", "batch",
+                       "head_group"), num_threads=3, thread_name="wg")
+        if cluster_heads > 1:  # the cluster multiplies the last grid axis: its CTAs are consecutive q heads
+            launch |= dict(cluster=(cluster_heads,), cluster_names=("cluster",))
     inputs = [*fp8_codes, row_terms, key_terms, middle_end.reshape(-1)]
     if sparse:
         positions = jnp.moveaxis(q_positions, 2, 1)  # [B, Hq, T, D / 4]

@@ -74,7 +74,16 @@ CASES = {
                                tile_k=256, middle_start=32, compute_warpgroups=2),
     "split_rows_blocks_of_16": dict(batch=2, q_len=256, kv_len=512, q_heads=2, kv_heads=1, head_dim=64,
                                     block_q=128, tile_k=128, middle_start=48, block_k=16, compute_warpgroups=2),
+    # Clusters of q heads of one kv head receive the key codes by multicast; one head streams (its cluster still
+    # walks the others' tiles). Interpret mode hangs on clusters of 4 (GPU_ONLY_CASES): they run natively only.
+    "split_rows_clusters_of_2": dict(batch=1, q_len=256, kv_len=768, q_heads=4, kv_heads=2, head_dim=128,
+                                     block_q=128, tile_k=256, middle_start=32, compute_warpgroups=2,
+                                     cluster_heads=2),
+    "split_rows_clusters_of_4": dict(batch=2, q_len=256, kv_len=512, q_heads=8, kv_heads=2, head_dim=64,
+                                     block_q=128, tile_k=128, middle_start=0, compute_warpgroups=2,
+                                     cluster_heads=4),
 }
+GPU_ONLY_CASES = {"split_rows_clusters_of_4"}
 
 
 def _case_inputs(rng, name, *, sparse_q=False):
@@ -82,12 +91,13 @@ def _case_inputs(rng, name, *, sparse_q=False):
     are pruned to 2:4 before the thresholds are set."""
     case = dict(CASES[name])
     tile_k, block_k = case.pop("tile_k"), case.pop("block_k", 32)
-    compute_warpgroups = case.pop("compute_warpgroups", 1)
+    launch = dict(tile_k=tile_k, compute_warpgroups=case.pop("compute_warpgroups", 1),
+                  cluster_heads=case.pop("cluster_heads", 1))
     knobs = dict(block_q=case["block_q"], block_k=block_k, middle_start=case["middle_start"])
     inputs = draw_inputs(rng, **case, block_k=block_k)
     if sparse_q:
         inputs[Q_CODES] = np.asarray(sparse_wgmma.prune(inputs[Q_CODES]))
-    return set_thresholds(rng, inputs, knobs), knobs, dict(tile_k=tile_k, compute_warpgroups=compute_warpgroups)
+    return set_thresholds(rng, inputs, knobs), knobs, launch
 
 
 def _expected_hits(inputs, knobs):
@@ -107,7 +117,8 @@ def _assert_flags_equal(got, want):
 
 
 @pytest.mark.parametrize("codes", ["int8", "float8_e4m3fn"])
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.gpu] if name in GPU_ONLY_CASES else [])
+                                  for name in CASES])
 def test_kernel_hits_equal_reference(rng, name, codes):
     """Natively the warp-level epilogue runs; in interpret mode the array-level one stands in for it."""
     inputs, knobs, launch = _case_inputs(rng, name)
@@ -116,7 +127,8 @@ def test_kernel_hits_equal_reference(rng, name, codes):
     _assert_flags_equal(estimate_hits(*inputs, **knobs, **launch, interpret=INTERPRET), want)
 
 
-@pytest.mark.parametrize("name", ["gqa_bq64_tile128", "bq128_d64_longer_keys", "split_rows_tile256"])
+@pytest.mark.parametrize("name", ["gqa_bq64_tile128", "bq128_d64_longer_keys", "split_rows_tile256",
+                                  "split_rows_clusters_of_2"])
 def test_sparse_q_kernel_hits_equal_reference_on_pruned_codes(rng, name):
     """2:4-compressed q codes: natively the dots run as sparse wgmmas, whose flags must be the reference's on the
     pruned codes (interpret mode estimates the decompressed codes)."""
@@ -151,6 +163,7 @@ def valid_inputs():
     ({}, {"middle_start": 999}, "middle_start 999 must lie in"),
     ({}, {"compute_warpgroups": 2}, "compute_warpgroups must be 1, or 2 at block_q 128"),
     ({}, {"compute_warpgroups": 3}, "compute_warpgroups must be 1, or 2 at block_q 128"),
+    ({}, {"cluster_heads": 2}, "cluster_heads 2 needs compute_warpgroups=2"),
 ])
 def test_bad_inputs_raise_value_error(input_changes, knob_changes, message):
     inputs, knobs = valid_inputs()

@@ -51,6 +51,8 @@ _STAGES = flags.DEFINE_integer("max_concurrent_steps", 2, "Key tiles in flight (
 _COMPUTE_WARPGROUPS = flags.DEFINE_integer(
     "compute_warpgroups", 1, "estimate_hits' compute_warpgroups: 2 splits a 128-row q block across two warpgroups "
     "fed by a TMA warpgroup (tiles up to 256 keys).")
+_CLUSTER_HEADS = flags.DEFINE_integer("cluster_heads", 1, "estimate_hits' cluster_heads (with --compute_warpgroups=2): "
+                                      "CTAs of that many q heads of one kv head share each key tile by multicast.")
 _LAUNCH = flags.DEFINE_enum("launch", "flags", ["flags", "table"], "flags: --tile_k, --max_concurrent_steps and "
                             "--compute_warpgroups; table: each length's launch from the mosaic_gpu backend's tuning "
                             "table (mosaic_gpu_backend.estimate_launch), as sale_attention runs it.")
@@ -132,7 +134,7 @@ def launch_knobs(length: int) -> dict:
         launch = launch._asdict()
     else:
         launch = dict(tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
-                      compute_warpgroups=_COMPUTE_WARPGROUPS.value)
+                      compute_warpgroups=_COMPUTE_WARPGROUPS.value, cluster_heads=_CLUSTER_HEADS.value)
     return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, **launch)
 
 

@@ -111,8 +111,7 @@ def estimate_hits(variant: str):
     def unshared(*args, **kwargs):  # a function of its own: jit's trace cache is keyed by the function
         return mosaic_estimate.estimate_hits.__wrapped__(*args, **kwargs)
 
-    jitted = jax.jit(unshared, static_argnames=(
-        "block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps", "compute_warpgroups", "interpret"))
+    jitted = jax.jit(unshared, static_argnames=mosaic_estimate.STATIC_ARGNAMES)
     _patches(variant)  # an unknown variant fails here, not at the first call
 
     @functools.wraps(mosaic_estimate.estimate_hits)
