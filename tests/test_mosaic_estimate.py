@@ -182,11 +182,12 @@ def test_accumulator_too_large_for_registers_is_refused():
         estimate_hits(*inputs, **knobs | {"block_q": 128, "tile_k": 256}, interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("block_q, tile_k, head_dim, codes, compute_warpgroups", [
-    (128, 128, 128, jnp.float8_e4m3fn, 1), (64, 128, 128, jnp.float8_e4m3fn, 1), (64, 256, 128, jnp.int8, 1),
-    (64, 128, 64, jnp.float8_e4m3fn, 1), (64, 256, 256, jnp.float8_e4m3fn, 1), (128, 64, 256, jnp.float8_e4m3fn, 1),
-    (128, 256, 128, jnp.float8_e4m3fn, 2), (128, 128, 64, jnp.float8_e4m3fn, 2)])
-def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warpgroups):
+@pytest.mark.parametrize("block_q, tile_k, head_dim, codes, compute_warpgroups, cluster_heads", [
+    (128, 128, 128, jnp.float8_e4m3fn, 1, 1), (64, 128, 128, jnp.float8_e4m3fn, 1, 1), (64, 256, 128, jnp.int8, 1, 1),
+    (64, 128, 64, jnp.float8_e4m3fn, 1, 1), (64, 256, 256, jnp.float8_e4m3fn, 1, 1),
+    (128, 64, 256, jnp.float8_e4m3fn, 1, 1), (128, 256, 128, jnp.float8_e4m3fn, 2, 1),
+    (128, 128, 64, jnp.float8_e4m3fn, 2, 1), (128, 256, 128, jnp.float8_e4m3fn, 2, 2)])
+def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warpgroups, cluster_heads):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas (it assumes sm_90 when no GPU is present)."""
     batch, length, q_heads, kv_heads = 1, 2048, 4, 2
@@ -195,7 +196,7 @@ def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warp
               ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((q_heads, length // block_q), jnp.int32)]
     kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128,
-                                       compute_warpgroups=compute_warpgroups))
+                                       compute_warpgroups=compute_warpgroups, cluster_heads=cluster_heads))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
 
