@@ -7,14 +7,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sale_jax import checks, mosaic_gpu_backend, triton_backend
+from sale_jax import checks
+from sale_jax.backends import KERNEL_MODULES
 from sale_jax.config import SaleConfig
 from sale_jax.layout import BlockGrid, BlockLayout, ChunkedLayout
 from sale_jax.ops import smoothing_means
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
 
 _DEFAULT_CONFIG = SaleConfig()
-_KERNEL_BACKENDS = {"triton": triton_backend, "mosaic_gpu": mosaic_gpu_backend}
 
 
 def _grid_for(q, k, config: SaleConfig) -> BlockGrid:
@@ -23,11 +23,7 @@ def _grid_for(q, k, config: SaleConfig) -> BlockGrid:
 
 def _fits(q, k, config: SaleConfig, backend: str) -> bool:
     """Whether the kernel backend `backend` takes these shapes and block sizes."""
-    try:
-        _KERNEL_BACKENDS[backend].check_supported(q, k, config)
-    except ValueError:
-        return False
-    return True
+    return KERNEL_MODULES[backend].unsupported(q, k, config) is None
 
 
 def _backend_for(q, k, config: SaleConfig) -> str:
@@ -42,8 +38,9 @@ def _backend_for(q, k, config: SaleConfig) -> str:
 
 def _check_backend(q, k, config: SaleConfig) -> None:
     backend = _backend_for(q, k, config)
-    if backend in _KERNEL_BACKENDS:
-        _KERNEL_BACKENDS[backend].check_supported(q, k, config)
+    reason = KERNEL_MODULES[backend].unsupported(q, k, config) if backend in KERNEL_MODULES else None
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG) -> BlockLayout:
@@ -65,8 +62,8 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
 @functools.partial(jax.jit, static_argnames=("config",))
 def _select_blocks(q, k, tau, config: SaleConfig, means=None) -> BlockLayout:
     backend = _backend_for(q, k, config)
-    if backend in _KERNEL_BACKENDS:
-        return _KERNEL_BACKENDS[backend].select_blocks(q, k, tau, config, means)
+    if backend in KERNEL_MODULES:
+        return KERNEL_MODULES[backend].select_blocks(q, k, tau, config, means)
     return select_blocks_reference(q, k, tau, config, means)
 
 
@@ -85,8 +82,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Blo
 @functools.partial(jax.jit, static_argnames=("config", "return_lse"))
 def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: bool):
     backend = _backend_for(q, k, config)
-    if backend in _KERNEL_BACKENDS:
-        out, lse = _KERNEL_BACKENDS[backend].block_sparse_attention(q, k, v, layout, config)
+    if backend in KERNEL_MODULES:
+        out, lse = KERNEL_MODULES[backend].block_sparse_attention(q, k, v, layout, config)
     else:
         out, lse = block_sparse_attention_reference(q, k, v, layout, config.softmax_scale(q.shape[-1]))
     return (out, lse) if return_lse else out

@@ -24,13 +24,12 @@ def _is_power_of_two(value: int) -> bool:
 
 
 def _check_kernel_block_sizes(config: "SaleConfig") -> None:
-    """The block sizes the named kernel backend takes, checked by the backend itself (imported here, not at the
-    top: the backends import this module)."""
-    from sale_jax import mosaic_gpu_backend, triton_backend
-    try:
-        {"triton": triton_backend, "mosaic_gpu": mosaic_gpu_backend}[config.backend].check_block_sizes(config)
-    except ValueError as e:
-        raise ValueError(f"SaleConfig: {e}") from None
+    """The block sizes the named kernel backend takes, as the backend states them (imported here, not at the top:
+    the backends import this module)."""
+    from sale_jax.backends import KERNEL_MODULES
+    reason = KERNEL_MODULES[config.backend].unsupported_block_sizes(config)
+    if reason is not None:
+        raise ValueError(f"SaleConfig: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,24 +29,24 @@ def _interpret(config: SaleConfig):
     return plgpu.InterpretGPUParams() if config.interpret else False
 
 
-def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig) -> None:
-    """The limits of the Triton kernels this backend runs, and the Mosaic GPU estimate's, as errors that say what
-    is accepted."""
-    triton_backend.check_supported(q, k, config, backend="mosaic_gpu")
-    head_dim = q.shape[-1]
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"backend='mosaic_gpu' needs head_dim in {HEAD_DIMS}, got {head_dim}")
-    check_block_sizes(config)
+def unsupported(q: jax.Array, k: jax.Array, config: SaleConfig) -> str | None:
+    """Why this backend cannot take these shapes and block sizes (the limits of the Triton kernels it runs, and the
+    Mosaic GPU estimate's), as a message that says what is accepted, or None where it can."""
+    reason = triton_backend.unsupported(q, k, config, backend="mosaic_gpu")
+    if reason is None and q.shape[-1] not in HEAD_DIMS:
+        reason = f"backend='mosaic_gpu' needs head_dim in {HEAD_DIMS}, got {q.shape[-1]}"
+    return reason or unsupported_block_sizes(config)
 
 
-def check_block_sizes(config: SaleConfig) -> None:
-    """The limits on the config alone (a `SaleConfig` naming the backend checks them when made)."""
-    triton_backend.check_block_sizes(config, backend="mosaic_gpu")
-    if config.block_q not in BLOCK_QS:
-        raise ValueError(f"backend='mosaic_gpu' needs block_q in {BLOCK_QS} (wgmma rows), got {config.block_q}")
-    one_warpgroup = _one_warpgroup_launch(config)
-    if config.block_k > one_warpgroup.tile_k:
-        raise ValueError(f"backend='mosaic_gpu' needs block_k <= {one_warpgroup.tile_k}, got {config.block_k}")
+def unsupported_block_sizes(config: SaleConfig) -> str | None:
+    """`unsupported` on the config alone (a `SaleConfig` naming the backend checks it when made)."""
+    reason = triton_backend.unsupported_block_sizes(config, backend="mosaic_gpu")
+    if reason is None and config.block_q not in BLOCK_QS:
+        reason = f"backend='mosaic_gpu' needs block_q in {BLOCK_QS} (wgmma rows), got {config.block_q}"
+    one_warpgroup_tile = _one_warpgroup_launch(config).tile_k
+    if reason is None and config.block_k > one_warpgroup_tile:
+        reason = f"backend='mosaic_gpu' needs block_k <= {one_warpgroup_tile}, got {config.block_k}"
+    return reason
 
 
 class EstimateLaunch(NamedTuple):

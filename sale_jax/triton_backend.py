@@ -20,21 +20,23 @@ MIN_TILE = 16  # Triton's smallest dot operand dimension
 MIN_HEAD_DIM = 32  # int8 tensor-core dots contract over at least 32 (Hopper's int8 MMA k)
 
 
-def check_supported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str = "triton") -> None:
-    """The Triton kernels' shape limits, as errors that say what is accepted. `backend` names the caller's backend
-    in the messages (`mosaic_gpu` runs some of these kernels too)."""
+def unsupported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str = "triton") -> str | None:
+    """Why the Triton kernels cannot take these shapes and block sizes, as a message that says what is accepted, or
+    None where they can. `backend` names the caller's backend in the message (`mosaic_gpu` runs some of these
+    kernels too)."""
     del k  # every key length is accepted
     head_dim = q.shape[-1]
     if head_dim < MIN_HEAD_DIM or head_dim & (head_dim - 1):
-        raise ValueError(f"backend={backend!r} needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}")
-    check_block_sizes(config, backend)
+        return f"backend={backend!r} needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}"
+    return unsupported_block_sizes(config, backend)
 
 
-def check_block_sizes(config: SaleConfig, backend: str = "triton") -> None:
-    """The Triton kernels' limits on the config alone (a `SaleConfig` naming the backend checks them when made)."""
+def unsupported_block_sizes(config: SaleConfig, backend: str = "triton") -> str | None:
+    """`unsupported` on the config alone (a `SaleConfig` naming the backend checks it when made)."""
     for name in ("block_q", "block_k"):
         if getattr(config, name) < MIN_TILE:
-            raise ValueError(f"backend={backend!r} needs {name} >= {MIN_TILE}, got {getattr(config, name)}")
+            return f"backend={backend!r} needs {name} >= {MIN_TILE}, got {getattr(config, name)}"
+    return None
 
 
 def estimate_tile(config: SaleConfig) -> int:

@@ -240,13 +240,6 @@ def test_every_script_has_a_smoke_run():
     assert set(EXPECTED_KEYS) == set(SMOKE_RUNS)
 
 
-def test_the_backend_flag_offers_every_backend():
-    from experiments.lib import flags as common
-    from sale_jax import config
-
-    assert set(common.BACKENDS) == set(config.BACKENDS)
-
-
 def test_every_committed_result_records_its_provenance():
     """Each JSON under experiments/results has a provenance block, or is named (like every plot, log and
     checkpoint file) in the `files` of a JSON beside it that has one."""

@@ -15,7 +15,7 @@ import pallas_kernels
 import sale_jax
 import sale_jax.config
 from pallas_kernels import mosaic_estimate
-from sale_jax import api, mosaic_gpu_backend, triton_backend, tuning
+from sale_jax import api, backends, mosaic_gpu_backend, triton_backend, tuning
 from sale_jax.ops import pad_axis, smoothing_means
 from sale_jax.reference import block_sparse_attention_reference, quantize_reference
 from sale_jax.reference.selection import selection_margins_reference
@@ -288,6 +288,12 @@ def test_kernel_backends_reject_unsupported_shapes(overrides, head_dim, message)
     with pytest.raises(ValueError, match=message):
         config = sale_jax.SaleConfig(**{"dense_below": 0, "backend": "triton", "interpret": INTERPRET, **overrides})
         sale_jax.sale_attention(q, q, q, jnp.zeros(2), config)
+
+
+def test_every_kernel_backend_name_has_its_module():
+    """config.KERNEL_BACKENDS names the backends; backends.KERNEL_MODULES runs them: the two stay in step."""
+    assert set(backends.KERNEL_MODULES) == set(sale_jax.config.KERNEL_BACKENDS)
+    assert set(sale_jax.config.KERNEL_BACKENDS) <= set(sale_jax.config.BACKENDS)
 
 
 def test_auto_takes_the_mosaic_selection_on_hopper_where_it_fits(monkeypatch):

@@ -16,12 +16,11 @@ from absl import flags
 
 import sale_jax
 from experiments.lib import retrieval_task
-from sale_jax.config import ESTIMATES, QUANT_GRANULARITIES
+from sale_jax.config import BACKENDS, ESTIMATES, QUANT_GRANULARITIES
 
 # Flags defined by the functions below are the calling script's own, not this module's.
 flags.disclaim_key_flags()
 
-BACKENDS = ("auto", "reference", "triton", "mosaic_gpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _BACKEND_HELP = ("SaleConfig.backend: reference (pure jnp), triton (the Pallas kernels, Triton lowering; GPU, or "
                  "any device with --interpret), mosaic_gpu (the Mosaic GPU kernels where they fit; Hopper, or "
