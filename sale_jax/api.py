@@ -1,4 +1,5 @@
-"""The public functions: validate the inputs, pick the backend, and run under jit with `tau` traced."""
+"""The public functions: validate the inputs, resolve the call's plan once (`sale_jax.plan`), and run under jit with
+`tau` traced."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from sale_jax import checks
 from sale_jax.backends import KERNEL_MODULES
 from sale_jax.config import SaleConfig
+from sale_jax.plan import CallPlan, plan_call
 from sale_jax.layout import BlockGrid, BlockLayout, ChunkedLayout
 from sale_jax.ops import smoothing_means
 from sale_jax.reference import block_sparse_attention_reference, select_blocks_reference
@@ -19,28 +21,6 @@ _DEFAULT_CONFIG = SaleConfig()
 
 def _grid_for(q, k, config: SaleConfig) -> BlockGrid:
     return BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-
-
-def _fits(q, k, config: SaleConfig, backend: str) -> bool:
-    """Whether the kernel backend `backend` takes these shapes and block sizes."""
-    return KERNEL_MODULES[backend].unsupported(q, k, config) is None
-
-
-def _backend_for(q, k, config: SaleConfig) -> str:
-    """The backend this call runs: `auto` falls back from the Mosaic GPU selection to the Triton one where the
-    Mosaic GPU kernel's limits (block sizes, head_dim, key length) rule it out; an explicit choice is kept (and
-    checked)."""
-    backend = config.resolved_backend()
-    if backend == "mosaic_gpu" and config.backend == "auto" and not _fits(q, k, config, "mosaic_gpu"):
-        return "triton"
-    return backend
-
-
-def _check_backend(q, k, config: SaleConfig) -> None:
-    backend = _backend_for(q, k, config)
-    reason = KERNEL_MODULES[backend].unsupported(q, k, config) if backend in KERNEL_MODULES else None
-    if reason is not None:
-        raise ValueError(reason)
 
 
 def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig = _DEFAULT_CONFIG) -> BlockLayout:
@@ -55,15 +35,13 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
     """
     checks.check_qkv(q, k, k)
     tau = checks.check_tau(tau, q.shape[2])
-    _check_backend(q, k, config)
-    return _select_blocks(q, k, tau, config)
+    return _select_blocks(q, k, tau, config, plan_call(q, k, config))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _select_blocks(q, k, tau, config: SaleConfig, means=None) -> BlockLayout:
-    backend = _backend_for(q, k, config)
-    if backend in KERNEL_MODULES:
-        return KERNEL_MODULES[backend].select_blocks(q, k, tau, config, means)
+@functools.partial(jax.jit, static_argnames=("config", "plan"))
+def _select_blocks(q, k, tau, config: SaleConfig, plan: CallPlan, means=None) -> BlockLayout:
+    if plan.backend in KERNEL_MODULES:
+        return KERNEL_MODULES[plan.backend].select_blocks(q, k, tau, config, plan.tuning, means)
     return select_blocks_reference(q, k, tau, config, means)
 
 
@@ -75,15 +53,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Blo
     """
     checks.check_qkv(q, k, v)
     checks.check_layout(layout, q.shape[0], q.shape[2], _grid_for(q, k, config))
-    _check_backend(q, k, config)
-    return _block_sparse_attention(q, k, v, layout, config, return_lse)
+    return _block_sparse_attention(q, k, v, layout, config, plan_call(q, k, config), return_lse)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "return_lse"))
-def _block_sparse_attention(q, k, v, layout, config: SaleConfig, return_lse: bool):
-    backend = _backend_for(q, k, config)
-    if backend in KERNEL_MODULES:
-        out, lse = KERNEL_MODULES[backend].block_sparse_attention(q, k, v, layout, config)
+@functools.partial(jax.jit, static_argnames=("config", "plan", "return_lse"))
+def _block_sparse_attention(q, k, v, layout, config: SaleConfig, plan: CallPlan, return_lse: bool):
+    if plan.backend in KERNEL_MODULES:
+        out, lse = KERNEL_MODULES[plan.backend].block_sparse_attention(q, k, v, layout, config, plan.tuning)
     else:
         out, lse = block_sparse_attention_reference(q, k, v, layout, config.softmax_scale(q.shape[-1]))
     return (out, lse) if return_lse else out
@@ -103,23 +79,7 @@ def sale_attention(q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array, con
     """
     checks.check_qkv(q, k, v)
     tau = checks.check_tau(tau, q.shape[2])
-    _check_backend(q, k, config)
-    return _sale_attention(q, k, v, tau, config, return_lse, return_layout)
-
-
-def _runs_dense(q, k, config: SaleConfig) -> bool:
-    """Whether `sale_attention` runs dense attention: keys shorter than `dense_below` for the backend it runs."""
-    return k.shape[1] < config.resolved_dense_below(_backend_for(q, k, config))
-
-
-def _query_chunks(q, k, config: SaleConfig) -> list[tuple[int, int]]:
-    """`[start, stop)` of each query chunk this call runs: one for the whole call unless it runs SALE (not dense,
-    see `dense_below`) on more queries than `config.resolved_query_chunk`."""
-    q_len = q.shape[1]
-    if _runs_dense(q, k, config):
-        return [(0, q_len)]
-    chunk = config.resolved_query_chunk(q.shape[0], q.shape[2], k.shape[1])
-    return [(start, min(start + chunk, q_len)) for start in range(0, q_len, chunk)]
+    return _sale_attention(q, k, v, tau, config, plan_call(q, k, config), return_lse, return_layout)
 
 
 def layout_grids(q, k, config: SaleConfig) -> list[BlockGrid]:
@@ -127,39 +87,38 @@ def layout_grids(q, k, config: SaleConfig) -> list[BlockGrid]:
     suffice: `q` and `k` may be `jax.ShapeDtypeStruct`s)."""
     query_offset = k.shape[1] - q.shape[1]
     return [BlockGrid(stop - start, query_offset + stop, config.block_q, config.block_k)
-            for start, stop in _query_chunks(q, k, config)]
+            for start, stop in plan_call(q, k, config).query_chunks]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "return_lse", "return_layout"))
-def _sale_attention(q, k, v, tau, config: SaleConfig, return_lse: bool, return_layout: bool):
+@functools.partial(jax.jit, static_argnames=("config", "plan", "return_lse", "return_layout"))
+def _sale_attention(q, k, v, tau, config: SaleConfig, plan: CallPlan, return_lse: bool, return_layout: bool):
     grid = _grid_for(q, k, config)
-    chunks = _query_chunks(q, k, config)
-    if _runs_dense(q, k, config):
+    if plan.dense:
         layout = BlockLayout.all_visible(q.shape[0], q.shape[2], grid)
         if return_lse:
-            out, lse = _block_sparse_attention(q, k, v, layout, config, True)
+            out, lse = _block_sparse_attention(q, k, v, layout, config, plan, True)
         else:
-            out, lse = dense_attention(q, k, v, scale=config.scale), None
-    elif len(chunks) > 1:
-        out, lse, layout = _chunked_sale_attention(q, k, v, tau, config, chunks)
+            out, lse = _dense_attention(q, k, v, config.scale, None), None
+    elif len(plan.query_chunks) > 1:
+        out, lse, layout = _chunked_sale_attention(q, k, v, tau, config, plan)
     else:
-        layout = _select_blocks(q, k, tau, config)
-        out, lse = _block_sparse_attention(q, k, v, layout, config, True)
+        layout = _select_blocks(q, k, tau, config, plan)
+        out, lse = _block_sparse_attention(q, k, v, layout, config, plan, True)
     results = (out,) + ((lse,) if return_lse else ()) + ((layout,) if return_layout else ())
     return results[0] if len(results) == 1 else results
 
 
-def _chunked_sale_attention(q, k, v, tau, config: SaleConfig, chunks: list[tuple[int, int]]):
+def _chunked_sale_attention(q, k, v, tau, config: SaleConfig, plan: CallPlan):
     """SALE over consecutive query chunks, each against the keys up to its last row. The whole call's smoothing
     means quantize every chunk, and chunks start on q-block boundaries, so each row meets the codes, thresholds
     and blocks it would unchunked. Returns the output, the log-sum-exp and the `ChunkedLayout`."""
     means = smoothing_means(q, k)
     query_offset = k.shape[1] - q.shape[1]
     outs, lses, layouts = [], [], []
-    for start, stop in chunks:
+    for start, stop in plan.query_chunks:
         q_chunk, k_chunk, v_chunk = q[:, start:stop], k[:, :query_offset + stop], v[:, :query_offset + stop]
-        layout = _select_blocks(q_chunk, k_chunk, tau, config, means)
-        out, lse = _block_sparse_attention(q_chunk, k_chunk, v_chunk, layout, config, True)
+        layout = _select_blocks(q_chunk, k_chunk, tau, config, plan, means)
+        out, lse = _block_sparse_attention(q_chunk, k_chunk, v_chunk, layout, config, plan, True)
         outs.append(out)
         lses.append(lse)
         layouts.append(layout)
@@ -187,9 +146,9 @@ def _dense_attention(q, k, v, scale: float | None, implementation: str | None):
         config = SaleConfig(backend="triton", scale=scale)
         if q_len == kv_len:
             implementation = "cudnn"
-        elif _fits(q, k, config, "triton"):
+        elif KERNEL_MODULES["triton"].unsupported(q, k, config) is None:
             layout = BlockLayout.all_visible(q.shape[0], q.shape[2], _grid_for(q, k, config))
-            return block_sparse_attention(q, k, v, layout, config)
+            return _block_sparse_attention(q, k, v, layout, config, plan_call(q, k, config), False)
     # f32 inputs get f32 dots (XLA's GPU default would be TF32).
     with jax.default_matmul_precision("highest" if q.dtype == jnp.float32 else "default"):
         if q_len == kv_len:

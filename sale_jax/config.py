@@ -129,19 +129,20 @@ class SaleConfig:
 
     def resolved_backend(self) -> str:
         """The backend calls run: `auto` picks the kernels on GPU (the Mosaic GPU selection on Hopper) and the
-        reference elsewhere. `sale_jax.api` narrows an `auto` `mosaic_gpu` to `triton` for the shapes and block
-        sizes the Mosaic GPU kernels do not take."""
+        reference elsewhere. A call's plan (`sale_jax.plan.plan_call`) narrows an `auto` `mosaic_gpu` to `triton`
+        for the shapes and block sizes the Mosaic GPU kernels do not take."""
         if self.backend != "auto":
             return self.backend
         if jax.default_backend() != "gpu":
             return "reference"
         return "mosaic_gpu" if tuning.on_hopper() else "triton"
 
-    def resolved_dense_below(self, backend: str) -> int:
-        """`dense_below`, or the tuning table's crossover for `backend` (the one a call runs) at this block_q."""
+    def resolved_dense_below(self, backend: str, table: tuning.KernelTuning) -> int:
+        """`dense_below`, or the crossover the tuning table `table` lists for `backend` (the one a call runs) at
+        this block_q."""
         if self.dense_below is not None:
             return self.dense_below
-        return tuning.for_backend(backend).dense_below_for(backend, self.block_q)
+        return table.dense_below_for(backend, self.block_q)
 
     def resolved_query_chunk(self, batch: int, q_heads: int, kv_len: int) -> int:
         """`query_chunk`, or the most queries (whole q blocks, at least one) whose selection stays within

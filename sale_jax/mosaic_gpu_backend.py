@@ -43,7 +43,7 @@ def unsupported_block_sizes(config: SaleConfig) -> str | None:
     reason = triton_backend.unsupported_block_sizes(config, backend="mosaic_gpu")
     if reason is None and config.block_q not in BLOCK_QS:
         reason = f"backend='mosaic_gpu' needs block_q in {BLOCK_QS} (wgmma rows), got {config.block_q}"
-    one_warpgroup_tile = _one_warpgroup_launch(config).tile_k
+    one_warpgroup_tile = _one_warpgroup_tile(config)
     if reason is None and config.block_k > one_warpgroup_tile:
         reason = f"backend='mosaic_gpu' needs block_k <= {one_warpgroup_tile}, got {config.block_k}"
     return reason
@@ -56,23 +56,20 @@ class EstimateLaunch(NamedTuple):
     max_concurrent_steps: int
 
 
-def _one_warpgroup_launch(config: SaleConfig) -> EstimateLaunch:
+def _one_warpgroup_tile(config: SaleConfig) -> int:
     """The widest key tile one warpgroup's f32 accumulator of block_q rows holds."""
-    return EstimateLaunch(1, mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q,
-                          tuning.for_backend("mosaic_gpu").mosaic_estimate_stages)
+    return mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q
 
 
-def estimate_launch(kv_len: int, head_dim: int, config: SaleConfig) -> EstimateLaunch:
+def estimate_launch(kv_len: int, head_dim: int, config: SaleConfig, table: tuning.KernelTuning) -> EstimateLaunch:
     """The split-rows kernel at block_q 128 from the tuning table's `mosaic_split_rows_from` keys on, where its two
     rows of flags (one per warpgroup) fit in shared memory; one warpgroup otherwise. Not at head_dim 256: three
     stages of 256-key tiles would take 216 KB without the q codes and flags. Not for 2:4-sparse q codes, whose
     halved tensor-core time one warpgroup per CTA keeps busier (docs/tuning.md#estimate-sparse-q)."""
-    table = tuning.for_backend("mosaic_gpu")
-    split = EstimateLaunch(2, 2 * mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q, table.mosaic_split_rows_stages)
     if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= table.mosaic_split_rows_from
             and head_dim <= 128 and config.estimate == "full"):
-        return split
-    return _one_warpgroup_launch(config)
+        return EstimateLaunch(2, 2 * _one_warpgroup_tile(config), table.mosaic_split_rows_stages)
+    return EstimateLaunch(1, _one_warpgroup_tile(config), table.mosaic_estimate_stages)
 
 
 def key_padding(config: SaleConfig, launch: EstimateLaunch) -> int:
@@ -108,11 +105,12 @@ def estimate_hits(quant, row_threshold, middle_end, regions, config: SaleConfig,
     return hits[0] if len(hits) == 1 else jnp.concatenate(hits, axis=-1)
 
 
-def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
+def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig, table: tuning.KernelTuning,
                   means: tuple[jax.Array, jax.Array] | None = None) -> BlockLayout:
+    """The selection in three launches, the estimate's as the tuning table `table` says."""
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     regions = grid.regions(config.sink_tokens, config.local_tokens)
-    launch = estimate_launch(k.shape[1], k.shape[-1], config)
+    launch = estimate_launch(k.shape[1], k.shape[-1], config, table)
     quant = triton_backend.quantize(q, k, config, key_padding(config, launch), means)
     kernel_regions = triton_backend.kernel_regions(grid, config)
     rows = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q)
@@ -128,19 +126,19 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
     return BlockLayout(indices=indices, counts=counts, grid=grid)
 
 
-def fits_attention(q: jax.Array, config: SaleConfig) -> bool:
+def fits_attention(q: jax.Array, config: SaleConfig, table: tuning.KernelTuning) -> bool:
     """Whether the Mosaic GPU computation pass takes these inputs: 16-bit, head_dim 64 or 128, block_q 128 (the
-    only one it is built for, docs/tuning.md#mosaic-computation) and blocks that divide a step."""
-    keys_per_step = tuning.for_backend("mosaic_gpu").mosaic_attention_keys_per_step
+    only one it is built for, docs/tuning.md#mosaic-computation) and blocks that divide a step of `table`'s."""
+    keys_per_step = table.mosaic_attention_keys_per_step
     return (q.dtype in mosaic_sparse_attention.DTYPES and q.shape[-1] in mosaic_sparse_attention.HEAD_DIMS
             and config.block_q == mosaic_sparse_attention.BLOCK_Q and keys_per_step % config.block_k == 0)
 
 
-def block_sparse_attention(q, k, v, layout: BlockLayout, config: SaleConfig) -> tuple[jax.Array, jax.Array]:
+def block_sparse_attention(q, k, v, layout: BlockLayout, config: SaleConfig,
+                           table: tuning.KernelTuning) -> tuple[jax.Array, jax.Array]:
     """The computation pass: the Mosaic GPU kernel where it takes the inputs (`fits_attention`), else Triton's."""
-    if not fits_attention(q, config):
-        return triton_backend.block_sparse_attention(q, k, v, layout, config)
-    table = tuning.for_backend("mosaic_gpu")
+    if not fits_attention(q, config, table):
+        return triton_backend.block_sparse_attention(q, k, v, layout, config, table)
     arrays, shape = triton_backend.padded_attention_inputs(q, k, v, layout, config)
     out, lse = pallas_kernels.mosaic_block_sparse_attention(
         *arrays, **shape, keys_per_step=table.mosaic_attention_keys_per_step, stages=table.mosaic_attention_stages,

@@ -39,9 +39,9 @@ def unsupported_block_sizes(config: SaleConfig, backend: str = "triton") -> str 
     return None
 
 
-def estimate_tile(config: SaleConfig) -> int:
+def estimate_tile(config: SaleConfig, table: tuning.KernelTuning) -> int:
     """Keys per estimate tile of the selection kernel: the tuning table's, and a multiple of block_k."""
-    return max(tuning.for_backend("triton").triton_estimate_tile, config.block_k)
+    return max(table.triton_estimate_tile, config.block_k)
 
 
 class Quantized(NamedTuple):
@@ -85,18 +85,18 @@ def kernel_regions(grid: BlockGrid, config: SaleConfig) -> KernelRegions:
                                       max_local_blocks=regions.max_local_blocks))
 
 
-def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig,
+def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig, table: tuning.KernelTuning,
                   means: tuple[jax.Array, jax.Array] | None = None) -> BlockLayout:
+    """The selection on the Triton kernels, launched as the tuning table `table` says."""
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    table = tuning.for_backend("triton")
-    quant = quantize(q, k, config, estimate_tile(config), means)
+    quant = quantize(q, k, config, estimate_tile(config, table), means)
     quant = quant._replace(q_codes=estimated_q_codes(quant.q_codes, config.estimate))
     regions = kernel_regions(grid, config)
     indices, counts = pallas_kernels.select_blocks(
         quant.q_rows, quant.q_codes, quant.q_scale, quant.k_smooth, quant.k_codes, quant.k_scale, quant.bias, tau,
         *regions.arrays, num_slots=grid.num_slots, q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q,
         block_k=config.block_k, **regions.bounds, scale=config.softmax_scale(q.shape[-1]),
-        estimate_tile=estimate_tile(config), num_warps=table.triton_selection_warps,
+        estimate_tile=estimate_tile(config, table), num_warps=table.triton_selection_warps,
         num_stages=table.triton_selection_stages, index_dtype=grid.index_dtype(), interpret=config.interpret)
     return BlockLayout(indices=indices, counts=counts, grid=grid)
 
@@ -111,9 +111,9 @@ def padded_attention_inputs(q, k, v, layout: BlockLayout, config: SaleConfig):
     return arrays, shape
 
 
-def block_sparse_attention(q, k, v, layout: BlockLayout, config: SaleConfig) -> tuple[jax.Array, jax.Array]:
+def block_sparse_attention(q, k, v, layout: BlockLayout, config: SaleConfig,
+                           table: tuning.KernelTuning) -> tuple[jax.Array, jax.Array]:
     """The computation pass on the Triton kernel: out `[B, T, Hq, D]` and the log-sum-exp f32 `[B, Hq, T]`."""
-    table = tuning.for_backend("triton")
     arrays, shape = padded_attention_inputs(q, k, v, layout, config)
     out, lse = pallas_kernels.block_sparse_attention(
         *arrays, **shape, num_warps=table.triton_attention_warps, num_stages=table.triton_attention_stages,

@@ -14,7 +14,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import sale_jax
 from pallas_kernels.mosaic_sparse_attention import mosaic_block_sparse_attention
-from sale_jax import mosaic_gpu_backend
+from sale_jax import mosaic_gpu_backend, tuning
 from sale_jax.ops import pad_axis
 from tests import cases, oracle
 
@@ -139,4 +139,4 @@ def test_mosaic_gpu_runs_the_computation_where_the_kernel_fits(dtype, head_dim, 
     (block_q 64 among them, which the kernel is not built for) Triton."""
     q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), dtype)
     config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k)  # "auto": block_k 256 is no mosaic_gpu config
-    assert mosaic_gpu_backend.fits_attention(q, config) == fits
+    assert mosaic_gpu_backend.fits_attention(q, config, tuning.HOPPER) == fits

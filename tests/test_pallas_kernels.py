@@ -15,7 +15,7 @@ import pallas_kernels
 import sale_jax
 import sale_jax.config
 from pallas_kernels import mosaic_estimate
-from sale_jax import api, backends, mosaic_gpu_backend, triton_backend, tuning
+from sale_jax import mosaic_gpu_backend, triton_backend, tuning
 from sale_jax.ops import pad_axis, smoothing_means
 from sale_jax.reference import block_sparse_attention_reference, quantize_reference
 from sale_jax.reference.selection import selection_margins_reference
@@ -88,7 +88,7 @@ def _kernel_layout(q, k, tau, config):
         setattr(pallas_kernels, name, with_poison(name))
     try:
         backend = mosaic_gpu_backend if config.backend == "mosaic_gpu" else triton_backend
-        return backend.select_blocks(q, k, jnp.asarray(tau, jnp.float32), config)
+        return backend.select_blocks(q, k, jnp.asarray(tau, jnp.float32), config, tuning.for_backend(config.backend))
     finally:
         for name, original in originals.items():
             setattr(pallas_kernels, name, original)
@@ -222,7 +222,7 @@ def test_sparse_q_selection_matches_the_reference(rng, backend):
 ])
 def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, head_dim, warpgroups, estimate):
     config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k, estimate=estimate)
-    launch = mosaic_gpu_backend.estimate_launch(kv_len, head_dim, config)
+    launch = mosaic_gpu_backend.estimate_launch(kv_len, head_dim, config, tuning.HOPPER)
     assert launch.compute_warpgroups == warpgroups
     assert launch.tile_k * block_q // warpgroups == mosaic_estimate.MAX_ACC_ELEMENTS
 
@@ -288,25 +288,3 @@ def test_kernel_backends_reject_unsupported_shapes(overrides, head_dim, message)
     with pytest.raises(ValueError, match=message):
         config = sale_jax.SaleConfig(**{"dense_below": 0, "backend": "triton", "interpret": INTERPRET, **overrides})
         sale_jax.sale_attention(q, q, q, jnp.zeros(2), config)
-
-
-def test_every_kernel_backend_name_has_its_module():
-    """config.KERNEL_BACKENDS names the backends; backends.KERNEL_MODULES runs them: the two stay in step."""
-    assert set(backends.KERNEL_MODULES) == set(sale_jax.config.KERNEL_BACKENDS)
-    assert set(sale_jax.config.KERNEL_BACKENDS) <= set(sale_jax.config.BACKENDS)
-
-
-def test_auto_takes_the_mosaic_selection_on_hopper_where_it_fits(monkeypatch):
-    """`auto` on an sm_90 GPU: the Mosaic GPU selection, except for shapes and blocks only the Triton one takes."""
-    monkeypatch.setattr(sale_jax.config.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(tuning, "on_hopper", lambda: True)
-    q = jnp.ones((1, 64, 2, 128), jnp.bfloat16)
-    auto = sale_jax.SaleConfig()
-    assert auto.resolved_backend() == "mosaic_gpu"
-    assert api._backend_for(q, q, auto) == "mosaic_gpu"
-    assert api._backend_for(q[..., :32], q[..., :32], auto) == "triton"  # head_dim 32
-    assert api._backend_for(q, q, sale_jax.SaleConfig(block_q=32)) == "triton"
-    explicit = sale_jax.SaleConfig(backend="mosaic_gpu")
-    assert api._backend_for(q[..., :32], q[..., :32], explicit) == "mosaic_gpu"  # kept, so the checks name it
-    monkeypatch.setattr(tuning, "on_hopper", lambda: False)
-    assert auto.resolved_backend() == "triton"

@@ -97,7 +97,7 @@ def test_new_thresholds_do_not_recompile(rng):
     ("triton", 64, 0, 0)])
 def test_dense_below_defaults_to_the_tuning_tables_crossover(backend, block_q, dense_below, want):
     config = sale_jax.SaleConfig(block_q=block_q, dense_below=dense_below)
-    assert config.resolved_dense_below(backend) == want
+    assert config.resolved_dense_below(backend, tuning.HOPPER) == want
 
 
 def test_default_dense_below_sends_short_keys_to_dense(rng):

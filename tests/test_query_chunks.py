@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sale_jax
-from sale_jax import api, mosaic_gpu_backend
+from sale_jax import api, mosaic_gpu_backend, tuning
 from tests import cases
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -91,11 +91,11 @@ def test_mosaic_estimate_in_key_chunks_keeps_the_same_blocks(rng, monkeypatch):
     config = _config("mosaic_gpu", block_q=64, block_k=32, sink_tokens=4000)  # the sink ends inside a chunk
     q, k, _ = _structured(rng, batch=1, q_len=128, kv_len=12288, q_heads=2, kv_heads=1, head_dim=64, config=config)
     tau = jnp.asarray([0.01, 0.001], jnp.float32)
-    want = np.asarray(mosaic_gpu_backend.select_blocks(q, k, tau, config).to_mask())
+    want = np.asarray(mosaic_gpu_backend.select_blocks(q, k, tau, config, tuning.HOPPER).to_mask())
     monkeypatch.setattr(mosaic_gpu_backend, "MAX_K_BLOCKS", 128)
-    launch = mosaic_gpu_backend.estimate_launch(k.shape[1], 64, config)
+    launch = mosaic_gpu_backend.estimate_launch(k.shape[1], 64, config, tuning.HOPPER)
     assert len(mosaic_gpu_backend.estimate_key_chunks(12288, config, launch, mosaic_gpu_backend.MAX_K_BLOCKS)) == 3
-    got = np.asarray(mosaic_gpu_backend.select_blocks(q, k, tau, config).to_mask())
+    got = np.asarray(mosaic_gpu_backend.select_blocks(q, k, tau, config, tuning.HOPPER).to_mask())
     np.testing.assert_array_equal(got, want)
     for start, end in ((4096, 8192), (8192, 12288 - 256)):  # middle keys of the second and third launch
         middle = got[..., start // 32:end // 32]

@@ -24,7 +24,7 @@ from experiments.lib import flags as common, results
 from experiments.lib.attention_targets import (dense_attention, dense_baseline, pallas_triton_mha, quantize_only,
                                                tau_for_density)
 from experiments.lib.timing import median_seconds
-from sale_jax import mosaic_gpu_backend, workloads
+from sale_jax import mosaic_gpu_backend, tuning, workloads
 
 _LENGTHS = common.define_lengths([16384, 32768, 65536, 131072])
 _HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)
@@ -119,7 +119,7 @@ def computation_kernel(config: sale_jax.SaleConfig) -> str:
     hq, _, d = _HEADS.values()
     q = jax.ShapeDtypeStruct((1, config.block_q, hq, d), common.resolve_dtype(_DTYPE.value))
     backend = config.resolved_backend()
-    if backend == "mosaic_gpu" and mosaic_gpu_backend.fits_attention(q, config):
+    if backend == "mosaic_gpu" and mosaic_gpu_backend.fits_attention(q, config, tuning.for_backend(backend)):
         return "mosaic_gpu"
     return "triton" if backend in ("triton", "mosaic_gpu") else backend
 

@@ -40,7 +40,7 @@ from experiments.lib.timing import interleaved_median_seconds, median_seconds
 from experiments.lib import estimate_variants
 from pallas_kernels import mosaic_estimate, sparse_wgmma
 from pallas_kernels.mosaic_estimate import estimate_margins_reference
-from sale_jax import mosaic_gpu_backend
+from sale_jax import mosaic_gpu_backend, tuning
 
 _LENGTHS = common.define_lengths([32768, 131072])
 _HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)
@@ -130,8 +130,8 @@ def reference_knobs(length: int) -> dict:
 def launch_knobs(length: int) -> dict:
     """The launch at `length`: the flags', or with --launch=table the one the mosaic_gpu backend takes."""
     if _LAUNCH.value == "table":
-        launch = mosaic_gpu_backend.estimate_launch(length, _HEADS.head_dim.value, _SALE.config(backend="mosaic_gpu"))
-        launch = launch._asdict()
+        launch = mosaic_gpu_backend.estimate_launch(length, _HEADS.head_dim.value, _SALE.config(backend="mosaic_gpu"),
+                                                    tuning.for_backend("mosaic_gpu"))._asdict()
     else:
         launch = dict(tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
                       compute_warpgroups=_COMPUTE_WARPGROUPS.value, cluster_heads=_CLUSTER_HEADS.value)

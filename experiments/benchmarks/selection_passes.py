@@ -24,7 +24,7 @@ import sale_jax
 from experiments.lib import flags as common, results
 from experiments.lib.attention_targets import dense_attention, dense_baseline, tau_for_density
 from experiments.lib.timing import median_seconds
-from sale_jax import mosaic_gpu_backend, triton_backend, workloads
+from sale_jax import mosaic_gpu_backend, triton_backend, tuning, workloads
 
 _LENGTHS = common.define_lengths([32768, 65536, 131072])
 _HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)
@@ -40,7 +40,7 @@ def passes(q, k, tau, config: sale_jax.SaleConfig) -> dict:
     (function, its arguments)."""
     grid = sale_jax.BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
     regions = grid.regions(config.sink_tokens, config.local_tokens)
-    launch = mosaic_gpu_backend.estimate_launch(k.shape[1], k.shape[-1], config)
+    launch = mosaic_gpu_backend.estimate_launch(k.shape[1], k.shape[-1], config, tuning.for_backend("mosaic_gpu"))
     kernel_regions = triton_backend.kernel_regions(grid, config)
     rows = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 import sale_jax
-from sale_jax import SaleConfig, triton_backend
+from sale_jax import SaleConfig, triton_backend, tuning
 
 
 def dense_baseline() -> str:
@@ -29,7 +29,7 @@ def dense_attention(q, k, v, implementation: str):
 def quantize_only(q, k, config: SaleConfig):
     """The quantization half of the Pallas selection (means, kernels, column correction), compiled as one program
     as it runs inside the selection (called eagerly, each of its ops would be dispatched and timed apart)."""
-    return triton_backend.quantize(q, k, config, triton_backend.estimate_tile(config))
+    return triton_backend.quantize(q, k, config, triton_backend.estimate_tile(config, tuning.for_backend("triton")))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
