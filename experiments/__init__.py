@@ -5,6 +5,7 @@
     accuracy/     accuracy: the accuracy-density frontier, retrieval accuracy, kernels against the reference
     retrieval/    training the retrieval model and exporting its checkpoint
     tools/        calibration of thresholds, an attention-only demo
-    lib/          what the scripts share: common flags, the result writer, timing, the retrieval task
+    lib/          what the scripts share: common flags, the result writer, timing, the retrieval task, synthetic
+                  workloads, JSON prompts, the competitors' selections
     results/      committed results by study (results/README.md lists them)
 """

@@ -27,10 +27,10 @@ from flax import nnx
 
 import sale_jax
 from experiments.lib import flags as common, results, retrieval_scoring, retrieval_task
+from experiments.lib.kv_prompts import json_kv_prompt
 from experiments.lib.timing import interleaved_median_seconds
 from models import checkpoint, llama
 from models.config import LlamaConfig
-from sale_jax.kv_prompts import json_kv_prompt
 
 _RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RETRIEVAL_MODEL = os.path.join(_RESULTS, "retrieval_training_128k", "h200", "checkpoint")

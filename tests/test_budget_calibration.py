@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import sale_jax
+from experiments.lib import workloads
 from models import checkpoint, llama
 from models.calibration import _dense_sensitivities, _kl_from_dense, calibrate_model
-from sale_jax import budget_calibration, workloads
+from sale_jax import budget_calibration
 from sale_jax.budget_calibration import CostTable, search_price
 
 FIXTURE = "tests/fixtures/tiny_llama"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sale_jax
-from sale_jax import workloads
+from experiments.lib import workloads
 from sale_jax.calibration import search_thresholds
 
 LENGTH, HEAD_DIM = 2048, 32

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import sparse_wgmma
-from experiments.lib import estimate_candidates as candidates
-from sale_jax import SaleConfig, workloads
+from experiments.lib import estimate_candidates as candidates, workloads
+from sale_jax import SaleConfig
 from sale_jax.reference.quantize import quantize_reference
 from sale_jax.reference.selection import selection_margins_reference
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sale_jax
-from sale_jax import kv_prompts, workloads
+from experiments.lib import kv_prompts, workloads
 
 
 def test_llm_like_qkv_shapes_seeds_and_needles(rng):

@@ -42,9 +42,8 @@ import numpy as np
 from absl import app, flags
 
 import sale_jax
-from experiments.lib import estimate_candidates as candidates, flags as common, results
+from experiments.lib import estimate_candidates as candidates, flags as common, results, workloads
 from experiments.lib.selection_metrics import layout_metrics, needles_kept, scored_pairs
-from sale_jax import workloads
 from sale_jax.reference.selection import selection_margins_reference
 
 _SEQ_LEN = common.define_seq_len(4096)

@@ -30,9 +30,9 @@ import numpy as np
 from absl import app, flags
 
 import sale_jax
-from experiments.lib import flags as common, results
+from experiments.lib import flags as common, results, selection_baselines, workloads
 from experiments.lib.selection_metrics import layout_metrics, scored_pairs
-from sale_jax import baselines, budget_calibration, workloads
+from sale_jax import budget_calibration
 from sale_jax.reference.selection import selection_margins_reference
 
 _SEQ_LEN = common.define_seq_len(4096)
@@ -124,13 +124,14 @@ def main(argv):
         evaluate_budget(calibration_density, f"density={calibration_density:.3f} (theta={theta})")
     for density in _BUDGET_DENSITIES.value:
         evaluate_budget(density, f"density={density}")
-    evaluate("sink_local", "-", baselines.sink_local_mask(batch, heads, grid, config))
+    evaluate("sink_local", "-", selection_baselines.sink_local_mask(batch, heads, grid, config))
     for fraction in _TOPK.value:
-        evaluate("pooled_topk", f"fraction={fraction}", baselines.pooled_topk_mask(q, k, grid, config, fraction))
+        evaluate("pooled_topk", f"fraction={fraction}",
+                 selection_baselines.pooled_topk_mask(q, k, grid, config, fraction))
     for stride in _STRIDES.value:
         for threshold in _XATTN.value:
             evaluate(f"xattention_s{stride}", f"threshold={threshold}",
-                     baselines.xattention_mask(q, k, grid, config, stride, threshold), stride)
+                     selection_baselines.xattention_mask(q, k, grid, config, stride, threshold), stride)
 
     plot = results.plot_path(_OUTPUT.value)
     results.write(_OUTPUT.value, {

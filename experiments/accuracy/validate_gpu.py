@@ -21,9 +21,8 @@ from absl import app, flags
 
 import pallas_kernels
 import sale_jax
-from experiments.lib import flags as common, results
+from experiments.lib import flags as common, results, workloads
 from experiments.lib.attention_targets import dense_baseline
-from sale_jax import workloads
 from sale_jax.ops import pad_axis, smoothing_means
 from sale_jax.reference import block_sparse_attention_reference, quantize_reference
 from sale_jax.reference.selection import selection_margins_reference

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import sale_jax
-from experiments.lib import flags as common, results
+from experiments.lib import flags as common, results, workloads
 from experiments.lib.attention_targets import (dense_attention, dense_baseline, pallas_triton_mha, quantize_only,
                                                tau_for_density)
 from experiments.lib.timing import median_seconds
-from sale_jax import mosaic_gpu_backend, tuning, workloads
+from sale_jax import mosaic_gpu_backend, tuning
 
 _LENGTHS = common.define_lengths([16384, 32768, 65536, 131072])
 _HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)

@@ -20,12 +20,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_kernels
 import sale_jax
-from experiments.lib import flags as common, results
+from experiments.lib import flags as common, results, workloads
 from experiments.lib.attention_targets import quantize_only
 from experiments.lib.layouts import random_layout
 from experiments.lib.timing import median_seconds
 from pallas_kernels.mosaic_sparse_attention import mosaic_block_sparse_attention
-from sale_jax import triton_backend, workloads
+from sale_jax import triton_backend
 from sale_jax.ops import column_bias, pad_axis, smoothing_means
 
 _LENGTHS = common.define_lengths([32768])

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import sale_jax
-from experiments.lib import flags as common, results
+from experiments.lib import flags as common, results, workloads
 from experiments.lib.attention_targets import dense_attention, dense_baseline, tau_for_density
 from experiments.lib.timing import interleaved_median_seconds
-from sale_jax import api, workloads
+from sale_jax import api
 
 _LENGTHS = common.define_lengths([262144, 524288, 1048576])
 _HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)

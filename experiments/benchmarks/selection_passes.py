@@ -21,10 +21,10 @@ from absl import app, flags
 
 import pallas_kernels
 import sale_jax
-from experiments.lib import flags as common, results
+from experiments.lib import flags as common, results, workloads
 from experiments.lib.attention_targets import dense_attention, dense_baseline, tau_for_density
 from experiments.lib.timing import median_seconds
-from sale_jax import mosaic_gpu_backend, triton_backend, tuning, workloads
+from sale_jax import mosaic_gpu_backend, triton_backend, tuning
 
 _LENGTHS = common.define_lengths([32768, 65536, 131072])
 _HEADS = common.HeadFlags.define(q_heads=32, kv_heads=8, head_dim=128)

@@ -43,7 +43,7 @@ def _check_rank(rank: int, head_dim: int) -> None:
 
 
 def rotary_partner(head_dim: int) -> jax.Array:
-    """The channel each channel rotates with under `sale_jax.workloads.rotate` (half-split: c and c + D/2)."""
+    """The channel each channel rotates with under `experiments.lib.workloads.rotate` (half-split: c and c + D/2)."""
     return (jnp.arange(head_dim) + head_dim // 2) % head_dim
 
 

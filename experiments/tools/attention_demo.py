@@ -15,9 +15,8 @@ import numpy as np
 from absl import app, flags
 
 import sale_jax
-from experiments.lib import flags as common, results
+from experiments.lib import flags as common, results, workloads
 from experiments.lib.timing import median_seconds
-from sale_jax import workloads
 
 _SEQ_LEN = common.define_seq_len(8192, "Tokens (queries = keys, causal).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")

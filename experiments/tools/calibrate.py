@@ -12,7 +12,7 @@ evaluation uses), or --tokens (prompts.npy, int [N, T], for a model with its own
 layer at a time) or a budget recipe: the sparsest thresholds whose model stays within --kl_budget nats of dense, or
 spends --density_budget. Without a checkpoint the paper recipe or the density_budget recipe (heads priced by their
 per-row L1 error, `sale_jax.budget_calibration.calibrate_to_density`) runs, each layer of each sample an independent
-draw of `sale_jax.workloads.llm_like_qkv`. The thresholds file records the model's name, the recipe with its
+draw of `experiments.lib.workloads.llm_like_qkv`. The thresholds file records the model's name, the recipe with its
 parameters and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
 """
 
@@ -24,12 +24,10 @@ import numpy as np
 from absl import app, flags
 
 import sale_jax
-from experiments.lib import flags as common
-from models import checkpoint
-from experiments.lib import retrieval_task
-from models import calibration as model_calibration
-from sale_jax import budget_calibration, calibration, workloads
-from sale_jax.kv_prompts import json_kv_prompt
+from experiments.lib import flags as common, retrieval_task, workloads
+from experiments.lib.kv_prompts import json_kv_prompt
+from models import calibration as model_calibration, checkpoint
+from sale_jax import budget_calibration, calibration
 
 _OUTPUT = flags.DEFINE_string("output", None, "Thresholds file to write (JSON).", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face folder (a supported family) to calibrate.")

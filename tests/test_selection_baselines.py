@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import sale_jax
-from sale_jax import baselines
+from experiments.lib import selection_baselines
 from sale_jax.reference.selection import selection_margins_reference
 from tests import cases, oracle
 
@@ -21,7 +21,7 @@ def _setup(rng):
 
 def test_sink_local_is_the_always_kept_region(rng):
     case, _, _, grid, always = _setup(rng)
-    mask = baselines.sink_local_mask(case.batch, case.q_heads, grid, case.config)
+    mask = selection_baselines.sink_local_mask(case.batch, case.q_heads, grid, case.config)
     np.testing.assert_array_equal(np.asarray(mask), np.broadcast_to(always, mask.shape))
 
 
@@ -30,7 +30,7 @@ def test_pooled_topk_keeps_the_requested_count_and_grows_with_the_fraction(rng):
     middle = grid.visible_mask & ~always
     previous = None
     for fraction in (0.0, 0.3, 0.6, 1.0):
-        mask = np.asarray(baselines.pooled_topk_mask(q, k, grid, case.config, fraction))
+        mask = np.asarray(selection_baselines.pooled_topk_mask(q, k, grid, case.config, fraction))
         assert np.all(mask[..., always]) and not np.any(mask & ~grid.visible_mask)
         np.testing.assert_array_equal((mask & middle).sum(-1),
                                       np.broadcast_to(np.ceil(fraction * middle.sum(-1)), mask.shape[:3]))
@@ -41,15 +41,15 @@ def test_pooled_topk_keeps_the_requested_count_and_grows_with_the_fraction(rng):
 
 def test_xattention_antidiagonal_mass_and_threshold_limits(rng):
     case, q, k, grid, always = _setup(rng)
-    low = np.asarray(baselines.xattention_mask(q, k, grid, case.config, stride=4, threshold=0.0))
+    low = np.asarray(selection_baselines.xattention_mask(q, k, grid, case.config, stride=4, threshold=0.0))
     np.testing.assert_array_equal(low, np.broadcast_to(always, low.shape))
-    masks = [np.asarray(baselines.xattention_mask(q, k, grid, case.config, 4, t)) for t in (0.3, 0.7, 0.95)]
+    masks = [np.asarray(selection_baselines.xattention_mask(q, k, grid, case.config, 4, t)) for t in (0.3, 0.7, 0.95)]
     for looser, tighter in zip(masks, masks[1:]):
         assert not np.any(looser & ~tighter)
-    full = np.asarray(baselines.xattention_mask(q, k, grid, case.config, stride=4, threshold=1.0))
+    full = np.asarray(selection_baselines.xattention_mask(q, k, grid, case.config, stride=4, threshold=1.0))
     assert full.sum() >= masks[-1].sum()
     with pytest.raises(ValueError, match="stride"):
-        baselines.xattention_mask(q, k, grid, case.config, stride=32, threshold=0.9)
+        selection_baselines.xattention_mask(q, k, grid, case.config, stride=32, threshold=0.9)
 
 
 def test_xattention_ranks_blocks_by_antidiagonal_sums():
@@ -64,7 +64,7 @@ def test_xattention_ranks_blocks_by_antidiagonal_sums():
         k[0, 8 + t, 0] = 6 * direction
     config = sale_jax.SaleConfig(dense_below=0, block_q=16, block_k=8, sink_tokens=0, local_tokens=1, backend="reference")
     grid = sale_jax.BlockGrid(64, 64, 16, 8)
-    mask = np.asarray(baselines.xattention_mask(jnp.asarray(q), jnp.asarray(k), grid, config, stride, 0.3))
+    mask = np.asarray(selection_baselines.xattention_mask(jnp.asarray(q), jnp.asarray(k), grid, config, stride, 0.3))
     assert mask[0, 0, 3, 1]  # q block 3 (rows 48..63) keeps key block 1 (keys 8..15)
     assert mask[0, 0, 3].sum() == 3  # and otherwise only its two local blocks (keys 48..63)
 
