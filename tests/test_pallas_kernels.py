@@ -259,8 +259,10 @@ def test_attention_kernel_matches_oracle(rng, dtype):
     np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
     np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=1e-4 if dtype == jnp.float32 else 2e-3,
                                rtol=1e-5)
+    # Kernel and reference each round in the input dtype, each within `tolerance` of the oracle, so they may differ
+    # from each other by twice that.
     ref_out, _ = block_sparse_attention_reference(q, k, v, layout, case.scale)
-    np.testing.assert_allclose(oracle.as_f64(out), oracle.as_f64(ref_out), atol=tolerance, rtol=tolerance)
+    np.testing.assert_allclose(oracle.as_f64(out), oracle.as_f64(ref_out), atol=2 * tolerance, rtol=2 * tolerance)
 
 
 def test_sale_attention_triton_backend_matches_reference(rng):
