@@ -32,7 +32,8 @@ def _interpret(config: SaleConfig):
 def unsupported(q: jax.Array, k: jax.Array, config: SaleConfig) -> str | None:
     """Why this backend cannot take these shapes and block sizes (the limits of the Triton kernels it runs, and the
     Mosaic GPU estimate's), as a message that says what is accepted, or None where it can."""
-    reason = triton_backend.unsupported(q, k, config, backend="mosaic_gpu")
+    del k  # every key length is accepted (in key chunks, estimate_key_chunks)
+    reason = triton_backend.unsupported_head_dim(q.shape[-1], backend="mosaic_gpu")
     if reason is None and q.shape[-1] not in HEAD_DIMS:
         reason = f"backend='mosaic_gpu' needs head_dim in {HEAD_DIMS}, got {q.shape[-1]}"
     return reason or unsupported_block_sizes(config)
@@ -86,10 +87,22 @@ def estimate_key_chunks(padded_kv_len: int, config: SaleConfig, launch: Estimate
     return [(start, min(start + chunk, padded_kv_len)) for start in range(0, padded_kv_len, chunk)]
 
 
-def estimate_hits(quant, row_threshold, middle_end, regions, config: SaleConfig, launch: EstimateLaunch):
+def row_thresholds(quant, tau, grid: BlockGrid, config: SaleConfig) -> jax.Array:
+    """Each query row's threshold on the estimate, from its exact statistics over the sink and local keys."""
+    kernel_regions = triton_backend.kernel_regions(grid, config)
+    return pallas_kernels.row_thresholds(
+        quant.q_rows, quant.q_scale, quant.k_smooth, tau, *kernel_regions.arrays, q_len=grid.q_len,
+        kv_len=grid.kv_len, block_q=config.block_q, block_k=config.block_k,
+        scale=config.softmax_scale(quant.q_rows.shape[-1]), interpret=config.interpret)
+
+
+def estimate_hits(quant, row_threshold, tau, grid: BlockGrid, config: SaleConfig, launch: EstimateLaunch):
     """The estimate's hit flags `[B, Hq, nQ, nK]`, one launch per key chunk. Exact: the row thresholds come from
     the sink and local keys of every row, and each key block's flag depends on its own keys alone."""
+    regions = grid.regions(config.sink_tokens, config.local_tokens)
     middle_start = regions.sink_blocks * config.block_k
+    # Each head's estimated keys end where its local blocks start; a streaming head (tau inf) estimates none.
+    middle_end = jnp.where(jnp.isinf(tau)[:, None], 0, jnp.asarray(regions.local_first_block * config.block_k)[None])
     q_codes, k_codes = quant.q_codes, quant.k_codes.astype(jnp.float8_e4m3fn)
     q_positions = None
     if config.estimate == "sparse_q":
@@ -109,20 +122,18 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
                   means: tuple[jax.Array, jax.Array] | None = None) -> BlockLayout:
     """The selection in three launches, the estimate's as the tuning table `table` says."""
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    regions = grid.regions(config.sink_tokens, config.local_tokens)
     launch = estimate_launch(k.shape[1], k.shape[-1], config, table)
     quant = triton_backend.quantize(q, k, config, key_padding(config, launch), means)
+    hits = estimate_hits(quant, row_thresholds(quant, tau, grid, config), tau, grid, config, launch)
+    return compact_hits(hits, grid, config)
+
+
+def compact_hits(hits, grid: BlockGrid, config: SaleConfig) -> BlockLayout:
+    """The kept-block lists from the estimate's hit flags: sink blocks, middle hits and local blocks."""
     kernel_regions = triton_backend.kernel_regions(grid, config)
-    rows = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q)
-    row_threshold = pallas_kernels.row_thresholds(
-        quant.q_rows, quant.q_scale, quant.k_smooth, tau, *kernel_regions.arrays, **rows, block_k=config.block_k,
-        scale=config.softmax_scale(q.shape[-1]), interpret=config.interpret)
-    # Each head's estimated keys end where its local blocks start; a streaming head (tau inf) estimates none.
-    middle_end = jnp.where(jnp.isinf(tau)[:, None], 0, jnp.asarray(regions.local_first_block * config.block_k)[None])
-    hits = estimate_hits(quant, row_threshold, middle_end, regions, config, launch)
     indices, counts = pallas_kernels.compact_hits(
-        hits, *kernel_regions.arrays, num_slots=grid.num_slots, **rows, **kernel_regions.bounds,
-        index_dtype=grid.index_dtype(), interpret=config.interpret)
+        hits, *kernel_regions.arrays, num_slots=grid.num_slots, q_len=grid.q_len, kv_len=grid.kv_len,
+        block_q=config.block_q, **kernel_regions.bounds, index_dtype=grid.index_dtype(), interpret=config.interpret)
     return BlockLayout(indices=indices, counts=counts, grid=grid)
 
 

@@ -9,6 +9,7 @@ import dataclasses
 from sale_jax import tuning
 from sale_jax.backends import KERNEL_MODULES
 from sale_jax.config import SaleConfig
+from sale_jax.tuning import KernelTuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,7 @@ class CallPlan:
     """
 
     backend: str
-    tuning: tuning.KernelTuning
+    tuning: KernelTuning
     dense: bool
     query_chunks: tuple[tuple[int, int], ...]
 

@@ -25,10 +25,14 @@ def unsupported(q: jax.Array, k: jax.Array, config: SaleConfig, backend: str = "
     None where they can. `backend` names the caller's backend in the message (`mosaic_gpu` runs some of these
     kernels too)."""
     del k  # every key length is accepted
-    head_dim = q.shape[-1]
+    return unsupported_head_dim(q.shape[-1], backend) or unsupported_block_sizes(config, backend)
+
+
+def unsupported_head_dim(head_dim: int, backend: str = "triton") -> str | None:
+    """`unsupported` on the head dimension alone."""
     if head_dim < MIN_HEAD_DIM or head_dim & (head_dim - 1):
         return f"backend={backend!r} needs head_dim to be a power of two >= {MIN_HEAD_DIM}, got {head_dim}"
-    return unsupported_block_sizes(config, backend)
+    return None
 
 
 def unsupported_block_sizes(config: SaleConfig, backend: str = "triton") -> str | None:

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-import pallas_kernels
 import sale_jax
 from experiments.lib import flags as common, results, workloads
 from experiments.lib.attention_targets import dense_attention, dense_baseline, tau_for_density
@@ -36,31 +35,22 @@ _OUTPUT = common.define_output()
 
 
 def passes(q, k, tau, config: sale_jax.SaleConfig) -> dict:
-    """The selection's passes as jitted functions of the previous passes' outputs, with those outputs: name ->
-    (function, its arguments)."""
+    """The selection's passes (`mosaic_gpu_backend.select_blocks`'s) as jitted functions of the previous passes'
+    outputs, with those outputs: name -> (function, its arguments)."""
     grid = sale_jax.BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    regions = grid.regions(config.sink_tokens, config.local_tokens)
     launch = mosaic_gpu_backend.estimate_launch(k.shape[1], k.shape[-1], config, tuning.for_backend("mosaic_gpu"))
-    kernel_regions = triton_backend.kernel_regions(grid, config)
-    rows = dict(q_len=grid.q_len, kv_len=grid.kv_len, block_q=config.block_q)
-
     quantize = jax.jit(lambda q, k: triton_backend.quantize(q, k, config, mosaic_gpu_backend.key_padding(
         config, launch)))
-    row_thresholds = jax.jit(lambda quant, tau: pallas_kernels.row_thresholds(
-        quant.q_rows, quant.q_scale, quant.k_smooth, tau, *kernel_regions.arrays, **rows, block_k=config.block_k,
-        scale=config.softmax_scale(q.shape[-1]), interpret=config.interpret))
-    middle_end = jnp.where(jnp.isinf(tau)[:, None], 0, jnp.asarray(regions.local_first_block * config.block_k)[None])
-    estimate = jax.jit(lambda quant, threshold: mosaic_gpu_backend.estimate_hits(
-        quant, threshold, middle_end, regions, config, launch))
-    compact = jax.jit(lambda hits: pallas_kernels.compact_hits(
-        hits, *kernel_regions.arrays, num_slots=grid.num_slots, **rows, **kernel_regions.bounds,
-        index_dtype=grid.index_dtype(), interpret=config.interpret))
+    row_thresholds = jax.jit(lambda quant, tau: mosaic_gpu_backend.row_thresholds(quant, tau, grid, config))
+    estimate = jax.jit(lambda quant, threshold, tau: mosaic_gpu_backend.estimate_hits(
+        quant, threshold, tau, grid, config, launch))
+    compact = jax.jit(lambda hits: mosaic_gpu_backend.compact_hits(hits, grid, config))
 
     quant = quantize(q, k)
     threshold = row_thresholds(quant, tau)
-    hits = estimate(quant, threshold)
+    hits = estimate(quant, threshold, tau)
     return {"quantize": (quantize, (q, k)), "row_thresholds": (row_thresholds, (quant, tau)),
-            "estimate": (estimate, (quant, threshold)), "compact_hits": (compact, (hits,))}
+            "estimate": (estimate, (quant, threshold, tau)), "compact_hits": (compact, (hits,))}
 
 
 def nbytes(tree) -> int:

@@ -105,9 +105,10 @@ def patched(variant: str):
             setattr(mosaic_estimate, name, value)
 
 
+@functools.cache
 def estimate_hits(variant: str):
     """`mosaic_estimate.estimate_hits` as `variant`: a callable taking the same arguments, traced under the
-    variant's patches by a jit of its own (so no variant reuses another's compiled kernel)."""
+    variant's patches by a jit of its own (so no variant reuses another's compiled kernel), one per variant."""
     def unshared(*args, **kwargs):  # a function of its own: jit's trace cache is keyed by the function
         return mosaic_estimate.estimate_hits.__wrapped__(*args, **kwargs)
 
