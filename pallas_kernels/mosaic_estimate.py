@@ -18,11 +18,11 @@ How (the alternatives each choice was timed against are in docs/tuning.md#mosaic
 - The offsets go to the tensor cores too. Since k_scale > 0, `excess > 0` is `dots + offset > 0` with
   `offset[r, c] = row_factor[r] * (column_bias[c] / k_scale[c]) - row_threshold[r] / k_scale[c]`, a rank-2
   product: a tf32 `wgmma` of per-row and per-key terms (`offset_terms`, each factor split into tf32 halves so
-  the sum keeps about 2**-20 of its size) starts every tile's accumulator, and the epilogue is the block maxima
-  alone.
+  the sum keeps about 2**-20 of its size) starts every tile's accumulator, and the epilogue is a test of sign
+  bits alone.
 - The epilogue works below Pallas's array level, on the accumulator's registers (`_warp_or_hit_flags`): per
-  thread the maximum of each block's registers, one bit per block, one `redux.sync.or` per warp, and lane j of
-  every warp stores block j's flag; no shuffles and no warpgroup barrier per tile. Interpret mode cannot run
+  thread the AND of each block's registers as bits (its sign bit is 1 only if every one is negative), one bit
+  per block, one `redux.sync.or` per warp, and lane j of every warp stores block j's flag; no shuffles and no warpgroup barrier per tile. Interpret mode cannot run
   inline Mosaic GPU code, so there the array-level epilogue stands in: each block's keys reduced per row, then its
   rows across the warps, four blocks per cross-warp sum (`_packed_row_counts`).
 - Keys arrive by TMA `max_concurrent_steps` tiles ahead (`plgpu.emit_pipeline`); each CTA is one warpgroup with a
@@ -36,10 +36,12 @@ How (the alternatives each choice was timed against are in docs/tuning.md#mosaic
   each thread reads its metadata register from shared memory per instruction. The wgmmas are issued and committed
   in one inline body (`_issue_sparse`) and waited for at the start of the warp-level epilogue.
 
-Structure: grid (q block, q head, batch); a CTA loads its q rows and row terms once, walks the key tiles of
-`tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`, none for a streaming head),
-reduces each tile to one flag per `block_k` keys and keeps the row of flags in shared memory, written out by one
-TMA copy at the end (so every output element is written, zeros included).
+Structure: grid (q block, group of `heads_per_cta` q heads, batch); a CTA loads its q rows and row terms once,
+walks the key tiles of `tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`, none
+for a streaming head), reduces each tile to one flag per `block_k` keys and keeps a row of flags per q head in shared memory, written out
+by one TMA copy per head at the end (so every output element is written, zeros included). The q heads of a CTA
+share each key tile's codes, loaded once: the key tiles stream from L2, the estimate's bound where its dots are
+2:4-sparse (docs/tuning.md#estimate-floor).
 
 tests/test_mosaic_estimate.py checks it against `estimate_hits_reference` in Mosaic GPU interpret mode and runs
 Mosaic GPU's lowering for sm_90 on a CPU (everything short of ptxas), and natively on a GPU. The kernel's float
@@ -179,6 +181,15 @@ def _balanced(op, values):
     return values[0]
 
 
+def _and_tree(values):
+    """Bitwise AND of `values` (MLIR integer values) in groups of three, `(a & b) & c` each: ptxas fuses each group
+    into one three-input LOP3, and the groups are independent steps in flight."""
+    while len(values) > 1:
+        groups = [values[i:i + 3] for i in range(0, len(values), 3)]
+        values = [functools.reduce(arith.andi, group) for group in groups]
+    return values[0]
+
+
 _WGMMA_COLUMN_GROUP = 8  # the wgmma accumulator layout's registers come in 8-column groups (its registers' axis 1)
 _WARP_SIZE = 32
 
@@ -190,13 +201,15 @@ def _wgmma_group(instruction: str):
 
 def _warp_or_hit_flags(*, block_k: int, tile_k: int, in_flight: bool = False):
     """The epilogue below Pallas's array level: stores 1 into `flags[j]` for each of the tile's blocks j that has
-    an accumulator element > 0, leaving the others as they are.
+    an accumulator element >= 0, leaving the others as they are (the accumulator is `_ZERO_NUDGE` below the
+    excess over k_scale, so `>= 0` is `excess > 0`).
 
-    Per thread, a maximum over the block's registers and one bit per block; per warp, one `redux.sync.or` of the
-    bits; lane j of each warp stores block j's flag. The warps never wait for each other (they store the same 1),
-    where the array-level epilogue needs cross-lane shuffles per row and a warpgroup barrier per tile.
-    `in_flight`: the accumulator comes straight from `_issue_sparse` (its registers as wgmma holds them, the
-    instructions not yet waited for), so the epilogue waits for them first."""
+    Per thread, the AND of the block's registers as bits: its sign bit is 1 only if every element is negative, and
+    three-input ANDs (one LOP3 per two registers) are half the instructions of a maximum's chain. Then one bit per
+    block, one `redux.sync.or` per warp, and lane j of each warp stores block j's flag. The warps never wait for
+    each other (they store the same 1), where the array-level epilogue needs cross-lane shuffles per row and a
+    warpgroup barrier per tile. `in_flight`: the accumulator comes straight from `_issue_sparse` (its registers as
+    wgmma holds them, the instructions not yet waited for), so the epilogue waits for them first."""
     num_blocks = tile_k // block_k  # at most 256 // 8 = 32, one per lane
     layout = plgpu.Layout._WGMMA_ACC_32BIT if in_flight else plgpu.Layout.WGMMA
 
@@ -212,15 +225,16 @@ def _warp_or_hit_flags(*, block_k: int, tile_k: int, in_flight: bool = False):
         per_block = [[] for _ in range(num_blocks)]
         for index in np.ndindex(registers.shape):
             per_block[index[1] * _WGMMA_COLUMN_GROUP // block_k].append(registers[index])
-        bits = arith.constant(i32, 0)
+        [width] = ir.VectorType(registers.flat[0].type).shape
+        as_bits = ir.VectorType.get([width], i32)
+        negative = arith.constant(i32, 0)  # bit j: every element of block j is negative
         for block, block_registers in enumerate(per_block):
-            best = _balanced(arith.maxnumf, block_registers)
-            [width] = ir.VectorType(best.type).shape
-            best = _balanced(arith.maxnumf, [
-                vector.extract(best, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
-                for i in range(width)])
-            hit = arith.cmpf(arith.CmpFPredicate.OGT, best, arith.constant(best.type, 0.0))
-            bits = arith.ori(bits, arith.shli(arith.extui(i32, hit), arith.constant(i32, block)))
+            words = _and_tree([arith.bitcast(as_bits, register) for register in block_registers])
+            word = _and_tree([vector.extract(words, dynamic_position=[],
+                                             static_position=ir.DenseI64ArrayAttr.get([i])) for i in range(width)])
+            sign = arith.shrui(word, arith.constant(i32, 31))
+            negative = arith.ori(negative, arith.shli(sign, arith.constant(i32, block)))
+        bits = arith.xori(negative, arith.constant(i32, (1 << num_blocks) - 1 if num_blocks < 32 else -1))
         bits = mgpu_utils.redux(bits, arith.constant(i32, 0xFFFFFFFF), mgpu_utils.ReductionKind.OR)
         lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, _WARP_SIZE))
         lane_bit = arith.andi(arith.shrui(bits, lane), arith.constant(i32, 1))
@@ -241,6 +255,9 @@ def _mma_transforms(head_dim: int):
 OFFSET_TERMS = 8  # K of the tf32 wgmma that adds the per-row and per-key offsets (its smallest)
 _TF32_DROPPED_BITS = 13  # tf32 keeps the top 10 of f32's 23 mantissa bits
 _FINITE_THRESHOLD = 1e30  # +-inf thresholds (select nothing / everything) clipped, so hi/lo splits stay finite
+# Taken off every offset, so an excess of exactly 0 (a padded key's: no codes, no terms) reads as negative in the
+# epilogue's sign-bit test; next to any nonzero term it rounds away.
+_ZERO_NUDGE = 2.0 ** -64
 
 
 def _tf32_split(x):
@@ -252,8 +269,9 @@ def _tf32_split(x):
 
 def offset_terms(row_factor, row_threshold, k_scale, column_bias):
     """The kernel's f32 [B, Hq, T, 8] row terms and [B, Hq, S, 8] key terms: their product over the last
-    axis is `excess / k_scale - dots = column_bias / k_scale * row_factor - row_threshold / k_scale`, each factor
-    split into tf32 halves (hi*hi + hi*lo + lo*hi), so one tf32 wgmma adds it to the accumulator."""
+    axis is `excess / k_scale - dots - _ZERO_NUDGE = column_bias / k_scale * row_factor - row_threshold / k_scale
+    - _ZERO_NUDGE`, each factor split into tf32 halves (hi*hi + hi*lo + lo*hi), so one tf32 wgmma adds it to the
+    accumulator."""
     group = column_bias.shape[1] // k_scale.shape[1]
     scale = jnp.repeat(k_scale, group, axis=1)
     inverse = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)  # padded keys have no scale
@@ -261,9 +279,10 @@ def offset_terms(row_factor, row_threshold, k_scale, column_bias):
     neg_hi, neg_lo = _tf32_split(-jnp.clip(row_threshold, -_FINITE_THRESHOLD, _FINITE_THRESHOLD))
     bias_hi, bias_lo = _tf32_split(column_bias * inverse)
     inverse_hi, inverse_lo = _tf32_split(inverse)
-    row_zero, key_zero = jnp.zeros_like(factor_hi), jnp.zeros_like(bias_hi)
-    rows = jnp.stack([factor_hi, factor_hi, factor_lo, neg_hi, neg_hi, neg_lo, row_zero, row_zero], axis=-1)
-    keys = jnp.stack([bias_hi, bias_lo, bias_hi, inverse_hi, inverse_lo, inverse_hi, key_zero, key_zero], axis=-1)
+    row_zero, nudge = jnp.zeros_like(factor_hi), jnp.full_like(factor_hi, -_ZERO_NUDGE)
+    key_zero, key_one = jnp.zeros_like(bias_hi), jnp.ones_like(bias_hi)
+    rows = jnp.stack([factor_hi, factor_hi, factor_lo, neg_hi, neg_hi, neg_lo, nudge, row_zero], axis=-1)
+    keys = jnp.stack([bias_hi, bias_lo, bias_hi, inverse_hi, inverse_lo, inverse_hi, key_one, key_zero], axis=-1)
     return rows, keys
 
 
@@ -367,48 +386,63 @@ def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, firs
 
 def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, q_metadata_gmem, hits_gmem,
                      q_smem, row_terms_smem, hits_smem, q_barriers, q_metadata_smem, *, block_q, block_k, tile_k,
-                     middle_start, group, max_concurrent_steps, warp_level):
-    """One CTA: q block `q_block` of `head` against the key tiles of its middle blocks (the q metadata refs are
-    None unless the q codes are 2:4-compressed)."""
+                     middle_start, group, max_concurrent_steps, warp_level, heads_per_cta):
+    """One CTA: q block `q_block` of `heads_per_cta` consecutive q heads (of one kv head) against the key tiles of
+    their middle blocks, each tile's codes loaded once for all of them (the q metadata refs are None unless the q
+    codes are 2:4-compressed). The heads' scratch rows are indexed by their place in the CTA's group."""
     num_q_blocks = q_gmem.shape[1] // block_q
     num_k_blocks, head_dim = k_gmem.shape[1] // block_k, k_gmem.shape[3]
     q_block = num_q_blocks - 1 - jax.lax.axis_index("q_block")  # longest rows first
-    head, batch = jax.lax.axis_index("head"), jax.lax.axis_index("batch")
+    first_head, batch = jax.lax.axis_index("head_group") * heads_per_cta, jax.lax.axis_index("batch")
     rows = pl.ds(q_block * block_q, block_q)
 
-    plgpu.copy_gmem_to_smem(q_gmem.at[batch, rows, head], q_smem, q_barriers.at[0])
-    plgpu.copy_gmem_to_smem(row_terms_gmem.at[batch, head, rows], row_terms_smem, q_barriers.at[1])
-    if q_metadata_gmem is not None:
-        row_groups = block_q // sparse_wgmma.ROWS
-        plgpu.copy_gmem_to_smem(q_metadata_gmem.at[batch, head, pl.ds(q_block * row_groups, row_groups)],
-                                q_metadata_smem, q_barriers.at[2])
+    for i in range(heads_per_cta):
+        head = first_head + i
+        copies = [(q_gmem.at[batch, rows, head], q_smem.at[i]),
+                  (row_terms_gmem.at[batch, head, rows], row_terms_smem.at[i])]
+        if q_metadata_gmem is not None:
+            row_groups = block_q // sparse_wgmma.ROWS
+            copies.append((q_metadata_gmem.at[batch, head, pl.ds(q_block * row_groups, row_groups)],
+                           q_metadata_smem.at[i]))
+        for operand, (source, target) in enumerate(copies):  # a barrier per q head and operand
+            plgpu.copy_gmem_to_smem(source, target, q_barriers.at[i * len(copies) + operand])
     hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
     plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
-    first_block, end_block, first_tile, num_tiles = _tile_range(
-        middle_end_gmem, head, q_block, num_q_blocks=num_q_blocks, block_k=block_k, tile_k=tile_k,
-        middle_start=middle_start, num_k_blocks=num_k_blocks)
+    tile_range = functools.partial(_tile_range, middle_end_gmem, q_block=q_block, num_q_blocks=num_q_blocks,
+                                   block_k=block_k, tile_k=tile_k, middle_start=middle_start,
+                                   num_k_blocks=num_k_blocks)
+    ranges = [tile_range(first_head + i) for i in range(heads_per_cta)]  # the first tile is every head's
+    first_tile = ranges[0][2]
     for barrier in range(q_barriers.shape[0]):
         plgpu.barrier_wait(q_barriers.at[barrier])
 
-    def tile_body(indices, k_smem, key_terms_smem):
-        _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, hits_smem, first_tile, indices[0], rows=block_q,
-                    block_k=block_k, tile_k=tile_k, warp_level=warp_level, block_range=(first_block, end_block),
-                    q_metadata_smem=q_metadata_smem)
+    def tile_body(indices, k_smem, *key_terms_smem):
+        for i, (first_block, end_block, _, num_tiles) in enumerate(ranges):
+            @pl.when(indices[0] < num_tiles)
+            def _():
+                _tile_flags(q_smem.at[i], row_terms_smem.at[i], k_smem, key_terms_smem[i], hits_smem.at[i],
+                            first_tile, indices[0], rows=block_q, block_k=block_k, tile_k=tile_k,
+                            warp_level=warp_level, block_range=(first_block, end_block),
+                            q_metadata_smem=None if q_metadata_smem is None else q_metadata_smem.at[i])
 
+    terms_spec = plgpu.BlockSpec((tile_k, OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms())
     plgpu.emit_pipeline(
         tile_body,
-        grid=(num_tiles,),
+        grid=(_balanced(jnp.maximum, [num_tiles for *_, num_tiles in ranges]),),
         in_specs=[
             plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
-            plgpu.BlockSpec((tile_k, OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
+            *[terms_spec] * heads_per_cta,
         ],
         max_concurrent_steps=max_concurrent_steps,
-    )(k_gmem.at[batch, :, head // group], key_terms_gmem.at[batch, head])
+    )(k_gmem.at[batch, :, first_head // group], *[key_terms_gmem.at[batch, first_head + i]
+                                                   for i in range(heads_per_cta)])
 
     if warp_level:
-        _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, tile_k // block_k)
+        for i, (first_block, end_block, _, num_tiles) in enumerate(ranges):
+            _clear_outside(hits_smem.at[i], first_block, end_block, first_tile, num_tiles, tile_k // block_k)
     plgpu.commit_smem()  # flags visible to the TMA engine
-    plgpu.copy_smem_to_gmem(hits_smem.at[:num_k_blocks], hits_gmem.at[batch, head, q_block])
+    for i in range(heads_per_cta):
+        plgpu.copy_smem_to_gmem(hits_smem.at[i, :num_k_blocks], hits_gmem.at[batch, first_head + i, q_block])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -520,13 +554,14 @@ def _check_compressed(q_values, q_positions, k_codes):
 
 # estimate_hits' launch knobs, static under jit.
 STATIC_ARGNAMES = ("block_q", "block_k", "tile_k", "middle_start", "max_concurrent_steps", "compute_warpgroups",
-                   "cluster_heads", "interpret")
+                   "cluster_heads", "heads_per_cta", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC_ARGNAMES)
 def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q: int,
                   block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
-                  compute_warpgroups: int = 1, cluster_heads: int = 1, q_positions=None, interpret=False):
+                  compute_warpgroups: int = 1, cluster_heads: int = 1, heads_per_cta: int = 1, q_positions=None,
+                  interpret=False):
     """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
     False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs: the array-level epilogue stands in
     for the warp-level one, which is inline Mosaic GPU code interpret mode cannot run).
@@ -540,6 +575,9 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
 
     `cluster_heads` (with compute_warpgroups 2): CTAs of that many q heads of one kv head form a cluster that
     receives each key tile's codes by one TMA multicast; it must divide the q heads per kv head.
+
+    `heads_per_cta` (with compute_warpgroups 1): each CTA estimates that many q heads of one kv head, loading each
+    key tile's codes once for all of them; it must divide the q heads per kv head.
 
     Lengths must be padded by the caller: T to a multiple of `block_q`, S to a multiple of `tile_k`.
     """
@@ -562,15 +600,19 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if cluster_heads != 1 and compute_warpgroups != 2:
         raise ValueError(f"cluster_heads {cluster_heads} needs compute_warpgroups=2 (the TMA warpgroup's pipeline "
                          f"multicasts; the one-warpgroup kernel's does not)")
+    if heads_per_cta != 1 and compute_warpgroups != 1:
+        raise ValueError(f"heads_per_cta {heads_per_cta} needs compute_warpgroups=1 (the split-rows kernel shares "
+                         f"key tiles across q heads by cluster_heads instead)")
     dense_q = q_codes if q_positions is None else _check_compressed(q_codes, q_positions, k_codes)
     if q_positions is not None and interpret:
         q_codes, q_positions = sparse_wgmma.decompress(q_codes, q_positions), None
     batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
         dense_q, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
         block_k=block_k, middle_start=middle_start)
-    if cluster_heads < 1 or (q_heads // kv_heads) % cluster_heads:
-        raise ValueError(f"cluster_heads {cluster_heads} must divide the q heads per kv head, "
-                         f"{q_heads // kv_heads}: a cluster's CTAs share one kv head's key tiles")
+    for name, heads in (("cluster_heads", cluster_heads), ("heads_per_cta", heads_per_cta)):
+        if heads < 1 or (q_heads // kv_heads) % heads:
+            raise ValueError(f"{name} {heads} must divide the q heads per kv head, {q_heads // kv_heads}: the "
+                             f"heads that share key tiles share one kv head")
     if kv_len % tile_k:
         raise ValueError(f"key length {kv_len} must be a multiple of tile_k {tile_k} (pad it)")
     if head_dim not in (64, 128, 256):
@@ -578,13 +620,13 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
     # Zeroed by one store of two int32 per thread of the warpgroup, so whole multiples of 256.
     padded_flags = pl.cdiv(num_k_blocks, 256) * 256
-    if num_k_blocks % 4 or compute_warpgroups * padded_flags * 4 > _MAX_HITS_SMEM_BYTES:
-        raise ValueError(f"{num_k_blocks} key blocks: the int32 flags (a row per compute warpgroup) are copied out "
-                         f"whole, so they must be a multiple of 16 bytes and fit in {_MAX_HITS_SMEM_BYTES} bytes of "
-                         f"shared memory")
+    flag_rows = compute_warpgroups * heads_per_cta
+    if num_k_blocks % 4 or flag_rows * padded_flags * 4 > _MAX_HITS_SMEM_BYTES:
+        raise ValueError(f"{num_k_blocks} key blocks: the int32 flags (a row per compute warpgroup and q head) are "
+                         f"copied out whole, so they must be a multiple of 16 bytes and fit in "
+                         f"{_MAX_HITS_SMEM_BYTES} bytes of shared memory")
 
     launch = dict(out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
-                  grid=(num_q_blocks, q_heads, batch), grid_names=("q_block", "head", "batch"),
                   interpret=interpret or None)
     fp8_codes = (q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn))
     row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
@@ -597,12 +639,15 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     num_q_operands = 3 if sparse else 2
     metadata_words = (head_dim // sparse_wgmma.DENSE_K, sparse_wgmma.THREADS)
     if compute_warpgroups == 1:
-        kernel = functools.partial(_estimate_kernel, block_q=block_q, **knobs)
-        scratch = [plgpu.SMEM((block_q, q_width), **q_operands),
-                   plgpu.SMEM((block_q, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
-                   plgpu.SMEM((padded_flags,), jnp.int32),
-                   plgpu.Barrier(num_barriers=num_q_operands)]
-        metadata_scratch = plgpu.SMEM((block_q // sparse_wgmma.ROWS, *metadata_words), jnp.int32)
+        kernel = functools.partial(_estimate_kernel, block_q=block_q, **knobs, heads_per_cta=heads_per_cta)
+        heads = (heads_per_cta, block_q)
+        scratch = [plgpu.SMEM((*heads, q_width), **q_operands),
+                   plgpu.SMEM((*heads, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
+                   plgpu.SMEM((heads_per_cta, padded_flags), jnp.int32),
+                   plgpu.Barrier(num_barriers=heads_per_cta * num_q_operands)]
+        metadata_scratch = plgpu.SMEM((heads_per_cta, block_q // sparse_wgmma.ROWS, *metadata_words), jnp.int32)
+        launch |= dict(grid=(num_q_blocks, q_heads // heads_per_cta, batch),
+                       grid_names=("q_block", "head_group", "batch"))
     else:
         kernel = functools.partial(_split_rows_kernel, **knobs, cluster_heads=cluster_heads)
         halves = (2, SPLIT_ROWS)

@@ -82,6 +82,11 @@ CASES = {
     "split_rows_clusters_of_4": dict(batch=2, q_len=256, kv_len=512, q_heads=8, kv_heads=2, head_dim=64,
                                      block_q=128, tile_k=128, middle_start=0, compute_warpgroups=2,
                                      cluster_heads=4),
+    # Several q heads of one kv head per CTA, sharing each key tile's codes; a streaming head beside estimated ones.
+    "heads_per_cta_2": dict(batch=1, q_len=256, kv_len=512, q_heads=8, kv_heads=2, head_dim=64, block_q=128,
+                            tile_k=128, middle_start=32, heads_per_cta=2),
+    "heads_per_cta_4_bq64_tile256": dict(batch=2, q_len=128, kv_len=512, q_heads=4, kv_heads=1, head_dim=128,
+                                         block_q=64, tile_k=256, middle_start=40, heads_per_cta=4),
 }
 GPU_ONLY_CASES = {"split_rows_clusters_of_4"}
 
@@ -92,7 +97,7 @@ def _case_inputs(rng, name, *, sparse_q=False):
     case = dict(CASES[name])
     tile_k, block_k = case.pop("tile_k"), case.pop("block_k", 32)
     launch = dict(tile_k=tile_k, compute_warpgroups=case.pop("compute_warpgroups", 1),
-                  cluster_heads=case.pop("cluster_heads", 1))
+                  cluster_heads=case.pop("cluster_heads", 1), heads_per_cta=case.pop("heads_per_cta", 1))
     knobs = dict(block_q=case["block_q"], block_k=block_k, middle_start=case["middle_start"])
     inputs = draw_inputs(rng, **case, block_k=block_k)
     if sparse_q:
@@ -128,7 +133,7 @@ def test_kernel_hits_equal_reference(rng, name, codes):
 
 
 @pytest.mark.parametrize("name", ["gqa_bq64_tile128", "bq128_d64_longer_keys", "split_rows_tile256",
-                                  "split_rows_clusters_of_2"])
+                                  "split_rows_clusters_of_2", "heads_per_cta_2"])
 def test_sparse_q_kernel_hits_equal_reference_on_pruned_codes(rng, name):
     """2:4-compressed q codes: natively the dots run as sparse wgmmas, whose flags must be the reference's on the
     pruned codes (interpret mode estimates the decompressed codes)."""
@@ -164,6 +169,8 @@ def valid_inputs():
     ({}, {"compute_warpgroups": 2}, "compute_warpgroups must be 1, or 2 at block_q 128"),
     ({}, {"compute_warpgroups": 3}, "compute_warpgroups must be 1, or 2 at block_q 128"),
     ({}, {"cluster_heads": 2}, "cluster_heads 2 needs compute_warpgroups=2"),
+    ({}, {"heads_per_cta": 3}, "heads_per_cta 3 must divide the q heads per kv head, 2"),
+    ({}, {"heads_per_cta": 2, "block_q": 128, "compute_warpgroups": 2}, "heads_per_cta 2 needs compute_warpgroups=1"),
 ])
 def test_bad_inputs_raise_value_error(input_changes, knob_changes, message):
     inputs, knobs = valid_inputs()
@@ -182,12 +189,13 @@ def test_accumulator_too_large_for_registers_is_refused():
         estimate_hits(*inputs, **knobs | {"block_q": 128, "tile_k": 256}, interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("block_q, tile_k, head_dim, codes, compute_warpgroups, cluster_heads", [
+@pytest.mark.parametrize("block_q, tile_k, head_dim, codes, compute_warpgroups, heads", [
     (128, 128, 128, jnp.float8_e4m3fn, 1, 1), (64, 128, 128, jnp.float8_e4m3fn, 1, 1), (64, 256, 128, jnp.int8, 1, 1),
     (64, 128, 64, jnp.float8_e4m3fn, 1, 1), (64, 256, 256, jnp.float8_e4m3fn, 1, 1),
     (128, 64, 256, jnp.float8_e4m3fn, 1, 1), (128, 256, 128, jnp.float8_e4m3fn, 2, 1),
-    (128, 128, 64, jnp.float8_e4m3fn, 2, 1), (128, 256, 128, jnp.float8_e4m3fn, 2, 2)])
-def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warpgroups, cluster_heads):
+    (128, 128, 64, jnp.float8_e4m3fn, 2, 1), (128, 256, 128, jnp.float8_e4m3fn, 2, 2),
+    (128, 128, 128, jnp.float8_e4m3fn, 1, 2)])
+def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warpgroups, heads):
     """Interpret mode skips Mosaic GPU's own lowering (layouts, wgmma operand rules, TMA shapes); exporting for
     CUDA runs it on any machine, everything short of ptxas (it assumes sm_90 when no GPU is present)."""
     batch, length, q_heads, kv_heads = 1, 2048, 4, 2
@@ -195,15 +203,18 @@ def test_kernel_lowers_for_hopper(block_q, tile_k, head_dim, codes, compute_warp
               ((batch, q_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((batch, kv_heads, length), jnp.float32), ((batch, q_heads, length), jnp.float32),
               ((q_heads, length // block_q), jnp.int32)]
+    # `heads` q heads share key tiles: as a cluster in the split-rows kernel, in one CTA in the one-warpgroup one.
+    sharing = dict(cluster_heads=heads) if compute_warpgroups == 2 else dict(heads_per_cta=heads)
     kernel = jax.jit(functools.partial(estimate_hits, block_q=block_q, block_k=32, tile_k=tile_k, middle_start=128,
-                                       compute_warpgroups=compute_warpgroups, cluster_heads=cluster_heads))
+                                       compute_warpgroups=compute_warpgroups, **sharing))
     exported = jax.export.export(kernel, platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
 
 
-@pytest.mark.parametrize("block_q, tile_k, head_dim, compute_warpgroups", [
-    (128, 128, 128, 1), (64, 256, 128, 1), (64, 128, 256, 1), (128, 256, 128, 2), (128, 128, 64, 2)])
-def test_sparse_q_kernel_lowers_for_hopper(block_q, tile_k, head_dim, compute_warpgroups):
+@pytest.mark.parametrize("block_q, tile_k, head_dim, compute_warpgroups, heads_per_cta", [
+    (128, 128, 128, 1, 1), (64, 256, 128, 1, 1), (64, 128, 256, 1, 1), (128, 256, 128, 2, 1), (128, 128, 64, 2, 1),
+    (128, 128, 128, 1, 2)])
+def test_sparse_q_kernel_lowers_for_hopper(block_q, tile_k, head_dim, compute_warpgroups, heads_per_cta):
     """The sparse wgmmas are inline PTX: lowering checks their operands and metadata plumbing, ptxas (on a GPU)
     their syntax."""
     batch, length, q_heads, kv_heads = 1, 2048, 4, 2
@@ -215,7 +226,7 @@ def test_sparse_q_kernel_lowers_for_hopper(block_q, tile_k, head_dim, compute_wa
 
     def kernel(*inputs):
         return estimate_hits(*inputs[:-1], q_positions=inputs[-1], block_q=block_q, block_k=32, tile_k=tile_k,
-                             middle_start=128, compute_warpgroups=compute_warpgroups)
+                             middle_start=128, compute_warpgroups=compute_warpgroups, heads_per_cta=heads_per_cta)
 
     exported = jax.export.export(jax.jit(kernel), platforms=["cuda"])(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     assert "mosaic_gpu" in exported.mlir_module()
@@ -257,11 +268,12 @@ def test_offset_terms_carry_the_offsets_through_tf32(rng):
     scale = np.repeat(k_scale, q_heads // kv_heads, axis=1).astype(np.float64)[:, :, None, :]
     inverse = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0)
     threshold = np.clip(row_threshold, -1e30, 1e30).astype(np.float64)[..., None]
-    want = row_factor.astype(np.float64)[..., None] * column_bias[:, :, None, :] * inverse - threshold * inverse
+    nudge = 2.0 ** -64  # every offset sits this far below, so an exact zero reads as negative in the sign test
+    want = row_factor.astype(np.float64)[..., None] * column_bias[:, :, None, :] * inverse - threshold * inverse - nudge
     size = np.abs(row_factor[..., None] * column_bias[:, :, None, :] * inverse) + np.abs(threshold * inverse)
     finite = np.abs(threshold) < 1e30
     np.testing.assert_array_less(np.abs(got - want)[np.broadcast_to(finite, got.shape)],
                                  (2.0 ** -18 * size + 1e-30)[np.broadcast_to(finite, got.shape)])
     padded = np.broadcast_to(scale == 0, got.shape)
-    assert (got[padded] == 0).all()
+    assert (got[padded] == -nudge).all()
     assert (got[0, 0, 0, :-3] < -1e29).all() and (got[0, 0, 1, :-3] > 1e29).all()

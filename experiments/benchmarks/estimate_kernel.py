@@ -53,9 +53,12 @@ _COMPUTE_WARPGROUPS = flags.DEFINE_integer(
     "fed by a TMA warpgroup (tiles up to 256 keys).")
 _CLUSTER_HEADS = flags.DEFINE_integer("cluster_heads", 1, "estimate_hits' cluster_heads (with --compute_warpgroups=2): "
                                       "CTAs of that many q heads of one kv head share each key tile by multicast.")
-_LAUNCH = flags.DEFINE_enum("launch", "flags", ["flags", "table"], "flags: --tile_k, --max_concurrent_steps and "
-                            "--compute_warpgroups; table: each length's launch from the mosaic_gpu backend's tuning "
-                            "table (mosaic_gpu_backend.estimate_launch), as sale_attention runs it.")
+_HEADS_PER_CTA = flags.DEFINE_integer("heads_per_cta", 1, "estimate_hits' heads_per_cta (with --compute_warpgroups=1): "
+                                      "q heads of one kv head per CTA, sharing each key tile's codes.")
+_LAUNCH = flags.DEFINE_enum("launch", "flags", ["flags", "table"], "flags: --tile_k, --max_concurrent_steps, "
+                            "--compute_warpgroups, --cluster_heads and --heads_per_cta; table: each length's launch "
+                            "from the mosaic_gpu backend's tuning table (mosaic_gpu_backend.estimate_launch), as "
+                            "sale_attention runs it.")
 _VARIANTS = flags.DEFINE_list("variants", ["kernel"], f"Kernel variants to time, of {estimate_variants.VARIANTS} "
                               "(all but kernel leave a part out and are timed only).")
 _FP8_PEAK = flags.DEFINE_float("fp8_peak_tops", 1979.0, "Dense fp8 tensor-core peak (TOP/s) the fractions use: the "
@@ -134,7 +137,8 @@ def launch_knobs(length: int) -> dict:
                                                     tuning.for_backend("mosaic_gpu"))._asdict()
     else:
         launch = dict(tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,
-                      compute_warpgroups=_COMPUTE_WARPGROUPS.value, cluster_heads=_CLUSTER_HEADS.value)
+                      compute_warpgroups=_COMPUTE_WARPGROUPS.value, cluster_heads=_CLUSTER_HEADS.value,
+                      heads_per_cta=_HEADS_PER_CTA.value)
     return dict(block_q=_SALE.block_q.value, block_k=_SALE.block_k.value, **launch)
 
 
@@ -173,8 +177,8 @@ def check(inputs) -> dict:
 def work(inputs) -> dict:
     """What the kernel must do at these inputs, summed over heads and q blocks: the fp8 operations of the middle
     keys' dots (2 per multiply-add; with --estimate=sparse_q the dense ones the sparse wgmmas stand for), the
-    operations the whole tiles issue (masked blocks included), and the key-tile bytes streamed into shared
-    memory (fp8 codes and the offsets' f32 key terms)."""
+    operations the whole tiles issue (masked blocks included), and the key-tile bytes read from L2 (fp8 codes, once
+    per group of q heads that shares them, and the offsets' f32 key terms, per q head)."""
     length = inputs[0].shape[1]
     knobs = launch_knobs(length)
     block_q, block_k, tile_k = knobs["block_q"], knobs["block_k"], knobs["tile_k"]
@@ -184,8 +188,9 @@ def work(inputs) -> dict:
     tiles = float(np.maximum(-(-ends // tile_k) - first_tile, 0).sum())
     middle_keys = float(np.maximum(ends - start, 0).sum())
     _, _, d = _HEADS.values()
+    sharing = knobs.get("heads_per_cta", 1) * knobs.get("cluster_heads", 1)
     return {"middle_fp8_ops": 2.0 * block_q * d * middle_keys, "issued_fp8_ops": 2.0 * block_q * d * tile_k * tiles,
-            "key_tile_bytes": tiles * tile_k * (d + 4 * mosaic_estimate.OFFSET_TERMS)}
+            "key_tile_bytes": tiles * tile_k * (d / sharing + 4 * mosaic_estimate.OFFSET_TERMS)}
 
 
 def dense_inputs(length: int):
