@@ -55,6 +55,7 @@ class EstimateLaunch(NamedTuple):
     compute_warpgroups: int
     tile_k: int
     max_concurrent_steps: int
+    heads_per_cta: int = 1
 
 
 def _one_warpgroup_tile(config: SaleConfig) -> int:
@@ -62,15 +63,20 @@ def _one_warpgroup_tile(config: SaleConfig) -> int:
     return mosaic_estimate.MAX_ACC_ELEMENTS // config.block_q
 
 
-def estimate_launch(kv_len: int, head_dim: int, config: SaleConfig, table: tuning.KernelTuning) -> EstimateLaunch:
+def estimate_launch(kv_len: int, head_dim: int, group: int, config: SaleConfig,
+                    table: tuning.KernelTuning) -> EstimateLaunch:
     """The split-rows kernel at block_q 128 from the tuning table's `mosaic_split_rows_from` keys on, where its two
     rows of flags (one per warpgroup) fit in shared memory; one warpgroup otherwise. Not at head_dim 256: three
     stages of 256-key tiles would take 216 KB without the q codes and flags. Not for 2:4-sparse q codes, whose
-    halved tensor-core time one warpgroup per CTA keeps busier (docs/tuning.md#estimate-sparse-q)."""
+    halved tensor-core time one warpgroup per CTA keeps busier (docs/tuning.md#estimate-sparse-q); these run
+    the table's `mosaic_sparse_q_heads_per_cta` q heads of the `group` sharing a kv head per CTA, where it
+    divides the group."""
     if (config.block_q == 2 * mosaic_estimate.SPLIT_ROWS and kv_len >= table.mosaic_split_rows_from
             and head_dim <= 128 and config.estimate == "full"):
         return EstimateLaunch(2, 2 * _one_warpgroup_tile(config), table.mosaic_split_rows_stages)
-    return EstimateLaunch(1, _one_warpgroup_tile(config), table.mosaic_estimate_stages)
+    heads = table.mosaic_sparse_q_heads_per_cta if config.estimate == "sparse_q" else 1
+    return EstimateLaunch(1, _one_warpgroup_tile(config), table.mosaic_estimate_stages,
+                          heads if group % heads == 0 else 1)
 
 
 def key_padding(config: SaleConfig, launch: EstimateLaunch) -> int:
@@ -81,9 +87,10 @@ def key_padding(config: SaleConfig, launch: EstimateLaunch) -> int:
 def estimate_key_chunks(padded_kv_len: int, config: SaleConfig, launch: EstimateLaunch,
                         max_k_blocks: int = MAX_K_BLOCKS) -> list[tuple[int, int]]:
     """The `[start, end)` key ranges of the estimate's launches: as long as a launch's flags fit in shared memory
-    (`max_k_blocks` per q block, shared by its warpgroups), in whole units of the key padding."""
+    (`max_k_blocks` per q block, shared by its warpgroups and q heads), in whole units of the key padding."""
     padding = key_padding(config, launch)
-    chunk = max_k_blocks // launch.compute_warpgroups * config.block_k // padding * padding
+    flag_rows = launch.compute_warpgroups * launch.heads_per_cta
+    chunk = max_k_blocks // flag_rows * config.block_k // padding * padding
     return [(start, min(start + chunk, padded_kv_len)) for start in range(0, padded_kv_len, chunk)]
 
 
@@ -122,7 +129,7 @@ def select_blocks(q: jax.Array, k: jax.Array, tau: jax.Array, config: SaleConfig
                   means: tuple[jax.Array, jax.Array] | None = None) -> BlockLayout:
     """The selection in three launches, the estimate's as the tuning table `table` says."""
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    launch = estimate_launch(k.shape[1], k.shape[-1], config, table)
+    launch = estimate_launch(k.shape[1], k.shape[-1], q.shape[2] // k.shape[2], config, table)
     quant = triton_backend.quantize(q, k, config, key_padding(config, launch), means)
     hits = estimate_hits(quant, row_thresholds(quant, tau, grid, config), tau, grid, config, launch)
     return compact_hits(hits, grid, config)

@@ -33,6 +33,8 @@ class KernelTuning:
       mosaic_split_rows_from: key length from which the estimate at block_q 128 runs the split-rows kernel (two
         64-row warpgroups fed by a TMA warpgroup).
       mosaic_split_rows_stages: key tiles in flight in the split-rows kernel.
+      mosaic_sparse_q_heads_per_cta: q heads of one kv head per CTA of the one-warpgroup estimate when its q codes
+        are 2:4-sparse (the heads share each key tile's codes); 1 where the GQA group does not divide by it.
       mosaic_attention_keys_per_step: keys of kept blocks the Mosaic GPU computation pass gathers per step.
       mosaic_attention_stages: its steps of K/V tiles in flight.
       The mosaic_* entries are None on devices without the Mosaic GPU kernels (they need Hopper).
@@ -48,6 +50,7 @@ class KernelTuning:
     mosaic_estimate_stages: int | None = None
     mosaic_split_rows_from: int | None = None
     mosaic_split_rows_stages: int | None = None
+    mosaic_sparse_q_heads_per_cta: int | None = None
     mosaic_attention_keys_per_step: int | None = None
     mosaic_attention_stages: int | None = None
 
@@ -79,6 +82,9 @@ HOPPER = KernelTuning(
     mosaic_split_rows_from=65536,
     # two stages cannot feed two 256-key consumers; four gain nothing over three: docs/tuning.md#estimate-split-rows
     mosaic_split_rows_stages=3,
+    # two q heads per CTA beat one (and four, and the split rows in clusters) at 32K and 128K keys:
+    # docs/tuning.md#estimate-floor
+    mosaic_sparse_q_heads_per_cta=2,
     # 128-key steps, two in flight, beat 64-key steps and three stages: docs/tuning.md#mosaic-computation
     mosaic_attention_keys_per_step=128,
     mosaic_attention_stages=2,

@@ -213,17 +213,20 @@ def test_sparse_q_selection_matches_the_reference(rng, backend):
     assert np.all(np.abs(margins[mask != want]) < 1e-3), f"{(mask != want).sum()} blocks differ from the reference"
 
 
-@pytest.mark.parametrize("block_q, block_k, kv_len, head_dim, warpgroups, estimate", [
-    (128, 32, 32768, 128, 1, "full"), (128, 32, 65536, 128, 2, "full"), (128, 32, 131072, 64, 2, "full"),
-    (64, 32, 131072, 128, 1, "full"),
-    (128, 32, 131072, 256, 1, "full"),  # three stages of 256 x 256-byte key tiles would not fit in shared memory
-    (128, 16, 131072, 128, 2, "full"), (128, 16, 262144, 128, 2, "full"),  # longer keys: key chunks
-    (128, 32, 131072, 128, 1, "sparse_q"),  # sparse dots leave one warpgroup per CTA the faster
+@pytest.mark.parametrize("block_q, block_k, kv_len, head_dim, group, warpgroups, heads_per_cta, estimate", [
+    (128, 32, 32768, 128, 4, 1, 1, "full"), (128, 32, 65536, 128, 4, 2, 1, "full"),
+    (128, 32, 131072, 64, 4, 2, 1, "full"), (64, 32, 131072, 128, 4, 1, 1, "full"),
+    (128, 32, 131072, 256, 4, 1, 1, "full"),  # three stages of 256 x 256-byte key tiles would not fit in shared memory
+    (128, 16, 131072, 128, 4, 2, 1, "full"), (128, 16, 262144, 128, 4, 2, 1, "full"),  # longer keys: key chunks
+    # sparse dots: one warpgroup per CTA, two q heads of a kv head sharing its key tiles where the group allows
+    (128, 32, 131072, 128, 4, 1, 2, "sparse_q"), (128, 32, 32768, 128, 2, 1, 2, "sparse_q"),
+    (128, 32, 131072, 128, 1, 1, 1, "sparse_q"), (128, 32, 131072, 128, 3, 1, 1, "sparse_q"),
 ])
-def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, head_dim, warpgroups, estimate):
+def test_mosaic_estimate_launch_table(block_q, block_k, kv_len, head_dim, group, warpgroups, heads_per_cta,
+                                      estimate):
     config = sale_jax.SaleConfig(block_q=block_q, block_k=block_k, estimate=estimate)
-    launch = mosaic_gpu_backend.estimate_launch(kv_len, head_dim, config, tuning.HOPPER)
-    assert launch.compute_warpgroups == warpgroups
+    launch = mosaic_gpu_backend.estimate_launch(kv_len, head_dim, group, config, tuning.HOPPER)
+    assert launch.compute_warpgroups == warpgroups and launch.heads_per_cta == heads_per_cta
     assert launch.tile_k * block_q // warpgroups == mosaic_estimate.MAX_ACC_ELEMENTS
 
 

@@ -81,6 +81,9 @@ def test_key_chunks_tile_the_padded_keys():
     split = mosaic_gpu_backend.EstimateLaunch(compute_warpgroups=2, tile_k=256, max_concurrent_steps=3)
     assert mosaic_gpu_backend.estimate_key_chunks(1 << 20, config, one) == [(0, 524288), (524288, 1048576)]
     assert len(mosaic_gpu_backend.estimate_key_chunks(1 << 20, config, split)) == 4
+    two_heads = mosaic_gpu_backend.EstimateLaunch(compute_warpgroups=1, tile_k=128, max_concurrent_steps=2,
+                                                  heads_per_cta=2)
+    assert len(mosaic_gpu_backend.estimate_key_chunks(1 << 20, config, two_heads)) == 4  # a row of flags per head
     assert mosaic_gpu_backend.estimate_key_chunks(8192, config, one) == [(0, 8192)]
     assert mosaic_gpu_backend.estimate_key_chunks(12288, config, one, max_k_blocks=128) == [
         (0, 4096), (4096, 8192), (8192, 12288)]
@@ -93,7 +96,7 @@ def test_mosaic_estimate_in_key_chunks_keeps_the_same_blocks(rng, monkeypatch):
     tau = jnp.asarray([0.01, 0.001], jnp.float32)
     want = np.asarray(mosaic_gpu_backend.select_blocks(q, k, tau, config, tuning.HOPPER).to_mask())
     monkeypatch.setattr(mosaic_gpu_backend, "MAX_K_BLOCKS", 128)
-    launch = mosaic_gpu_backend.estimate_launch(k.shape[1], 64, config, tuning.HOPPER)
+    launch = mosaic_gpu_backend.estimate_launch(k.shape[1], 64, 2, config, tuning.HOPPER)
     assert len(mosaic_gpu_backend.estimate_key_chunks(12288, config, launch, mosaic_gpu_backend.MAX_K_BLOCKS)) == 3
     got = np.asarray(mosaic_gpu_backend.select_blocks(q, k, tau, config, tuning.HOPPER).to_mask())
     np.testing.assert_array_equal(got, want)

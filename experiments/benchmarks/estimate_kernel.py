@@ -133,7 +133,9 @@ def reference_knobs(length: int) -> dict:
 def launch_knobs(length: int) -> dict:
     """The launch at `length`: the flags', or with --launch=table the one the mosaic_gpu backend takes."""
     if _LAUNCH.value == "table":
-        launch = mosaic_gpu_backend.estimate_launch(length, _HEADS.head_dim.value, _SALE.config(backend="mosaic_gpu"),
+        q_heads, kv_heads, head_dim = _HEADS.values()
+        launch = mosaic_gpu_backend.estimate_launch(length, head_dim, q_heads // kv_heads,
+                                                    _SALE.config(backend="mosaic_gpu"),
                                                     tuning.for_backend("mosaic_gpu"))._asdict()
     else:
         launch = dict(tile_k=_TILE_K.value, max_concurrent_steps=_STAGES.value,

@@ -38,7 +38,8 @@ def passes(q, k, tau, config: sale_jax.SaleConfig) -> dict:
     """The selection's passes (`mosaic_gpu_backend.select_blocks`'s) as jitted functions of the previous passes'
     outputs, with those outputs: name -> (function, its arguments)."""
     grid = sale_jax.BlockGrid(q.shape[1], k.shape[1], config.block_q, config.block_k)
-    launch = mosaic_gpu_backend.estimate_launch(k.shape[1], k.shape[-1], config, tuning.for_backend("mosaic_gpu"))
+    launch = mosaic_gpu_backend.estimate_launch(k.shape[1], k.shape[-1], q.shape[2] // k.shape[2], config,
+                                                tuning.for_backend("mosaic_gpu"))
     quantize = jax.jit(lambda q, k: triton_backend.quantize(q, k, config, mosaic_gpu_backend.key_padding(
         config, launch)))
     row_thresholds = jax.jit(lambda quant, tau: mosaic_gpu_backend.row_thresholds(quant, tau, grid, config))
