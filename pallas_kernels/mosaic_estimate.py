@@ -66,7 +66,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import sparse_wgmma
 
 MAX_ACC_ELEMENTS = 64 * 256  # f32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
-_MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's row of flags stays in shared memory until the end
+_MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's rows of flags stay in shared memory until the end
+FLAG_DTYPE = jnp.dtype(jnp.int8)  # one hit flag per key block: a byte keeps the rows of flags small
+_TMA_BYTES = 16  # a TMA copy moves whole multiples of 16 bytes: the output's rows of flags are padded to them
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))  # accepted; the kernel runs on fp8
 
 
@@ -150,10 +152,10 @@ def estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_sc
 
 def estimate_hits_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *,
                             block_q: int, block_k: int, middle_start: int):
-    """Plain-jnp `hits` int32 [B, Hq, nQ, nK]: what `estimate_hits` computes."""
+    """Plain-jnp `hits` int8 [B, Hq, nQ, nK]: what `estimate_hits` computes."""
     margins = estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias,
                                          middle_end, block_q=block_q, block_k=block_k, middle_start=middle_start)
-    return (margins > 0).astype(jnp.int32)
+    return (margins > 0).astype(FLAG_DTYPE)
 
 
 _COUNT_BITS = 8  # a field holds how many of a block's rows hit: at most 128 < 2**8
@@ -241,7 +243,8 @@ def _warp_or_hit_flags(*, block_k: int, tile_k: int, in_flight: bool = False):
         stores = arith.andi(arith.cmpi(arith.CmpIPredicate.ult, lane, arith.constant(i32, num_blocks)),
                             arith.cmpi(arith.CmpIPredicate.ne, lane_bit, arith.constant(i32, 0)))
         with mgpu_utils.when(stores):
-            memref.store(arith.constant(i32, 1), flags, [arith.index_cast(ir.IndexType.get(), lane)])
+            one = arith.constant(ir.MemRefType(flags.type).element_type, 1)
+            memref.store(one, flags, [arith.index_cast(ir.IndexType.get(), lane)])
 
     return store_flags
 
@@ -342,7 +345,7 @@ def _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blo
 def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, first_tile, step, *, rows, block_k,
                 tile_k, warp_level, after_issue=None, block_range=None, q_metadata_smem=None):
     """The per-tile body of both kernels: `rows` q rows against key tile `first_tile + step`, its flags into
-    `flags_smem` (one int32 per key block).
+    `flags_smem` (one FLAG_DTYPE per key block).
 
     The offsets (tf32) and the dots (fp8) go into one f32 accumulator whose sign is the excess's; `after_issue`
     runs while the wgmmas are in flight. Natively the warp-level epilogue ORs the tile's hits into the flags (the
@@ -381,7 +384,7 @@ def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, firs
         if block_range is not None:
             first_block, end_block = block_range
             hit = hit & (block >= first_block) & (block < end_block)
-        flags_smem[block] = hit.astype(jnp.int32)
+        flags_smem[block] = hit.astype(flags_smem.dtype)
 
 
 def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_gmem, q_metadata_gmem, hits_gmem,
@@ -406,7 +409,7 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
                            q_metadata_smem.at[i]))
         for operand, (source, target) in enumerate(copies):  # a barrier per q head and operand
             plgpu.copy_gmem_to_smem(source, target, q_barriers.at[i * len(copies) + operand])
-    hits_smem[...] = jnp.zeros(hits_smem.shape, jnp.int32)
+    hits_smem[...] = jnp.zeros(hits_smem.shape, hits_smem.dtype)
     plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
     tile_range = functools.partial(_tile_range, middle_end_gmem, q_block=q_block, num_q_blocks=num_q_blocks,
                                    block_k=block_k, tile_k=tile_k, middle_start=middle_start,
@@ -442,7 +445,7 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
             _clear_outside(hits_smem.at[i], first_block, end_block, first_tile, num_tiles, tile_k // block_k)
     plgpu.commit_smem()  # flags visible to the TMA engine
     for i in range(heads_per_cta):
-        plgpu.copy_smem_to_gmem(hits_smem.at[i, :num_k_blocks], hits_gmem.at[batch, first_head + i, q_block])
+        plgpu.copy_smem_to_gmem(hits_smem.at[i, :hits_gmem.shape[-1]], hits_gmem.at[batch, first_head + i, q_block])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -487,7 +490,7 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         if q_metadata_gmem is not None:
             plgpu.copy_gmem_to_smem(q_metadata_gmem.at[batch, head, pl.ds(2 * q_block + wg, 1)],
                                     q_metadata_smem.at[wg], q_barriers.at[4 + wg])
-        hits_smem[wg] = jnp.zeros(hits_smem.shape[1:], jnp.int32)
+        hits_smem[wg] = jnp.zeros(hits_smem.shape[1:], hits_smem.dtype)
         plgpu.commit_smem()  # its warpgroup barrier orders every zero before any flag stored below
         for operand in range(q_barriers.shape[0] // 2):  # this half's q codes, row terms and metadata
             plgpu.barrier_wait(q_barriers.at[2 * operand + wg])
@@ -534,9 +537,10 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         blocks = plgpu.broadcasted_iota(jnp.int32, hits_smem.shape[1:], 0, layout=plgpu.Layout.WG_STRIDED(
             hits_smem.shape[1:], vec_size=1))
         estimated = (blocks >= first_block) & (blocks < end_block)
-        hits_smem[0] = jnp.where(estimated, hits_smem[0] | hits_smem[1], 0)
+        either = (hits_smem[0] | hits_smem[1]).astype(jnp.int32)  # 8-bit values take bitwise operations only
+        hits_smem[0] = jnp.where(estimated, either, 0).astype(hits_smem.dtype)
         plgpu.commit_smem()  # flags visible to the TMA engine
-        plgpu.copy_smem_to_gmem(hits_smem.at[0, :num_k_blocks], hits_gmem.at[batch, head, q_block])
+        plgpu.copy_smem_to_gmem(hits_smem.at[0, :hits_gmem.shape[-1]], hits_gmem.at[batch, head, q_block])
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -562,7 +566,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
                   block_k: int, tile_k: int, middle_start: int, max_concurrent_steps: int = 2,
                   compute_warpgroups: int = 1, cluster_heads: int = 1, heads_per_cta: int = 1, q_positions=None,
                   interpret=False):
-    """Hit flags int32 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
+    """Hit flags int8 [B, Hq, nQ, nK] (see the module docstring); codes int8 or float8_e4m3fn; `interpret` is
     False or a `plgpu.InterpretGPUParams` (Mosaic GPU interpret mode, for CPUs: the array-level epilogue stands in
     for the warp-level one, which is inline Mosaic GPU code interpret mode cannot run).
 
@@ -618,15 +622,16 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     if head_dim not in (64, 128, 256):
         raise ValueError(f"head_dim must be 64, 128 or 256 (swizzled fp8 rows for wgmma), got {head_dim}")
     num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
-    # Zeroed by one store of two int32 per thread of the warpgroup, so whole multiples of 256.
+    # Zeroed by one vector store per thread of the warpgroup, so whole multiples of 256.
     padded_flags = pl.cdiv(num_k_blocks, 256) * 256
+    output_flags = pl.cdiv(num_k_blocks, _TMA_BYTES) * _TMA_BYTES
     flag_rows = compute_warpgroups * heads_per_cta
-    if num_k_blocks % 4 or flag_rows * padded_flags * 4 > _MAX_HITS_SMEM_BYTES:
-        raise ValueError(f"{num_k_blocks} key blocks: the int32 flags (a row per compute warpgroup and q head) are "
-                         f"copied out whole, so they must be a multiple of 16 bytes and fit in "
-                         f"{_MAX_HITS_SMEM_BYTES} bytes of shared memory")
+    if flag_rows * padded_flags * FLAG_DTYPE.itemsize > _MAX_HITS_SMEM_BYTES:
+        raise ValueError(f"{num_k_blocks} key blocks: the flags (a row per compute warpgroup and q head, "
+                         f"{flag_rows} rows) must fit in {_MAX_HITS_SMEM_BYTES} bytes of shared memory (split the "
+                         f"keys into launches)")
 
-    launch = dict(out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, num_k_blocks), jnp.int32),
+    launch = dict(out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, output_flags), FLAG_DTYPE),
                   interpret=interpret or None)
     fp8_codes = (q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn))
     row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
@@ -643,7 +648,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         heads = (heads_per_cta, block_q)
         scratch = [plgpu.SMEM((*heads, q_width), **q_operands),
                    plgpu.SMEM((*heads, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
-                   plgpu.SMEM((heads_per_cta, padded_flags), jnp.int32),
+                   plgpu.SMEM((heads_per_cta, padded_flags), FLAG_DTYPE),
                    plgpu.Barrier(num_barriers=heads_per_cta * num_q_operands)]
         metadata_scratch = plgpu.SMEM((heads_per_cta, block_q // sparse_wgmma.ROWS, *metadata_words), jnp.int32)
         launch |= dict(grid=(num_q_blocks, q_heads // heads_per_cta, batch),
@@ -653,7 +658,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         halves = (2, SPLIT_ROWS)
         scratch = [plgpu.SMEM((*halves, q_width), **q_operands),
                    plgpu.SMEM((*halves, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
-                   plgpu.SMEM((2, padded_flags), jnp.int32),
+                   plgpu.SMEM((2, padded_flags), FLAG_DTYPE),
                    plgpu.Barrier(num_barriers=2 * num_q_operands),  # each half's q operands
                    plgpu.Barrier(num_arrivals=2),  # the turns on the tensor cores
                    plgpu.Barrier(num_arrivals=2)]  # both halves' flags stored
@@ -665,9 +670,11 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     inputs = [*fp8_codes, row_terms, key_terms, middle_end.reshape(-1)]
     if sparse:
         positions = jnp.moveaxis(q_positions, 2, 1)  # [B, Hq, T, D / 4]
-        return plgpu.kernel(kernel, scratch_types=[*scratch, metadata_scratch], **launch)(
+        hits = plgpu.kernel(kernel, scratch_types=[*scratch, metadata_scratch], **launch)(
             *inputs, sparse_wgmma.metadata_words(positions))
-    return plgpu.kernel(_without_metadata(kernel, len(inputs)), scratch_types=scratch, **launch)(*inputs)
+    else:
+        hits = plgpu.kernel(_without_metadata(kernel, len(inputs)), scratch_types=scratch, **launch)(*inputs)
+    return hits[..., :num_k_blocks]
 
 
 def _without_metadata(kernel, num_inputs: int):

@@ -1,7 +1,7 @@
 """The Mosaic GPU estimate kernel held to its reference: in Mosaic GPU interpret mode on a CPU, natively on a GPU.
 
-Interpret mode fills fresh buffers, the kernel's output included, with poison (the largest int32), so a flag the
-kernel fails to write shows up as neither 0 nor 1. Thresholds sit halfway between two neighbouring block margins,
+Interpret mode fills fresh buffers, the kernel's output included, with poison (the largest integer), so a flag
+the kernel fails to write shows up as neither 0 nor 1. Thresholds sit halfway between two neighbouring block margins,
 so no block's margin is near zero and the comparison can be exact.
 """
 
@@ -116,7 +116,7 @@ def _expected_hits(inputs, knobs):
 
 def _assert_flags_equal(got, want):
     got = np.asarray(got)
-    assert got.shape == want.shape and got.dtype == np.int32
+    assert got.shape == want.shape and got.dtype == np.int8
     assert np.isin(got, (0, 1)).all(), f"unwritten or invalid flags: {np.unique(got)}"
     np.testing.assert_array_equal(got, want)
 

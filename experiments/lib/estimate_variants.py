@@ -46,7 +46,8 @@ def _one_register_flag(*, block_k: int, tile_k: int, in_flight: bool = False):
         lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, 32))
         first_lane = arith.cmpi(arith.CmpIPredicate.eq, lane, arith.constant(i32, 0))
         with mgpu_utils.when(arith.andi(hit, first_lane)):
-            memref.store(arith.constant(i32, 1), flags, [arith.constant(ir.IndexType.get(), 0)])
+            one = arith.constant(ir.MemRefType(flags.type).element_type, 1)
+            memref.store(one, flags, [arith.constant(ir.IndexType.get(), 0)])
 
     return store_flag
 
