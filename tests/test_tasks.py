@@ -276,6 +276,12 @@ def test_mixture_draws_tasks_by_weight_and_depth_where_it_applies(rng):
     batch = common.batch(mixture, seed, 6, mixture.min_length() + 10)
     assert batch.tokens.shape == batch.loss_mask.shape == batch.filler_mask.shape == (6, mixture.min_length() + 10)
     assert len(batch.tasks) == 6 and set(batch.tasks) <= {"single_needle", "aggregation"}
+    for row in range(6):
+        example = mixture.draw(np.random.default_rng(np.random.SeedSequence(seed).spawn(6)[row]), batch.tokens.shape[1])
+        np.testing.assert_array_equal(batch.tokens[row], example.tokens)
+        np.testing.assert_array_equal(batch.loss_mask[row], example.loss_mask)
+        np.testing.assert_array_equal(batch.answer_spans[row], example.answer_spans)
+        assert batch.tasks[row] == example.task
 
 
 @pytest.mark.parametrize("make,message", [

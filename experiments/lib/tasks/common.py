@@ -211,6 +211,7 @@ class Batch(NamedTuple):
     loss_mask: np.ndarray  # float32 [B, length]
     filler_mask: np.ndarray  # float32 [B, length]
     tasks: tuple[str, ...]  # each row's task
+    answer_spans: tuple[np.ndarray, ...]  # each row's `Example.answer_spans`
 
 
 def stack(examples: Sequence[Example]) -> Batch:
@@ -220,7 +221,8 @@ def stack(examples: Sequence[Example]) -> Batch:
     return Batch(tokens=np.stack([example.tokens for example in examples]),
                  loss_mask=np.stack([example.loss_mask for example in examples]),
                  filler_mask=np.stack([example.filler_mask for example in examples]),
-                 tasks=tuple(example.task for example in examples))
+                 tasks=tuple(example.task for example in examples),
+                 answer_spans=tuple(example.answer_spans for example in examples))
 
 
 def batch(task: Task, seed: int | Sequence[int], batch_size: int, length: int,
