@@ -24,9 +24,9 @@ import numpy as np
 from experiments.lib.tasks import common
 
 RECORD_LENGTH = common.RECORD_LENGTH  # "#KK:dddd#"
-QUERY_LENGTH = 9  # "?KK:dddd" and a newline or a space
-ANSWER_OFFSET = 4  # the digits follow "#KK:" in a record and "?KK:" in a query
 ANSWER_LENGTH = common.VALUE_LENGTH
+QUERY_LENGTH = common.query_length([common.KEY_LENGTH], [ANSWER_LENGTH])  # "?KK:dddd" and a newline or a space
+ANSWER_OFFSET = 4  # the digits follow "#KK:" in a record and "?KK:" in a query
 MAX_RECORDS = common.NUM_KEYS  # keys are two uppercase letters, unique within a sequence
 
 FILLERS = common.FILLERS
@@ -92,7 +92,7 @@ def sequence(seed: Seed, length: int, num_records: int, num_queries: int,
     starts, queried = common.place(rng, context, RECORD_LENGTH, num_records, num_queries, depth)
 
     codes = rng.choice(MAX_RECORDS, num_records, replace=False)
-    keys = common.key_letters(codes)  # [R, 2]
+    keys = common.letters(codes)  # [R, 2]
     values = common.DIGITS[rng.integers(0, 10, (num_records, ANSWER_LENGTH))]  # [R, 4]
     records = common.records(keys, values)
     queries = np.concatenate([np.full((num_queries, 1), ord("?"), np.uint8), keys[queried],

@@ -65,7 +65,7 @@ class Aggregation:
         context = length - self._query_length()
         counts = self.counts(context // _SLOT)
         codes = rng.choice(_VOCABULARY, self.num_words, replace=False)  # by rank
-        words = common.UPPERCASE[(codes[:, None] // 26 ** np.arange(WORD_LENGTH - 1, -1, -1)) % 26]
+        words = common.letters(codes, WORD_LENGTH)
         listed = rng.permutation(np.repeat(np.arange(self.num_words), counts))
         slots = np.concatenate([words[listed], np.full((len(listed), 1), ord(" "), np.uint8)], axis=1)
         padding = context - slots.size

@@ -81,9 +81,10 @@ def room_needed(num_items: int, item_length: int) -> int:
     return 2 * num_items * item_length
 
 
-def key_letters(codes: np.ndarray) -> np.ndarray:
-    """uint8 `[N, 2]`: the two uppercase letters of each key code in `[0, NUM_KEYS)`."""
-    return UPPERCASE[np.stack([codes // 26, codes % 26], axis=-1)]
+def letters(codes: np.ndarray, width: int = KEY_LENGTH) -> np.ndarray:
+    """uint8 `[N, width]`: each code in `[0, 26 ** width)` in base 26, written in uppercase letters (a key, by
+    default)."""
+    return UPPERCASE[(np.asarray(codes)[:, None] // 26 ** np.arange(width - 1, -1, -1)) % 26]
 
 
 def digits(numbers: np.ndarray, width: int) -> np.ndarray:
@@ -185,11 +186,12 @@ def check_filler(kind: str):
 
 
 def haystack_example(rng: np.random.Generator, task: Task, length: int, depth: float | None, kind: str,
-                     starts: np.ndarray, items: np.ndarray, query_tokens: np.ndarray, spans: np.ndarray,
-                     needles: np.ndarray, item_length: int) -> Example:
-    """The example of `items [N, item_length]` written at `starts` into filler, followed by the query line;
-    `spans` are the answers' spans within the query, `needles` the indices of the items the answers come from."""
-    context = length - len(query_tokens)
+                     starts: np.ndarray, items: np.ndarray, needles: np.ndarray, query_tokens: np.ndarray,
+                     spans: np.ndarray) -> Example:
+    """The example of `items [N, item_length]` written at `starts` into filler of `kind`, followed by the query
+    lines; `needles` are the indices of the items the answers come from, `spans` the answers' spans within the
+    query lines."""
+    context, item_length = length - len(query_tokens), items.shape[1]
     tokens = filler(rng, length, kind)
     slots = (starts[:, None] + np.arange(item_length)).reshape(-1)
     tokens[slots] = items.reshape(-1)

@@ -73,8 +73,8 @@ class MultiKey:
         codes = np.empty(self._num_records, np.int64)
         codes[needle_index] = needles
         codes[rng.permutation(np.setdiff1d(np.arange(self._num_records), needle_index))] = np.concatenate(distractors)
-        keys = common.key_letters(codes)
+        keys = common.letters(codes)
         values = common.DIGITS[rng.integers(0, 10, (self._num_records, common.VALUE_LENGTH))]
         query_tokens, spans = common.queries([([keys[i].tobytes()], [values[i].tobytes()]) for i in needle_index])
         return common.haystack_example(rng, self, length, depth, self.filler, starts, common.records(keys, values),
-                                       query_tokens, spans, needle_index, common.RECORD_LENGTH)
+                                       needle_index, query_tokens, spans)

@@ -41,9 +41,9 @@ class MultiQuery:
         context = length - self._query_length()
         starts, needle_index = common.place(rng, context, common.RECORD_LENGTH, self.num_records,
                                             self.num_queries, depth)  # the needles in a random order: as asked
-        keys = common.key_letters(rng.choice(common.NUM_KEYS, self.num_records, replace=False))
+        keys = common.letters(rng.choice(common.NUM_KEYS, self.num_records, replace=False))
         values = common.DIGITS[rng.integers(0, 10, (self.num_records, common.VALUE_LENGTH))]
         query_tokens, spans = common.queries([([keys[i].tobytes() for i in needle_index],
                                                [values[i].tobytes() for i in needle_index])])
         return common.haystack_example(rng, self, length, depth, self.filler, starts, common.records(keys, values),
-                                       query_tokens, spans, needle_index, common.RECORD_LENGTH)
+                                       needle_index, query_tokens, spans)

@@ -49,11 +49,11 @@ class MultiValue:
         codes = np.empty(num_records, np.int64)
         codes[needle_index] = asked
         codes[np.setdiff1d(np.arange(num_records), needle_index)] = others
-        keys = common.key_letters(codes)
+        keys = common.letters(codes)
         numbers = rng.integers(0, 10 ** common.VALUE_LENGTH, num_records)
         numbers[needle_index] = rng.choice(10 ** common.VALUE_LENGTH, self.num_values, replace=False)
         values = common.digits(numbers, common.VALUE_LENGTH)
         query_tokens, spans = common.queries([([keys[needle_index[0]].tobytes()],
                                                [values[i].tobytes() for i in needle_index])])
         return common.haystack_example(rng, self, length, depth, self.filler, starts, common.records(keys, values),
-                                       query_tokens, spans, needle_index, common.RECORD_LENGTH)
+                                       needle_index, query_tokens, spans)

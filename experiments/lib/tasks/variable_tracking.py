@@ -59,7 +59,7 @@ class VariableTracking:
         # Row c: the statements of chain c by place in the context (chain 0 is asked), so each chain is in order.
         others = rng.permutation(np.setdiff1d(np.arange(self._num_statements), needle_index))
         order = np.sort(np.concatenate([needle_index, others]).reshape(self.num_chains, chain_length), axis=1)
-        names = common.key_letters(rng.choice(common.NUM_KEYS, self._num_statements, replace=False))
+        names = common.letters(rng.choice(common.NUM_KEYS, self._num_statements, replace=False))
         names = names.reshape(self.num_chains, chain_length, common.KEY_LENGTH)
         values = common.digits(rng.choice(10 ** VALUE_LENGTH, self.num_chains, replace=False), VALUE_LENGTH)
         sources = np.concatenate([values[:, None], names[:, :-1]], axis=1)  # [chains, chain_length, 2]
@@ -67,5 +67,5 @@ class VariableTracking:
         statements[order.reshape(-1)] = common.records(sources.reshape(-1, VALUE_LENGTH),
                                                        names.reshape(-1, common.KEY_LENGTH), separator=b">")
         query_tokens, spans = common.queries([([values[0].tobytes()], [name.tobytes() for name in names[0]])])
-        return common.haystack_example(rng, self, length, depth, self.filler, starts, statements, query_tokens,
-                                       spans, order[0], STATEMENT_LENGTH)
+        return common.haystack_example(rng, self, length, depth, self.filler, starts, statements, order[0],
+                                       query_tokens, spans)
