@@ -57,8 +57,8 @@ def place(rng: np.random.Generator, context: int, item_length: int, num_items: i
     Returns the items' starts (ascending) and the needles' indices into them (in a random order). With `depth`
     None every item sits at a random place; otherwise the needles sit next to each other, the first at `depth` of
     the room before the block's end (0: the context's start, 1: ending where it ends), and the other items are
-    spread before and after the block in proportion. The items may fill at most half of the context (`check_room`),
-    which guarantees that both sides together hold them.
+    spread before and after the block in proportion. The items may fill at most half of the context
+    (`room_needed`), which guarantees that both sides together hold them.
     """
     if depth is None:
         starts = _scatter(rng, 0, context, num_items, item_length)
@@ -130,7 +130,7 @@ class Example:
     filler_mask: np.ndarray  # float32 [length]: 1 at t iff token t + 1 is haystack filler
     task: str
     depth: float | None  # the depth the needles were placed at; None: at random places, or a task without one
-    metadata: Mapping[str, Any]  # the task's own facts (where its needles sit, its parameters)
+    metadata: Mapping[str, Any]  # the task's own facts: where its needles sit, or aggregation's top counts
 
     @property
     def loss_mask(self) -> np.ndarray:
