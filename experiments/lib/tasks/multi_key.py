@@ -19,7 +19,7 @@ from experiments.lib.tasks import common
 _NEIGHBOURS = 2 * 25  # keys one letter off a two-letter key
 
 
-def neighbours(code: int) -> np.ndarray:
+def _neighbours(code: int) -> np.ndarray:
     """The key codes that differ from `code` in exactly one of the two letters, ascending."""
     first, second = divmod(code, 26)
     same_first = first * 26 + np.delete(np.arange(26), second)
@@ -65,7 +65,7 @@ class MultiKey:
         used = set(needles.tolist())
         distractors = []
         for needle in needles:
-            free = np.array([code for code in neighbours(needle) if code not in used])
+            free = np.array([code for code in _neighbours(needle) if code not in used])
             chosen = free[rng.choice(len(free), self.num_distractors, replace=False)]
             used.update(chosen.tolist())
             distractors.append(chosen)
