@@ -10,30 +10,30 @@ each sequence ("words"), so that a repeated word's later letters can be predicte
 the same sequence (an in-context matching target for an auxiliary loss, as natural text offers real LLMs). The
 loss is on the 4 answer digits of each query: predicting them needs the record with the same key, wherever it sits
 in the context (the text before the first query).
+
+This is the suite's single-needle task (experiments/lib/tasks/single_needle.py draws it); its filler, records and
+placement by depth are the suite's (experiments/lib/tasks/common.py).
 """
 
 from __future__ import annotations
 
-import string
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
-RECORD_LENGTH = 9  # "#KK:dddd#"
-QUERY_LENGTH = 9  # "?KK:dddd" and a newline or a space
-ANSWER_OFFSET = 4  # the digits follow "#KK:" in a record and "?KK:" in a query
-ANSWER_LENGTH = 4
-MAX_RECORDS = 26 * 26  # keys are two uppercase letters, unique within a sequence
+from experiments.lib.tasks import common
 
-FILLERS = ("random", "words")
-WORDS_PER_SEQUENCE = 8  # the vocabulary of a "words" filler
-_FILLER = np.frombuffer(string.ascii_lowercase.encode() + b" " * 5, np.uint8)  # a space every ~6 characters
-_LOWERCASE = np.frombuffer(string.ascii_lowercase.encode(), np.uint8)
-_UPPERCASE = np.frombuffer(string.ascii_uppercase.encode(), np.uint8)
-_DIGITS = np.frombuffer(string.digits.encode(), np.uint8)
+RECORD_LENGTH = common.RECORD_LENGTH  # "#KK:dddd#"
+ANSWER_LENGTH = common.VALUE_LENGTH
+QUERY_LENGTH = common.query_length([common.KEY_LENGTH], [ANSWER_LENGTH])  # "?KK:dddd" and a newline or a space
+ANSWER_OFFSET = 4  # the digits follow "#KK:" in a record and "?KK:" in a query
+MAX_RECORDS = common.NUM_KEYS  # keys are two uppercase letters, unique within a sequence
+
+FILLERS = common.FILLERS
+WORDS_PER_SEQUENCE = common.WORDS_PER_SEQUENCE
 _QUERY_ENDS = np.frombuffer(b"\n ", np.uint8)
 
-Seed = int | Sequence[int] | np.random.SeedSequence
+Seed = int | Sequence[int] | np.random.SeedSequence | np.random.Generator
 
 
 class RetrievalSequence(NamedTuple):
@@ -56,7 +56,7 @@ class RetrievalBatch(NamedTuple):
 def min_length(num_records: int, num_queries: int) -> int:
     """The shortest sequence that holds these records and queries: records fill at most half of the context, so
     there is filler between them and a `depth` can always be honoured."""
-    return 2 * num_records * RECORD_LENGTH + num_queries * QUERY_LENGTH
+    return common.room_needed(num_records, RECORD_LENGTH) + num_queries * QUERY_LENGTH
 
 
 def _check(length: int, num_records: int, num_queries: int, depth: float | None, filler: str):
@@ -70,22 +70,6 @@ def _check(length: int, num_records: int, num_queries: int, depth: float | None,
                          f"{min_length(num_records, num_queries)}")
     if depth is not None and not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-
-
-def _scatter(rng: np.random.Generator, start: int, span: int, count: int) -> np.ndarray:
-    """Starts of `count` non-overlapping records at uniformly random places in `[start, start + span)`."""
-    gaps = np.sort(rng.integers(0, span - count * RECORD_LENGTH + 1, count))
-    return start + gaps + RECORD_LENGTH * np.arange(count)
-
-
-def _filler(rng: np.random.Generator, length: int, kind: str) -> np.ndarray:
-    if kind == "random":
-        return _FILLER[rng.integers(0, len(_FILLER), length)]
-    vocabulary = [_LOWERCASE[rng.integers(0, 26, rng.integers(2, 8))] for _ in range(WORDS_PER_SEQUENCE)]
-    space = np.array([ord(" ")], np.uint8)
-    # Every word takes at least 3 bytes with its space: length // 3 + 1 words fill the sequence.
-    words = rng.integers(0, WORDS_PER_SEQUENCE, length // 3 + 1)
-    return np.concatenate([part for word in words for part in (vocabulary[word], space)])[:length]
 
 
 def sequence(seed: Seed, length: int, num_records: int, num_queries: int,
@@ -105,34 +89,17 @@ def sequence(seed: Seed, length: int, num_records: int, num_queries: int,
     _check(length, num_records, num_queries, depth, filler)
     rng = np.random.default_rng(seed)
     context = length - num_queries * QUERY_LENGTH
-    if depth is None:
-        starts = _scatter(rng, 0, context, num_records)
-        queried = rng.choice(num_records, num_queries, replace=False)
-    else:
-        block = num_queries * RECORD_LENGTH
-        block_start = round(depth * (context - block))
-        after_start = block_start + block
-        others = num_records - num_queries
-        # As many of the other records before the block as its depth suggests, within what fits on each side
-        # (the half-full rule in `_check` guarantees that both sides together hold them).
-        before = round(others * block_start / (context - block))
-        before = min(max(before, others - (context - after_start) // RECORD_LENGTH), block_start // RECORD_LENGTH)
-        starts = np.concatenate([_scatter(rng, 0, block_start, before),
-                                 block_start + RECORD_LENGTH * np.arange(num_queries),
-                                 _scatter(rng, after_start, context - after_start, others - before)])
-        queried = before + rng.permutation(num_queries)
+    starts, queried = common.place(rng, context, RECORD_LENGTH, num_records, num_queries, depth)
 
     codes = rng.choice(MAX_RECORDS, num_records, replace=False)
-    keys = _UPPERCASE[np.stack([codes // 26, codes % 26], axis=1)]  # [R, 2]
-    values = _DIGITS[rng.integers(0, 10, (num_records, ANSWER_LENGTH))]  # [R, 4]
-    records = np.concatenate([np.full((num_records, 1), ord("#"), np.uint8), keys,
-                              np.full((num_records, 1), ord(":"), np.uint8), values,
-                              np.full((num_records, 1), ord("#"), np.uint8)], axis=1)
+    keys = common.letters(codes)  # [R, 2]
+    values = common.DIGITS[rng.integers(0, 10, (num_records, ANSWER_LENGTH))]  # [R, 4]
+    records = common.records(keys, values)
     queries = np.concatenate([np.full((num_queries, 1), ord("?"), np.uint8), keys[queried],
                               np.full((num_queries, 1), ord(":"), np.uint8), values[queried],
                               _QUERY_ENDS[rng.integers(0, 2, (num_queries, 1))]], axis=1)
 
-    tokens = _filler(rng, length, filler)
+    tokens = common.filler(rng, length, filler)
     record_slots = (starts[:, None] + np.arange(RECORD_LENGTH)).reshape(-1)
     tokens[record_slots] = records.reshape(-1)
     tokens[context:] = queries.reshape(-1)
