@@ -133,9 +133,13 @@ def evaluate(model: llama.Llama, task: RetrievalTask, lengths: list[int], num_se
     return scores
 
 
-def _recipe(task: RetrievalTask, compute_dtype: str) -> loop.Recipe:
+def recipe_from_flags() -> loop.Recipe:
+    """The training recipe of the flags (docs/retrieval_model.md: the defaults made the committed model)."""
+    compute_dtype = _COMPUTE_DTYPE.value
+    if compute_dtype == "auto":
+        compute_dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     return loop.Recipe(
-        tasks=TaskMixture.of(task),
+        tasks=TaskMixture.of(RetrievalTask(_TASK.num_records.value, _TASK.num_queries.value, _TASK.filler.value)),
         curriculum=curriculum.Curriculum(curriculum.parse_stages(_CURRICULUM.value), _TOKENS_PER_STEP.value,
                                          _REPLAY_FRACTION.value, _PLACED_FRACTION.value),
         optimizer=OptimizerConfig(_LEARNING_RATE.value, _WARMUP_STEPS.value, _WEIGHT_DECAY.value),
@@ -156,11 +160,7 @@ def _initial_model() -> llama.Llama:
 
 def main(argv):
     del argv
-    task = RetrievalTask(_TASK.num_records.value, _TASK.num_queries.value, _TASK.filler.value)
-    compute_dtype = _COMPUTE_DTYPE.value
-    if compute_dtype == "auto":
-        compute_dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-    recipe = _recipe(task, compute_dtype)
+    recipe = recipe_from_flags()
     for length in _EVAL_LENGTHS.value:
         recipe.tasks.check_length(length, "--eval_lengths")
 
@@ -173,8 +173,9 @@ def main(argv):
               f"--time_limit_s={_TIME_LIMIT_S.value}; saved in {output_dir}: continue with --resume")
         return
     if _EVAL_LENGTHS.value:
+        (task,) = recipe.tasks.tasks
         scores = evaluate(trained.trainee.model, task, _EVAL_LENGTHS.value, _EVAL_SEQUENCES.value,
-                          _TOKENS_PER_STEP.value, _SEED.value, compute_dtype)
+                          _TOKENS_PER_STEP.value, _SEED.value, recipe.compute_dtype)
         results.write(os.path.join(output_dir, _EVAL_FILE), {"step": trained.steps_done, "results": scores}, None)
         print("length   exact match   first digit   all digits   queries")
         for length, result in scores.items():

@@ -64,14 +64,11 @@ class TaskMixture:
         """The mixture itself, or a single task's mixture of one."""
         return tasks if isinstance(tasks, TaskMixture) else cls((tasks,), (1.0,))
 
-    def min_length(self) -> int:
-        return max(task.min_length() for task in self.tasks)
-
     def check_length(self, length: int, where: str) -> None:
-        for task in self.tasks:
-            if length < task.min_length():
-                raise ValueError(f"{where}: length {length} is too short for {task!r} (it needs >= "
-                                 f"{task.min_length()})")
+        longest = max(self.tasks, key=lambda task: task.min_length())
+        if length < longest.min_length():
+            raise ValueError(f"{where}: length {length} is too short for {longest!r} (it needs >= "
+                             f"{longest.min_length()})")
 
     def batch(self, seed: int, step: int, batch_size: int, length: int, depth: float | None) -> Batch:
         """The rows of training step `step` of a run seeded `seed`."""
