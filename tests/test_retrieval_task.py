@@ -191,7 +191,7 @@ def test_default_flags_are_the_committed_models_recipe(parse_flags):
     (("--curriculum=64:5",), r"length 64 is too short for RetrievalTask\(num_records=4, num_queries=2"),
     (("--curriculum=128",), "LENGTH:STEPS"),
     (("--eval_lengths=80",), "--eval_lengths: length 80 is too short"),
-    (("--warmup_steps=10",), r"warmup_steps \(10\) must be below the curriculum's 5 steps"),
+    (("--warmup_steps=10",), r"warmup_steps \(10\) must be below the run's 5 steps"),
     (("--num_records=1",), r"num_queries \(2\) <= num_records \(1\)"),
 ])
 def test_bad_flags_are_refused_before_training(tmp_path, parse_flags, extra_flags, message):

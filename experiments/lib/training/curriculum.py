@@ -50,6 +50,7 @@ class Curriculum:
     placed_fraction: float = 0.0
 
     def __post_init__(self):
+        object.__setattr__(self, "stages", tuple((int(length), int(steps)) for length, steps in self.stages))
         if not self.stages:
             raise ValueError("curriculum: no stages (give at least one (length, steps))")
         for length, steps in self.stages:

@@ -26,7 +26,8 @@ from models import llama
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What a run trains on and how: the same recipe on the same initial model trains the same steps."""
+    """What a run trains on and how: the same recipe on the same initial model trains the same steps. `tasks` is
+    a `TaskMixture` or a single task (kept as its mixture of one)."""
     tasks: tasks_lib.TaskMixture
     curriculum: Curriculum
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -35,16 +36,12 @@ class Recipe:
     seed: int = 0  # of every batch and draw (`seeds`), and of the probe's initialization
 
     def __post_init__(self):
-        if not isinstance(self.tasks, tasks_lib.TaskMixture):
-            raise TypeError(f"Recipe.tasks takes a TaskMixture (TaskMixture.of(task) for one task), got "
-                            f"{type(self.tasks).__name__}")
+        object.__setattr__(self, "tasks", tasks_lib.TaskMixture.of(self.tasks))
         for length in self.curriculum.lengths:
             self.tasks.check_length(length, "curriculum")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
-        if self.optimizer.warmup_steps >= self.curriculum.total_steps:
-            raise ValueError(f"warmup_steps ({self.optimizer.warmup_steps}) must be below the curriculum's "
-                             f"{self.curriculum.total_steps} steps")
+        self.optimizer.check_run(self.curriculum.total_steps)
 
 
 class Trained(NamedTuple):
@@ -71,6 +68,9 @@ def train(recipe: Recipe, output_dir: str, initial_model: Callable[[], llama.Lla
     else:
         run_directory.start(output_dir)
         model, step = initial_model(), 0
+        if model.config.dtype != run_directory.PARAM_DTYPE:
+            raise ValueError(f"training keeps {run_directory.PARAM_DTYPE} parameters (the compute dtype is the "
+                             f"recipe's): initial_model() gave {model.config.dtype} ones")
     trainee = Trainee.create(model, recipe.loss, seed)
     optimizer = make_optimizer(trainee, recipe.optimizer, total_steps)
     if resume:
@@ -81,9 +81,9 @@ def train(recipe: Recipe, output_dir: str, initial_model: Callable[[], llama.Lla
           f"curriculum {list(curriculum.stages)}, {curriculum.tokens_per_step} tokens per step; from step {step} of "
           f"{total_steps}")
 
-    def batch_arguments(step):
-        plan = curriculum.plan(step, seed)
-        return recipe.tasks, seed, step, plan.batch_size, plan.length, plan.depth
+    def batch_arguments(step_index):
+        plan = curriculum.plan(step_index, seed)
+        return recipe.tasks, seed, step_index, plan.batch_size, plan.length, plan.depth
 
     started = last = time.perf_counter()
     progress = tqdm.tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)

@@ -40,11 +40,15 @@ class OptimizerConfig:
         if not 0.0 <= self.final_fraction <= 1.0:
             raise ValueError(f"final_fraction must be in [0, 1], got {self.final_fraction}")
 
+    def check_run(self, total_steps: int) -> None:
+        """The schedule needs the warmup to end before the run does."""
+        if self.warmup_steps >= total_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below the run's {total_steps} steps")
+
 
 def make_optimizer(trainee: nnx.Module, config: OptimizerConfig, total_steps: int) -> nnx.Optimizer:
     """A fresh optimizer for `trainee`'s parameters over a run of `total_steps` steps."""
-    if config.warmup_steps >= total_steps:
-        raise ValueError(f"warmup_steps ({config.warmup_steps}) must be below the run's {total_steps} steps")
+    config.check_run(total_steps)
     return nnx.Optimizer(trainee, _transform(config, total_steps), wrt=nnx.Param)
 
 

@@ -57,8 +57,6 @@ class Trainee(nnx.Module):
 def as_computed(model: llama.Llama, compute_dtype: str) -> llama.Llama:
     """The model as it runs. Behind a bfloat16 config the float32 weights are cast to bfloat16 where used (matmuls,
     attention and the residual stream run in bfloat16), and the gradients still come back in float32."""
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     return model if compute_dtype == model.config.dtype else llama.with_config(model, dtype=compute_dtype)
 
 

@@ -47,6 +47,8 @@ class TaskMixture:
     weights: tuple[float, ...]
 
     def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "weights", tuple(float(weight) for weight in self.weights))
         if not self.tasks:
             raise ValueError("a task mixture needs at least one task")
         if len(self.weights) != len(self.tasks):
