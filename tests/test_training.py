@@ -140,19 +140,23 @@ def test_restoring_state_refuses_another_objects_file(tmp_path):
 
 
 def test_a_mixture_draws_each_row_from_a_task_by_weight_the_same_on_every_call(rng):
-    seed = int(rng.integers(1000))
-    batches = [TOY_MIXTURE.batch(seed, step_index, 8, 32, None) for step_index in range(200)]
-    again = TOY_MIXTURE.batch(seed, 7, 8, 32, None)
+    mixture = tasks.TaskMixture((MarkedAnswer(b"=", b"ok"), RetrievalTask(num_records=2, num_queries=1)), (1.0, 3.0))
+    seed, depth = int(rng.integers(1000)), float(rng.uniform())
+    batches = [mixture.batch(seed, step_index, 8, 64, depth) for step_index in range(200)]
+    again = mixture.batch(seed, 7, 8, 64, depth)
     for field in tasks.Batch._fields:
         np.testing.assert_array_equal(getattr(again, field), getattr(batches[7], field))
     assert not np.array_equal(batches[0].tokens, batches[1].tokens)
     task_index = np.concatenate([batch.task_index for batch in batches])
     assert abs(np.mean(task_index == 0) - 0.25) < 0.06  # weights 1 : 3 over 1,600 rows
-    for batch in batches[:20]:
+    # Row i is what its task draws from the i-th child of (seed, 0, step), whichever tasks the other rows drew.
+    for step_index, batch in enumerate(batches[:10]):
         assert batch.tokens.dtype == np.int32 and batch.loss_mask.dtype == batch.filler_mask.dtype == np.float32
-        for row, index in zip(batch.tokens, batch.task_index):
-            task = TOY_MIXTURE.tasks[index]
-            assert bytes(row[-len(task.marker + task.answer):].astype(np.uint8)) == task.marker + task.answer
+        rows = np.random.SeedSequence((seed, 0, step_index)).spawn(8)
+        for row, index, tokens, loss_mask in zip(rows, batch.task_index, batch.tokens, batch.loss_mask):
+            want = mixture.tasks[index].draw(np.random.default_rng(row), 64, depth)
+            np.testing.assert_array_equal(tokens, want.tokens)
+            np.testing.assert_array_equal(loss_mask, want.loss_mask)
 
 
 def test_batches_built_in_worker_processes_are_the_same(rng):
