@@ -1,6 +1,7 @@
 """Hugging Face checkpoints of the Llama-shaped families (safetensors, single file or sharded with an index) to and
 from the NNX model. The families share tensor names; a tensor a family lacks (a bias, a q/k norm) has no place in
-the model built from its config, and loading says so.
+the model built from its config, and loading says so. `save_state` and `restore_state` keep any other NNX object's
+state (an optimizer's, a training-only module's) in a safetensors file too, under its NNX paths.
 
 The name mapping is a table of regular expressions: each Hugging Face tensor name maps to a path in the NNX state
 and a transform (PyTorch's Linear stores `[out, in]`; `nnx.Linear` stores `[in, out]`).
@@ -15,7 +16,7 @@ import re
 
 from flax import nnx
 from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
+from safetensors.flax import load_file, save_file
 
 from models.config import LlamaConfig
 from models.llama import Llama
@@ -217,3 +218,31 @@ def _hf_name(path: tuple) -> str:
     if path == ("lm_head", "kernel"):
         return "lm_head.weight"
     return f"model.{path[0]}.weight"
+
+
+def save_state(node: nnx.Module | nnx.Optimizer, path: str | os.PathLike) -> None:
+    """Every state leaf of `node` (parameters and all other variables) in one safetensors file, keyed by its NNX
+    path ("opt_state/1/0/mu/embed_tokens/embedding"), exactly as held (any dtype, scalars included)."""
+    save_file({_state_key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(node))}, os.fspath(path))
+
+
+def restore_state(node: nnx.Module | nnx.Optimizer, path: str | os.PathLike) -> None:
+    """Sets every state leaf of `node` in place from a file `save_state` wrote for an object of the same structure;
+    a file with other paths, shapes or dtypes is refused, naming them."""
+    flat = nnx.to_flat_state(nnx.state(node))
+    saved = load_file(os.fspath(path))
+    expected, found = {_state_key(p) for p, _ in flat}, set(saved)
+    if expected != found:
+        raise ValueError(f"{path} does not hold this {type(node).__name__}'s state: missing "
+                         f"{sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]}")
+    for p, variable in flat:
+        value, want = saved[_state_key(p)], variable.get_value()
+        if value.shape != want.shape or value.dtype != want.dtype:
+            raise ValueError(f"{path}: {_state_key(p)} is {value.dtype}{list(value.shape)}, but this "
+                             f"{type(node).__name__} holds {want.dtype}{list(want.shape)} there")
+        variable.set_value(value)
+    nnx.update(node, nnx.from_flat_state(flat))
+
+
+def _state_key(path: tuple) -> str:
+    return "/".join(map(str, path))

@@ -1,26 +1,26 @@
-"""The key-value retrieval data (seeded, exact in length, well formed, answers and loss mask right, depth honoured)
-and its training script (a few real steps of a tiny model, the look-back probe's loss against numpy, and a save +
-resume that continues exactly, with batches built in worker processes or not)."""
+"""The key-value retrieval data (seeded, exact in length, well formed, answers and loss mask right, depth honoured),
+its training task, and its training script's recipe: the defaults are the committed model's, and they draw the
+committed run's lengths step by step. The training library itself is tests/test_training.py's."""
 
 import json
+import pathlib
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from flax import nnx
-from safetensors.numpy import load_file
 
 from experiments.lib import retrieval_task
+from experiments.lib.training import curriculum, loop, step
+from experiments.lib.training.optimizer import OptimizerConfig
+from experiments.lib.training.tasks import TaskMixture
 from experiments.retrieval import train as train_retrieval
+from experiments.retrieval.task import RetrievalTask
 
-TINY_RUN = ("--hidden_size=64", "--intermediate_size=128", "--num_layers=2", "--num_heads=2", "--num_kv_heads=1",
-            "--head_dim=32", "--curriculum=128:3,160:2", "--tokens_per_step=512", "--num_records=4",
-            "--num_queries=2", "--warmup_steps=2", "--save_every=2", "--data_workers=0")
-# The probe's loss is checked against numpy in f32, so matmuls run in full f32 on a GPU too.
-pytestmark = pytest.mark.usefixtures("exact_f32_matmuls")
+COMMITTED_RUN = pathlib.Path(__file__).resolve().parent.parent / "experiments/results/retrieval_training/h200"
+TINY_RUN = ("--curriculum=128:3,160:2", "--tokens_per_step=512", "--num_records=4", "--num_queries=2",
+            "--warmup_steps=2")
 
 
 def _random_task(rng):
@@ -146,124 +146,56 @@ def test_bad_arguments_are_refused(length, num_records, num_queries, depth, fill
         retrieval_task.sequence(0, length, num_records, num_queries, depth, filler)
 
 
-def _train(output_dir, *extra_flags):
-    flags.FLAGS(["train_retrieval", f"--output_dir={output_dir}", *TINY_RUN, *extra_flags])
-    try:
-        train_retrieval.main([])
-    finally:
-        flags.FLAGS.unparse_flags()
+def test_the_training_task_draws_the_generators_batches(rng):
+    """A step's rows are `retrieval_task.batch` of the step's seed: the training script's data order for a seed."""
+    seed, length, num_records, num_queries = _random_task(rng)
+    task = RetrievalTask(num_records, num_queries, str(rng.choice(retrieval_task.FILLERS)))
+    step_index, batch_size = int(rng.integers(10_000)), int(rng.integers(1, 4))
+    for depth in (None, float(rng.uniform())):
+        got = TaskMixture.of(task).batch(seed, step_index, batch_size, length, depth)
+        want = retrieval_task.batch((seed, 0, step_index), batch_size, length, num_records, num_queries, depth,
+                                    task.filler)
+        for field in ("tokens", "loss_mask", "filler_mask"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    assert task.min_length() == retrieval_task.min_length(num_records, num_queries)
 
 
-def _log(output_dir):
-    with open(output_dir / "train_log.jsonl") as f:
-        return [json.loads(line) for line in f]
+@pytest.fixture
+def parse_flags():
+    """Parses a command line of the training script (its flags are reset afterwards)."""
+    yield lambda *argv: flags.FLAGS(["train_retrieval", *argv])
+    flags.FLAGS.unparse_flags()
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason=(
-    "bit-for-bit resumption needs deterministic training: on a GPU the cuDNN attention backward and scatter-adds "
-    "reduce in varying order, and XLA's --xla_gpu_deterministic_ops fails to compile this train step (jax 0.11.2)"))
-def test_training_runs_and_resumes_exactly(tmp_path, rng):
-    seed_value = int(rng.integers(1000))
-    seed = f"--seed={seed_value}"
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    _train(straight, seed, "--data_workers=2")  # the same batches, built by worker processes
-    _train(interrupted, seed, "--time_limit_s=1e-9")  # stops (and saves) after its first step
-    assert json.loads((interrupted / "train_state.json").read_text())["step"] == 1
-    _train(interrupted, seed, "--resume")
-    replayed = tmp_path / "replayed"
-    _train(replayed, seed, "--replay_fraction=1")  # every step of the second stage at the first's length
-
-    log = _log(straight)
-    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5]
-    # The default --replay_fraction sends some second-stage steps back to 128, drawn from the seed and step.
-    replay = flags.FLAGS["replay_fraction"].default
-    schedule = [train_retrieval.length_at([(128, 3), (160, 2)], step, replay, seed_value) for step in range(5)]
-    assert schedule[:3] == [128] * 3 and set(schedule[3:]) <= {128, 160}
-    assert [entry["length"] for entry in log] == schedule
-    assert [entry["length"] for entry in _log(replayed)] == [128] * 5
-    assert all(np.isfinite(entry["loss"]) for entry in log)
-    assert [entry["loss"] for entry in _log(interrupted)] == [entry["loss"] for entry in log]
-    state = json.loads((interrupted / "train_state.json").read_text())
-    assert (state["step"], state["stage"], state["length"]) == (5, 1, 160)
-    for name, load in (("model.safetensors", load_file), ("optimizer_state.npz", np.load),
-                       ("lookback_probe.npz", np.load)):
-        want, got = load(straight / name), load(interrupted / name)
-        assert set(want) == set(got)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: {key}")
-
-
-def test_training_with_a_filler_loss(tmp_path):
-    _train(tmp_path, "--filler=words", "--filler_loss_weight=0.5")
-    log = _log(tmp_path)
-    assert len(log) == 5 and all(np.isfinite(entry["loss"]) and np.isfinite(entry["filler_loss"]) for entry in log)
-    # Next-byte loss on filler starts near ln 256 (an untrained model) and is not the answer loss.
-    assert all(entry["filler_loss"] != entry["loss"] for entry in log) and log[0]["filler_loss"] > 3
-
-
-def test_replay_trains_some_steps_at_earlier_lengths_the_same_on_every_call():
-    curriculum = [(128, 50), (256, 50), (512, 400)]
-    lengths = [train_retrieval.length_at(curriculum, step, 0.25, seed=7) for step in range(500)]
-    assert lengths == [train_retrieval.length_at(curriculum, step, 0.25, seed=7) for step in range(500)]
-    assert lengths[:50] == [128] * 50  # nothing earlier to replay in the first stage
-    assert set(lengths[50:100]) == {128, 256}
-    last = np.array(lengths[100:])
-    assert set(last) == {128, 256, 512}
-    assert 0.18 < np.mean(last != 512) < 0.32  # a quarter replayed, split between the two earlier stages
-    assert [train_retrieval.length_at(curriculum, step, 0.0, seed=7) for step in range(500)] == (
-        [128] * 50 + [256] * 50 + [512] * 400)
-
-
-def test_placement_puts_some_steps_queried_records_together_at_a_depth_the_same_on_every_call():
-    depths = [train_retrieval.depth_at(step, 0.4, seed=3) for step in range(2000)]
-    assert depths == [train_retrieval.depth_at(step, 0.4, seed=3) for step in range(2000)]
-    placed = np.array([depth for depth in depths if depth is not None])
-    assert 0.35 < len(placed) / len(depths) < 0.45
-    assert np.all((placed >= 0) & (placed <= 1))
-    at_ends = np.isin(placed, (0.0, 1.0))
-    assert 0.4 < np.mean(at_ends) < 0.6 and 0.4 < np.mean(placed[at_ends]) < 0.6  # half at the ends, both ends
-    assert len(set(placed[~at_ends])) == np.sum(~at_ends)  # the rest drawn from a continuum
-    assert all(train_retrieval.depth_at(step, 0.0, seed=3) is None for step in range(100))
-
-
-def test_training_without_the_lookback_probe(tmp_path):
-    _train(tmp_path, "--lookback_tokens=0", "--placed_fraction=0.5")
-    log = _log(tmp_path)
-    assert len(log) == 5 and all(entry["lookback_loss"] == 0 for entry in log)
-    assert not (tmp_path / "lookback_probe.npz").exists()
-
-
-def test_lookback_probe_loss_matches_numpy(rng):
-    batch, length, hidden, vocab, back = 2, 9, 16, 7, 3
-    probe = train_retrieval.LookbackProbe(hidden, vocab, back, nnx.Rngs(int(rng.integers(1000))))
-    probe.norm.weight[...] = jnp.asarray(rng.uniform(0.5, 1.5, hidden), jnp.float32)
-    residual = rng.standard_normal((batch, length, hidden)).astype(np.float32)
-    tokens = rng.integers(0, vocab, (batch, length))
-    got = float(probe.loss(jnp.asarray(residual), jnp.asarray(tokens)))
-
-    x = residual.astype(np.float64)
-    normed = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * np.asarray(probe.norm.weight[...])
-    logits = (normed @ np.asarray(probe.readout.kernel[...], np.float64)).reshape(batch, length, back, vocab)
-    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    want = np.mean([np.mean([-log_probs[b, t, j - 1, tokens[b, t - j]] for b in range(batch)
-                             for t in range(j, length)]) for j in range(1, back + 1)])
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+def test_default_flags_are_the_committed_models_recipe(parse_flags):
+    parse_flags("--output_dir=unused")
+    saved = json.loads((COMMITTED_RUN / "train_state.json").read_text())["flags"]
+    assert {name: flags.FLAGS[name].value for name in saved} == saved
+    recipe = train_retrieval.recipe_from_flags()
+    assert recipe == loop.Recipe(
+        TaskMixture.of(RetrievalTask(num_records=8, num_queries=4, filler="random")),
+        curriculum.Curriculum(((256, 400), (1024, 300), (4096, 300), (16384, 300), (65536, 1100)),
+                              tokens_per_step=131_072, replay_fraction=0.1, placed_fraction=0.25),
+        OptimizerConfig(learning_rate=1e-3, warmup_steps=200, weight_decay=0.01, betas=(0.9, 0.95), clip_norm=1.0,
+                        final_fraction=0.1),
+        step.LossConfig(filler_loss_weight=0.0, lookback_tokens=3, lookback_loss_weight=1.0),
+        compute_dtype="bfloat16" if jax.default_backend() == "gpu" else "float32", seed=0)
+    # The committed run's 2,400 steps, with the replay's draws: every step's length and batch size.
+    with open(COMMITTED_RUN / "train_log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    assert [(entry["length"], entry["batch_size"]) for entry in log] == [
+        recipe.curriculum.plan(step_index, seed=0)[:2] for step_index in range(recipe.curriculum.total_steps)]
 
 
 @pytest.mark.parametrize("extra_flags,message", [
-    (("--curriculum=64:5",), "too short"),
+    (("--curriculum=64:5",), r"length 64 is too short for RetrievalTask\(num_records=4, num_queries=2"),
     (("--curriculum=128",), "LENGTH:STEPS"),
-    (("--eval_lengths=80",), "too short"),
-    (("--warmup_steps=10",), "warmup_steps"),
+    (("--eval_lengths=80",), "--eval_lengths: length 80 is too short"),
+    (("--warmup_steps=10",), r"warmup_steps \(10\) must be below the run's 5 steps"),
+    (("--num_records=1",), r"num_queries \(2\) <= num_records \(1\)"),
 ])
-def test_bad_flags_are_refused(tmp_path, extra_flags, message):
+def test_bad_flags_are_refused_before_training(tmp_path, parse_flags, extra_flags, message):
+    parse_flags(f"--output_dir={tmp_path / 'run'}", *TINY_RUN, *extra_flags)
     with pytest.raises(ValueError, match=message):
-        _train(tmp_path, *extra_flags)
-
-
-def test_resume_refuses_other_flags_and_a_fresh_run_refuses_a_used_folder(tmp_path):
-    _train(tmp_path, "--curriculum=128:2", "--warmup_steps=1")
-    with pytest.raises(ValueError, match="already holds a run"):
-        _train(tmp_path, "--curriculum=128:2", "--warmup_steps=1")
-    with pytest.raises(ValueError, match="other flags"):
-        _train(tmp_path, "--curriculum=128:2", "--warmup_steps=1", "--learning_rate=0.5", "--resume")
+        train_retrieval.main([])
+    assert not (tmp_path / "run").exists()
