@@ -61,13 +61,13 @@ def scored_log_probs(model: Llama, tokens: jax.Array, scored: jax.Array,
     for index, layer in enumerate(model.layers):
         tau = None if thresholds is None else thresholds.layer(index)
         shift = None if head_shifts is None else head_shifts[index]
-        hidden, qkv = _layer(layer, hidden, positions, tau, shift)
+        hidden, qkv = _run_layer(layer, hidden, positions, tau, shift)
         qkvs.append(qkv)
     return jax.nn.log_softmax(model.logits(hidden[:, scored]), axis=-1), qkvs
 
 
-def _layer(layer: DecoderLayer, hidden: jax.Array, positions: jax.Array, tau: jax.Array | None = None,
-           head_shift: jax.Array | None = None):
+def _run_layer(layer: DecoderLayer, hidden: jax.Array, positions: jax.Array, tau: jax.Array | None = None,
+               head_shift: jax.Array | None = None):
     """One decoder layer as the prefill runs it, with `head_shift` added to its head outputs: the residual stream
     after it, and its `(q, k, v)`."""
     q, k, v = layer.attention_inputs(hidden, positions)
@@ -77,7 +77,7 @@ def _layer(layer: DecoderLayer, hidden: jax.Array, positions: jax.Array, tau: ja
     return layer.after_attention(hidden, heads), (q, k, v)
 
 
-_dense_layer = nnx.jit(_layer)  # every layer has the same structure: compiled once
+_dense_layer = nnx.jit(_run_layer)  # every layer has the same structure: compiled once
 
 
 @nnx.jit
