@@ -9,13 +9,16 @@ Recipes:
   answer).
 - `"density_budget"`: the thresholds that spend a mean density of `density` where it costs the model least.
 The budget recipes price each head's thresholds by the first-order change of the model's loss on its own greedy
-predictions (`sale_jax.budget_calibration`); no task labels are used.
+predictions (`sale_jax.calibration.costs`); no task labels are used.
+
+The forward passes measured here run the decoder's own layer steps (`DecoderLayer.attention_inputs`,
+`Attention.attend`, `DecoderLayer.after_attention`) layer by layer, keeping each layer's post-RoPE `(q, k, v)` and
+adding a shift to its head outputs: the model itself carries no calibration arguments (docs/models.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +28,66 @@ from tqdm.auto import tqdm
 
 import sale_jax
 from models import llama
-from models.llama import Llama
-from sale_jax import budget_calibration
+from models.llama import DecoderLayer, Llama
+from sale_jax import calibration
 
 RECIPES = ("paper", "kl_budget", "density_budget")
-DEFAULT_KL_BUDGET = 0.01
 DEFAULT_SCORE_TOKENS = 256
 
 
-def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "paper", *, theta: float = 0.4,
-                    kl_budget: float = DEFAULT_KL_BUDGET, density: float | None = None,
+def attention_inputs(model: Llama, tokens: jax.Array) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+    """Runs a dense forward pass one layer at a time, yielding each layer's post-RoPE `(q, k, v)`: the inputs a
+    calibration sees, with every layer fed exact (dense) activations. Only one layer's inputs are alive at a
+    time when the caller consumes them as they come."""
+    positions = llama.prompt_positions(tokens)
+    hidden = _embed(model, tokens)
+    for layer in model.layers:
+        hidden, qkv = _dense_layer(layer, hidden, positions)
+        yield qkv
+
+
+def scored_log_probs(model: Llama, tokens: jax.Array, scored: jax.Array,
+                     thresholds: sale_jax.Thresholds | None = None, head_shifts: list[jax.Array] | None = None):
+    """The forward pass the budget recipes measure: f32 log-probabilities `[B, P, V]` of the next token at
+    positions `scored: int [P]` of every sequence, and each layer's post-RoPE `(q, k, v)`.
+
+    Attention is SALE at `thresholds` under the model's `SaleConfig`, dense when `thresholds` is None.
+    `head_shifts` (per layer, `[B, T, N, H]`) are added to each layer's head outputs before its output projection:
+    at zero, their gradient is the loss's sensitivity to each head's output (what the budget recipes weigh
+    attention errors by).
+    """
+    positions = llama.prompt_positions(tokens)
+    hidden, qkvs = model.embed_tokens(tokens), []
+    for index, layer in enumerate(model.layers):
+        tau = None if thresholds is None else thresholds.layer(index)
+        shift = None if head_shifts is None else head_shifts[index]
+        hidden, qkv = _run_layer(layer, hidden, positions, tau, shift)
+        qkvs.append(qkv)
+    return jax.nn.log_softmax(model.logits(hidden[:, scored]), axis=-1), qkvs
+
+
+def _run_layer(layer: DecoderLayer, hidden: jax.Array, positions: jax.Array, tau: jax.Array | None = None,
+               head_shift: jax.Array | None = None):
+    """One decoder layer as the prefill runs it, with `head_shift` added to its head outputs: the residual stream
+    after it, and its `(q, k, v)`."""
+    q, k, v = layer.attention_inputs(hidden, positions)
+    heads, _ = layer.self_attn.attend(q, k, v, tau)
+    if head_shift is not None:
+        heads = heads + head_shift.astype(heads.dtype)
+    return layer.after_attention(hidden, heads), (q, k, v)
+
+
+_dense_layer = nnx.jit(_run_layer)  # every layer has the same structure: compiled once
+
+
+@nnx.jit
+def _embed(model: Llama, tokens: jax.Array) -> jax.Array:
+    return model.embed_tokens(tokens)
+
+
+def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "paper", *,
+                    theta: float = calibration.DEFAULT_THETA, kl_budget: float = calibration.DEFAULT_KL_BUDGET,
+                    density: float = calibration.DEFAULT_DENSITY_BUDGET,
                     score_tokens: int = DEFAULT_SCORE_TOKENS, scored_positions: Sequence | None = None,
                     cost: str = "first_order", model_name: str = "", progress: bool = True,
                     **search) -> sale_jax.Thresholds:
@@ -58,24 +111,23 @@ def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "p
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     if recipe == "paper":
-        samples = [model.attention_inputs(jnp.atleast_2d(jnp.asarray(prompt, jnp.int32))) for prompt in prompts]
-        return sale_jax.calibrate(samples, config.num_layers, config.num_heads, config.sale, theta=theta,
-                                  model_name=model_name, progress=progress, **search)
+        samples = [attention_inputs(model, jnp.atleast_2d(jnp.asarray(prompt, jnp.int32))) for prompt in prompts]
+        return calibration.calibrate(samples, config.num_layers, config.num_heads, config.sale, theta=theta,
+                                     model_name=model_name, progress=progress, **search)
     if search:
         raise ValueError(f"recipe {recipe!r} takes no {sorted(search)}")
-    if cost not in budget_calibration.COSTS:
-        raise ValueError(f"cost must be one of {budget_calibration.COSTS}, got {cost!r}")
+    if cost not in calibration.COSTS:
+        raise ValueError(f"cost must be one of {calibration.COSTS}, got {cost!r}")
     if recipe == "kl_budget" and not kl_budget > 0:
         raise ValueError(f"kl_budget must be > 0 nats, got {kl_budget}")
-    if recipe == "density_budget" and not (density is not None and 0 < density <= 1):
-        raise ValueError(f"the density_budget recipe needs density in (0, 1], got {density}")
+    if recipe == "density_budget":
+        calibration.check_density_budget(density)
     if not score_tokens >= 1:
         raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
     prompts = [jnp.atleast_2d(jnp.asarray(prompt, jnp.int32)) for prompt in prompts]
     scored = _scored(prompts, score_tokens, scored_positions)
 
-    sale_config = dataclasses.replace(config.sale, dense_below=0)
-    sale_model = llama.with_attention(model, "sale", sale_config)
+    sale_model = llama.with_attention(model, "sale", calibration.measured_config(config.sale))
     references, table = _cost_table(sale_model, prompts, scored, cost, progress)
 
     measured_kl = {}  # by allocation: the search's own measurements, reused for the recipe's record
@@ -99,7 +151,7 @@ def calibrate_model(model: Llama, prompts: Sequence[jax.Array], recipe: str = "p
             bar.set_postfix(kl=f"{value:.3g}", density=f"{table.mean_density(taus):.3f}")
             return value <= kl_budget
 
-        _, taus = budget_calibration.search_price(table, within_budget)
+        _, taus = calibration.search_price(table, within_budget)
         bar.close()
     params = {"name": recipe, "cost": cost, "prompts": len(prompts), "calibration_density": table.mean_density(taus),
               **({"scored": "end", "score_tokens": score_tokens} if scored_positions is None else
@@ -135,24 +187,22 @@ def _scored(prompts: list[jax.Array], score_tokens: int, scored_positions: Seque
 def _cost_table(sale_model: Llama, prompts, scored_positions: list[jax.Array], cost: str, progress: bool):
     """The dense model's scored log-probabilities per prompt, and the heads' cost table averaged over prompts."""
     config = sale_model.config
-    shape = (config.num_layers, len(budget_calibration.TAU_GRID), config.num_heads)
+    shape = (config.num_layers, len(calibration.TAU_GRID), config.num_heads)
     cost_sum, density_sum = np.zeros(shape), np.zeros(shape)
-    dense_model = llama.with_attention(sale_model, "dense")
     references = []
     with tqdm(total=len(prompts) * config.num_layers, desc="pricing heads", unit="layer",
               disable=not progress) as bar:
         for tokens, scored in zip(prompts, scored_positions):
-            dense, qkvs, grads = _dense_sensitivities(dense_model, tokens, scored)
+            dense, qkvs, grads = _dense_sensitivities(sale_model, tokens, scored)
             references.append((tokens, scored, dense))
             for layer, ((q, k, v), grad) in enumerate(zip(qkvs, grads)):
-                layer_cost, layer_density = budget_calibration.head_costs(
+                layer_cost, layer_density = calibration.head_costs(
                     q, k, v, config.sale, grad if cost == "first_order" else None)
                 cost_sum[layer] += layer_cost
                 density_sum[layer] += layer_density
                 bar.update(1)
     count = len(prompts)
-    return references, budget_calibration.CostTable(cost_sum / count, density_sum / count,
-                                                   budget_calibration.TAU_GRID)
+    return references, calibration.CostTable(cost_sum / count, density_sum / count, calibration.TAU_GRID)
 
 
 @nnx.jit
@@ -164,7 +214,7 @@ def _dense_sensitivities(model: Llama, tokens: jax.Array, scored: jax.Array):
     shifts = [jnp.zeros(shape, jnp.float32) for _ in range(model.config.num_layers)]
 
     def log_probs(head_shifts):
-        return model.scored_log_probs(tokens, scored, head_shifts=head_shifts)
+        return scored_log_probs(model, tokens, scored, head_shifts=head_shifts)
 
     log_p, pullback, qkvs = jax.vjp(log_probs, shifts, has_aux=True)
     greedy = jax.nn.one_hot(jnp.argmax(log_p, axis=-1), log_p.shape[-1], dtype=log_p.dtype)
@@ -176,5 +226,5 @@ def _dense_sensitivities(model: Llama, tokens: jax.Array, scored: jax.Array):
 def _kl_from_dense(model: Llama, tokens: jax.Array, scored: jax.Array, dense_log_p: jax.Array,
                    thresholds: sale_jax.Thresholds) -> jax.Array:
     """Mean KL divergence (nats) of the SALE model's next-token distribution from the dense one at `scored`."""
-    log_p, _ = model.scored_log_probs(tokens, scored, thresholds)
+    log_p, _ = scored_log_probs(model, tokens, scored, thresholds)
     return jnp.mean(jnp.sum(jnp.exp(dense_log_p) * (dense_log_p - log_p), axis=-1))

@@ -6,6 +6,11 @@ head, H head dim, V vocabulary. Prefill runs the whole prompt through dense or S
 cache; decoding continues one token at a time with dense attention over the cache. Batches of prompts of different
 lengths are right-padded: causal attention keeps real tokens from ever seeing the padding, and each sequence's
 cache is read and extended at its own length.
+
+A decoder layer is three steps: `DecoderLayer.attention_inputs` (norm, projections, RoPE), `Attention.attend`
+(attention over the prompt) and `DecoderLayer.after_attention` (output projection, MLP, residuals). The prefill
+composes them; threshold calibration (`models.calibration`) composes the same steps, reading each layer's
+`(q, k, v)` and perturbing its head outputs between them, so the decoder carries no calibration arguments.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
 
-    def _qkv(self, x: jax.Array, positions: jax.Array):
+    def project(self, x: jax.Array, positions: jax.Array):
+        """Post-RoPE `q [B, T, N, H]`, `k, v [B, T, K, H]` of the normed residual stream `x [B, T, D]`."""
         batch, length, _ = x.shape
         c = self.config
         q = self.q_proj(x).reshape(batch, length, c.num_heads, c.head_dim)
@@ -79,31 +85,29 @@ class Attention(nnx.Module):
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def prefill(self, x: jax.Array, positions: jax.Array, tau: jax.Array | None, head_shift: jax.Array | None = None):
-        """Attention over the prompt: SALE with thresholds `tau [N]`, dense when `tau` is None. Returns the output,
-        this layer's post-RoPE (q, k, v), and the density of kept blocks (1 for dense). `head_shift` (`[B, T, N, H]`)
-        is added to the heads' outputs before the output projection: at zero, its gradient is the loss's
-        sensitivity to each head's output (what threshold calibration weighs attention errors by)."""
-        q, k, v = self._qkv(x, positions)
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, tau: jax.Array | None):
+        """Causal attention over the prompt: SALE with thresholds `tau [N]`, dense when `tau` is None. Returns the
+        heads' outputs `[B, T, N, H]` and the density of kept blocks (1 for dense)."""
         mesh = self.config.mesh
         if tau is None:
             dense = sale_jax.dense_attention(q, k, v) if mesh is None else sharding.dense_attention(q, k, v, mesh=mesh)
-            out, density = dense, jnp.float32(1.0)
+            return dense, jnp.float32(1.0)
+        if mesh is None:
+            out, layout = sale_jax.nn.dot_product_attention(q, k, v, is_causal=True, tau=tau, config=self.config.sale,
+                                                            return_layout=True)
         else:
-            if mesh is None:
-                out, layout = sale_jax.nn.dot_product_attention(q, k, v, is_causal=True, tau=tau,
-                                                                config=self.config.sale, return_layout=True)
-            else:
-                out, layout = sharding.sale_attention(q, k, v, tau, self.config.sale, mesh=mesh, return_layout=True)
-            density = layout.density()
-        if head_shift is not None:
-            out = out + head_shift.astype(out.dtype)
-        return self.o_proj(out.reshape(*x.shape[:2], -1)), (q, k, v), density
+            out, layout = sharding.sale_attention(q, k, v, tau, self.config.sale, mesh=mesh, return_layout=True)
+        return out, layout.density()
+
+    def output(self, heads: jax.Array) -> jax.Array:
+        """The output projection of the heads' outputs `[B, T, N, H]`: `[B, T, D]`."""
+        return self.o_proj(heads.reshape(*heads.shape[:2], -1))
 
     def decode(self, x: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array):
-        """One new token per sequence (`x: [B, 1, D]`) at position `lengths`; dense attention over the cache."""
+        """One new token per sequence (`x: [B, 1, D]`) at position `lengths`; dense attention over the cache. Returns
+        the heads' outputs `[B, 1, N, H]` and the cache's keys and values with the token's written in."""
         c = self.config
-        q, k, v = self._qkv(x, lengths[:, None])
+        q, k, v = self.project(x, lengths[:, None])
         batch_index = jnp.arange(x.shape[0])
         keys = keys.at[batch_index, lengths].set(k[:, 0])
         values = values.at[batch_index, lengths].set(v[:, 0])
@@ -114,7 +118,7 @@ class Attention(nnx.Module):
         visible = jnp.arange(keys.shape[1])[None, :] <= lengths[:, None]  # [B, S]
         weights = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, -jnp.inf), axis=-1)
         out = jnp.einsum("BKGS,BSKH->BKGH", weights.astype(values.dtype), values)
-        return self.o_proj(out.reshape(x.shape[0], 1, -1)), keys, values
+        return out.reshape(x.shape[0], 1, c.num_heads, c.head_dim), keys, values
 
 
 class DecoderLayer(nnx.Module):
@@ -125,15 +129,26 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, rngs)
 
-    def prefill(self, x, positions, tau, head_shift=None):
-        attended, qkv, density = self.self_attn.prefill(self.input_layernorm(x), positions, tau, head_shift)
-        x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x)), qkv, density
+    def attention_inputs(self, x: jax.Array, positions: jax.Array):
+        """This layer's post-RoPE `(q, k, v)` for the residual stream `x [B, T, D]` before it."""
+        return self.self_attn.project(self.input_layernorm(x), positions)
+
+    def after_attention(self, x: jax.Array, heads: jax.Array) -> jax.Array:
+        """The residual stream after this layer, from the one before it (`x`) and its attention's head outputs
+        (`heads [B, T, N, H]`): the output projection, then the MLP, each added to the stream."""
+        x = x + self.self_attn.output(heads)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def prefill(self, x: jax.Array, positions: jax.Array, tau: jax.Array | None):
+        """The layer over the prompt (`Attention.attend`); returns the residual stream after it, its post-RoPE
+        `(k, v)` for the cache and the density of kept blocks."""
+        q, k, v = self.attention_inputs(x, positions)
+        heads, density = self.self_attn.attend(q, k, v, tau)
+        return self.after_attention(x, heads), (k, v), density
 
     def decode(self, x, keys, values, lengths):
-        attended, keys, values = self.self_attn.decode(self.input_layernorm(x), keys, values, lengths)
-        x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x)), keys, values
+        heads, keys, values = self.self_attn.decode(self.input_layernorm(x), keys, values, lengths)
+        return self.after_attention(x, heads), keys, values
 
 
 class Llama(nnx.Module):
@@ -147,7 +162,9 @@ class Llama(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size, dtype,
                                                                         rngs)
 
-    def _logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """f32 next-token logits `[B, T, V]` of the residual stream after the last layer: the final norm, then the
+        LM head (the embedding, when tied)."""
         hidden = self.norm(hidden)
         logits = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return logits.astype(jnp.float32)
@@ -170,11 +187,11 @@ class Llama(nnx.Module):
         cache_size = length if cache_size is None else cache_size
         if cache_size < length:
             raise ValueError(f"cache_size {cache_size} is smaller than the prompt length {length}")
-        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        positions = prompt_positions(tokens)
         hidden = self.embed_tokens(tokens)
         keys, values, densities = [], [], []
         for index, layer in enumerate(self.layers):
-            hidden, (_, k, v), density = layer.prefill(hidden, positions, self._layer_tau(thresholds, index))
+            hidden, (k, v), density = layer.prefill(hidden, positions, self._layer_tau(thresholds, index))
             pad = ((0, 0), (0, cache_size - length), (0, 0), (0, 0))
             keys.append(jnp.pad(k, pad))
             values.append(jnp.pad(v, pad))
@@ -182,42 +199,19 @@ class Llama(nnx.Module):
         cache = KVCache(jnp.stack(keys), jnp.stack(values), lengths.astype(jnp.int32))
         if not all_logits:
             hidden = hidden[jnp.arange(batch), lengths - 1][:, None]
-        logits = self._logits(hidden) if all_logits else self._logits(hidden)[:, 0]
+        logits = self.logits(hidden) if all_logits else self.logits(hidden)[:, 0]
         return (logits, cache, jnp.stack(densities)) if return_density else (logits, cache)
 
     def train_forward(self, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         """Dense forward pass over whole sequences `tokens: int [B, T]`, for training: f32 logits `[B, T, V]` and
         the residual stream after each layer (`[B, T, D]` each, for auxiliary losses on what a layer has
         gathered)."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        positions = prompt_positions(tokens)
         hidden, residuals = self.embed_tokens(tokens), []
         for layer in self.layers:
             hidden, _, _ = layer.prefill(hidden, positions, None)
             residuals.append(hidden)
-        return self._logits(hidden), residuals
-
-    def scored_log_probs(self, tokens: jax.Array, scored: jax.Array, thresholds: sale_jax.Thresholds | None = None,
-                         head_shifts: list[jax.Array] | None = None):
-        """f32 log-probabilities `[B, P, V]` of the next token at positions `scored: int [P]` of every sequence,
-        and each layer's post-RoPE `(q, k, v)`; `head_shifts` (per layer, `[B, T, N, H]`) as in
-        `Attention.prefill`."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        hidden, qkvs = self.embed_tokens(tokens), []
-        for index, layer in enumerate(self.layers):
-            shift = None if head_shifts is None else head_shifts[index]
-            hidden, qkv, _ = layer.prefill(hidden, positions, self._layer_tau(thresholds, index), shift)
-            qkvs.append(qkv)
-        return jax.nn.log_softmax(self._logits(hidden[:, scored]), axis=-1), qkvs
-
-    def attention_inputs(self, tokens: jax.Array):
-        """Runs a dense forward pass one layer at a time, yielding each layer's post-RoPE `(q, k, v)`: the inputs a
-        calibration sees, with every layer fed exact (dense) activations. Only one layer's inputs are alive at a
-        time when the caller consumes them as they come."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        hidden = _embed(self, tokens)
-        for layer in self.layers:
-            hidden, qkv = _dense_layer(layer, hidden, positions)
-            yield qkv
+        return self.logits(hidden), residuals
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One token per sequence (`tokens: int [B]`) at each sequence's own position; returns logits `[B, V]`."""
@@ -227,7 +221,12 @@ class Llama(nnx.Module):
             hidden, k, v = layer.decode(hidden, cache.keys[index], cache.values[index], cache.lengths)
             keys.append(k)
             values.append(v)
-        return self._logits(hidden)[:, 0], KVCache(jnp.stack(keys), jnp.stack(values), cache.lengths + 1)
+        return self.logits(hidden)[:, 0], KVCache(jnp.stack(keys), jnp.stack(values), cache.lengths + 1)
+
+
+def prompt_positions(tokens: jax.Array) -> jax.Array:
+    """int `[B, T]`: each prompt's token positions, 0 to T - 1."""
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
 
 def with_config(model: Llama, **changes) -> Llama:
@@ -240,18 +239,6 @@ def with_config(model: Llama, **changes) -> Llama:
 def with_attention(model: Llama, attention: str, sale: sale_jax.SaleConfig | None = None) -> Llama:
     """The same weights behind another attention choice, e.g. a dense model's SALE twin."""
     return with_config(model, attention=attention, sale=sale or model.config.sale)
-
-
-@nnx.jit
-def _embed(model: Llama, tokens: jax.Array) -> jax.Array:
-    return model.embed_tokens(tokens)
-
-
-@nnx.jit
-def _dense_layer(layer: DecoderLayer, hidden: jax.Array, positions: jax.Array):
-    """One decoder layer with dense attention (every layer has the same structure: compiled once)."""
-    hidden, qkv, _ = layer.prefill(hidden, positions, None)
-    return hidden, qkv
 
 
 @nnx.jit(static_argnames=("return_density", "all_logits"))

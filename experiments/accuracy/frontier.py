@@ -11,7 +11,7 @@ Methods (all keep the same sink and local blocks; they differ in how they pick m
   sale_calibrated SALE with per-head thresholds calibrated (sale_jax.calibrate) on another sample of the same
                  heads (same head_seed, different seed), per theta;
   sale_density_budget SALE with per-head thresholds from the density_budget recipe, heads priced by their per-row
-                 L1 error (sale_jax.budget_calibration) on the calibration sample: at the density each theta's
+                 L1 error (sale_jax.calibration.costs) on the calibration sample: at the density each theta's
                  calibrated thresholds keep there, and at each of --budget_densities;
   sale_exact     SALE's rule with exact bf16/f32 scores instead of the 4-bit estimate ("without QK quant");
   sink_local     nothing else;
@@ -32,7 +32,7 @@ from absl import app, flags
 import sale_jax
 from experiments.lib import flags as common, results, selection_baselines, workloads
 from experiments.lib.selection_metrics import layout_metrics, scored_pairs
-from sale_jax import budget_calibration
+from sale_jax import calibration
 from sale_jax.reference.selection import selection_margins_reference
 
 _SEQ_LEN = common.define_seq_len(4096)
@@ -106,8 +106,8 @@ def main(argv):
         evaluate("sale", f"tau={tau}", sale_jax.select_blocks(q, k, uniform, config).to_mask())
         evaluate("sale_exact", f"tau={tau}", sale_mask(uniform, "exact"))
     cal_q, cal_k, cal_v = calibration_work.q, calibration_work.k, calibration_work.v
-    costs = budget_calibration.CostTable(*(table[None] for table in budget_calibration.head_costs(
-        cal_q, cal_k, cal_v, config)), budget_calibration.TAU_GRID)
+    costs = calibration.CostTable(*(table[None] for table in calibration.head_costs(cal_q, cal_k, cal_v, config)),
+                                  calibration.TAU_GRID)
 
     def evaluate_budget(density, knob):
         taus = costs.spend(density)[0]

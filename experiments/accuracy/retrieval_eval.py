@@ -35,7 +35,6 @@ import sale_jax
 from experiments.lib import flags as common, results, retrieval_scoring, retrieval_task
 from experiments.lib import timing
 from models import calibration, checkpoint, llama
-from sale_jax import budget_calibration
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face folder of the trained model.", required=True)
 _OUTPUT = common.define_output()
@@ -46,15 +45,16 @@ _TASK = common.RetrievalTaskFlags.define()  # as trained
 _TOKENS_PER_BATCH = flags.DEFINE_integer("tokens_per_batch", 131_072, "Sequences per call: this // length.",
                                          lower_bound=1)
 _RECIPES = flags.DEFINE_list("recipes", ["paper"], f"Calibration recipes compared, of {calibration.RECIPES}.")
-_THETA = flags.DEFINE_float("theta", 0.4, "The paper recipe's per-row L1 error bound.")
-_KL_BUDGET = flags.DEFINE_float("kl_budget", calibration.DEFAULT_KL_BUDGET,
+_THETA = flags.DEFINE_float("theta", sale_jax.calibration.DEFAULT_THETA, "The paper recipe's per-row L1 error bound.")
+_KL_BUDGET = flags.DEFINE_float("kl_budget", sale_jax.calibration.DEFAULT_KL_BUDGET,
                                 "The kl_budget recipe's mean KL divergence from dense (nats).")
-_DENSITY_BUDGET = flags.DEFINE_float("density_budget", 0.1, "The density_budget recipe's mean density.")
+_DENSITY_BUDGET = flags.DEFINE_float("density_budget", sale_jax.calibration.DEFAULT_DENSITY_BUDGET,
+                                     "The density_budget recipe's mean density.")
 _SCORE_TOKENS = flags.DEFINE_integer("score_tokens", calibration.DEFAULT_SCORE_TOKENS,
                                      "With --scored=end: the budget recipes score each calibration prompt's last "
                                      "this many positions.")
 _COSTS = flags.DEFINE_list("costs", ["first_order"], "The budget recipes' prices of a head's attention error, "
-                          f"of {budget_calibration.COSTS}: each budget recipe is calibrated under each.")
+                          f"of {sale_jax.calibration.COSTS}: each budget recipe is calibrated under each.")
 _SCORED = flags.DEFINE_enum("scored", "answers", ["answers", "end"], "The budget recipes score the model's own "
                             "predictions where it answers (the positions it was trained on), or at the end of "
                             "each calibration prompt (--score_tokens).")
@@ -192,9 +192,9 @@ def main(argv):
     unknown = sorted(set(_RECIPES.value) - set(calibration.RECIPES))
     if unknown:
         raise ValueError(f"--recipes: unknown {unknown}; accepted: {calibration.RECIPES}")
-    unknown = sorted(set(_COSTS.value) - set(budget_calibration.COSTS))
+    unknown = sorted(set(_COSTS.value) - set(sale_jax.calibration.COSTS))
     if unknown:
-        raise ValueError(f"--costs: unknown {unknown}; accepted: {budget_calibration.COSTS}")
+        raise ValueError(f"--costs: unknown {unknown}; accepted: {sale_jax.calibration.COSTS}")
     for length in lengths + [_CALIBRATION_LENGTH.value]:
         if length < retrieval_task.min_length(_TASK.num_records.value, _TASK.num_queries.value):
             raise ValueError(f"length {length} is too short for {_TASK.num_records.value} records and "

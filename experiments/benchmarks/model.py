@@ -28,6 +28,7 @@ import sale_jax
 from experiments.lib import flags as common, results
 from experiments.lib.timing import median_seconds
 from models import checkpoint, llama
+from models.calibration import attention_inputs
 from models.config import LlamaConfig
 from models.sharding import make_mesh, shard_batch, shard_llama
 from sale_jax import sharding
@@ -93,7 +94,7 @@ def main(argv):
         return median_seconds(fn, _REPEATS.value, warmup=_WARMUP.value) * 1e3
 
     layers = []
-    for index, (q, k, v) in enumerate(dense_model.attention_inputs(tokens) if _TIME_LAYERS.value else ()):
+    for index, (q, k, v) in enumerate(attention_inputs(dense_model, tokens) if _TIME_LAYERS.value else ()):
         tau = thresholds.layer(index)
         _, layout = attend(q, k, v, tau, sale_model.config.sale, return_layout=True)
         layers.append({

@@ -11,7 +11,7 @@ evaluation uses), or --tokens (prompts.npy, int [N, T], for a model with its own
 (models.calibration) is the paper's (bound --theta; each layer's (q, k, v) captured from the dense forward pass one
 layer at a time) or a budget recipe: the sparsest thresholds whose model stays within --kl_budget nats of dense, or
 spends --density_budget. Without a checkpoint the paper recipe or the density_budget recipe (heads priced by their
-per-row L1 error, `sale_jax.budget_calibration.calibrate_to_density`) runs, each layer of each sample an independent
+per-row L1 error, `sale_jax.calibration.calibrate_to_density`) runs, each layer of each sample an independent
 draw of `experiments.lib.workloads.llm_like_qkv`. The thresholds file records the model's name, the recipe with its
 parameters and the `SaleConfig` it was calibrated under (`sale_jax.Thresholds.save`).
 """
@@ -27,7 +27,7 @@ import sale_jax
 from experiments.lib import flags as common, retrieval_task, workloads
 from experiments.lib.kv_prompts import json_kv_prompt
 from models import calibration as model_calibration, checkpoint
-from sale_jax import budget_calibration, calibration
+from sale_jax import calibration
 
 _OUTPUT = flags.DEFINE_string("output", None, "Thresholds file to write (JSON).", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face folder (a supported family) to calibrate.")
@@ -37,15 +37,16 @@ _PROMPTS = flags.DEFINE_enum("prompts", "json_kv", ["json_kv", "retrieval"], "Wi
 _TASK = common.RetrievalTaskFlags.define()  # --prompts=retrieval: as the model was trained
 _RECIPE = flags.DEFINE_enum("recipe", "paper", list(model_calibration.RECIPES), "Calibration recipe (kl_budget "
                             "needs --checkpoint).")
-_KL_BUDGET = flags.DEFINE_float("kl_budget", model_calibration.DEFAULT_KL_BUDGET,
+_KL_BUDGET = flags.DEFINE_float("kl_budget", calibration.DEFAULT_KL_BUDGET,
                                 "kl_budget recipe: mean KL divergence from dense (nats).")
-_DENSITY_BUDGET = flags.DEFINE_float("density_budget", 0.1, "density_budget recipe: mean density.")
+_DENSITY_BUDGET = flags.DEFINE_float("density_budget", calibration.DEFAULT_DENSITY_BUDGET,
+                                     "density_budget recipe: mean density.")
 _SCORE_TOKENS = flags.DEFINE_integer("score_tokens", model_calibration.DEFAULT_SCORE_TOKENS,
                                      "Budget recipes with --scored=end: positions scored at the end of each prompt.")
 _SCORED = flags.DEFINE_enum("scored", "end", ["end", "answers"], "Budget recipes: score the model's predictions at "
                             "each prompt's last --score_tokens positions, or (--prompts=retrieval) where the "
                             "retrieval model answers (its own predictions there, not the true answers).")
-_COST = flags.DEFINE_enum("cost", "first_order", list(budget_calibration.COSTS),
+_COST = flags.DEFINE_enum("cost", "first_order", list(calibration.COSTS),
                           "Budget recipes: the price of a head's attention error.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Calibration samples.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Layers (synthetic only).")
@@ -107,7 +108,7 @@ def main(argv):
     elif _RECIPE.value == "kl_budget":
         raise ValueError("--recipe=kl_budget measures a model's output distribution: it needs --checkpoint")
     elif _RECIPE.value == "density_budget":
-        thresholds = budget_calibration.calibrate_to_density(
+        thresholds = calibration.calibrate_to_density(
             synthetic_layer_samples(dtype), _NUM_LAYERS.value, _HEADS.q_heads.value, config, _DENSITY_BUDGET.value,
             model_name=f"synthetic-llm-like-{_SEQ_LEN.value}")
     else:

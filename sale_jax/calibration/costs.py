@@ -1,8 +1,9 @@
-"""Thresholds chosen by what they cost a model: the sparsest per-head thresholds within a budget.
+"""Cost tables: what each head's thresholds cost, and the thresholds a price buys.
 
 The paper's recipe bounds each head's per-row L1 error of the attention output. That error is measured in the
-units of V and counts output the rest of the network ignores as much as the few keys an answer rests on. Here
-each (layer, head) instead gets a cost per candidate threshold, and the thresholds are spent where they cost least:
+units of V and counts output the rest of the network ignores as much as the few keys an answer rests on. The
+budget recipes instead give each (layer, head) a cost per candidate threshold, and spend the thresholds where they
+cost least:
 
 1. Costs. For every threshold of a log-spaced grid on both sides of the default (`TAU_GRID`; 0 is the dense
    head), SALE runs on each layer's own inputs from a dense forward pass. A head's cost is the first-order change
@@ -12,7 +13,7 @@ each (layer, head) instead gets a cost per candidate threshold, and the threshol
 2. Allocation. For a price `lam`, each head takes the threshold that minimizes `density + lam * cost`; a larger
    price buys accuracy with density. A head whose cost is flat takes the largest threshold (sink and local
    only: a streaming head); one whose cost rises early stays near dense.
-3. Budget. The price is bisected (in log space) to the cheapest allocation whose measured objective (the model's
+3. Price. The price is bisected (in log space) to the cheapest allocation whose measured objective (the model's
    KL divergence from dense, or the mean density) meets the user's budget. Every step is one evaluation of the
    objective, so the search costs `len(TAU_GRID)` SALE calls per layer plus a few whole-model evaluations:
    linear in layers.
@@ -21,17 +22,17 @@ each (layer, head) instead gets a cost per candidate threshold, and the threshol
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from sale_jax.api import dense_attention, sale_attention
-from sale_jax.calibration import layer_inputs
+from sale_jax.calibration.inputs import measured_config
+from sale_jax.calibration.paper import per_row_l1_error
 from sale_jax.config import SaleConfig
-from sale_jax.thresholds import DEFAULT_TAU, Thresholds
+from sale_jax.thresholds import DEFAULT_TAU
 
 # 0 (dense), then DEFAULT_TAU * 2**k from 1/8 to 2048 times the default: 0.001 ... 16.4, then inf. At 16.4 a
 # middle key must outweigh every sink and local key together many times over, so hardly any middle block remains;
@@ -81,20 +82,21 @@ def head_costs(q: jax.Array, k: jax.Array, v: jax.Array, config: SaleConfig, out
     model's loss; `None` takes the paper's per-row L1 error.
     """
     dense = dense_attention(q, k, v, scale=config.scale).astype(jnp.float32)
-    config = dataclasses.replace(config, dense_below=0)
+    config = measured_config(config)
     costs, densities = [], []
     for tau in taus:
         out, layout = sale_attention(q, k, v, jnp.full((q.shape[2],), tau, jnp.float32), config,
                                      return_layout=True)
-        costs.append(_cost(out.astype(jnp.float32) - dense, output_grad))
+        costs.append(_cost(out, dense, output_grad))
         densities.append(layout.density_per_head())
     return np.asarray(jnp.stack(costs)), np.asarray(jnp.stack(densities))
 
 
 @jax.jit
-def _cost(delta: jax.Array, output_grad: jax.Array | None) -> jax.Array:
+def _cost(out: jax.Array, dense: jax.Array, output_grad: jax.Array | None) -> jax.Array:
     if output_grad is None:
-        return jnp.abs(delta).sum(axis=(0, 1, 3)) / (delta.shape[0] * delta.shape[1])
+        return per_row_l1_error(out, dense)
+    delta = out.astype(jnp.float32) - dense
     per_row = jnp.einsum("bthd,bthd->bth", delta, output_grad.astype(jnp.float32))
     return jnp.abs(per_row).sum(axis=(0, 1))
 
@@ -136,28 +138,3 @@ def search_price(table: CostTable, within_budget: Callable[[np.ndarray], bool],
             low = middle
     edge = high if accepted_above else low
     return float(np.exp(edge)), table.allocate(np.exp(edge))
-
-
-def calibrate_to_density(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers: int,
-                         num_q_heads: int, config: SaleConfig, density: float, model_name: str = "",
-                         progress: bool = True) -> Thresholds:
-    """The `density_budget` recipe without a model: every head priced by its per-row L1 error (`cost="l1"`) on
-    each layer's `(q, k, v)` (as `sale_jax.calibrate` takes them), and `density` spent where it costs least."""
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    shape = (num_layers, len(TAU_GRID), num_q_heads)
-    cost_sum, density_sum = np.zeros(shape), np.zeros(shape)
-    num_samples = 0
-    config = dataclasses.replace(config, dense_below=0)
-    with tqdm(desc="pricing heads", unit="layer", disable=not progress) as bar:
-        for sample_index, layer, (q, k, v) in layer_inputs(layer_samples, num_layers, num_q_heads):
-            layer_cost, layer_density = head_costs(q, k, v, config)
-            cost_sum[layer] += layer_cost
-            density_sum[layer] += layer_density
-            num_samples = sample_index + 1
-            bar.update(1)
-    table = CostTable(cost_sum / num_samples, density_sum / num_samples, TAU_GRID)
-    taus = table.spend(density)
-    recipe = {"name": "density_budget", "cost": "l1", "density": density,
-              "calibration_density": table.mean_density(taus), "prompts": num_samples}
-    return Thresholds(jnp.asarray(taus), model_name=model_name, recipe=recipe, config=config)

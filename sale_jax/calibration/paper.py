@@ -1,16 +1,14 @@
-"""Offline per-head threshold calibration (docs/algorithm.md, section 8).
+"""The paper's per-head threshold search (docs/algorithm.md, section 8).
 
 For each layer and q head: start at `tau0`; while the per-row L1 error of SALE's output against dense attention is
 `>= theta`, halve `tau`, and below `tau_min` make the head dense (`tau = 0`). Over several samples keep the smallest
 `tau` per head. All heads of a layer search together: each round is one `sale_attention` call with the current
 per-head thresholds (traced, so no recompilation), run with exactly the inference `SaleConfig` and backend, except
-`dense_below`: calibration always measures the sparse path, since thresholds found on short samples serve the long
-prompts that do run it.
+that the sparse path runs at every length (`measured_config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -19,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sale_jax.api import dense_attention, sale_attention
+from sale_jax.calibration.inputs import layer_inputs, measured_config
 from sale_jax.config import SaleConfig
 from sale_jax.thresholds import DEFAULT_TAU, Thresholds
 
@@ -55,32 +54,12 @@ def calibrate_layer(q: jax.Array, k: jax.Array, v: jax.Array, config: SaleConfig
                     tau0: float = DEFAULT_TAU, tau_min: float = DEFAULT_TAU_MIN) -> np.ndarray:
     """Thresholds f32 `[Hq]` for one layer's inputs (`q [B, T, Hq, D]`, `k, v [B, S, Hkv, D]`)."""
     dense = dense_attention(q, k, v, scale=config.scale)
-    config = dataclasses.replace(config, dense_below=0)
+    config = measured_config(config)
 
     def head_errors(tau):
         return per_row_l1_error(sale_attention(q, k, v, jnp.asarray(tau), config), dense)
 
     return search_thresholds(head_errors, q.shape[2], theta, tau0, tau_min)
-
-
-def layer_inputs(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers: int, num_q_heads: int):
-    """Yields `(sample_index, layer, (q, k, v))` over each sample's layers, one at a time, checking that every
-    sample supplies exactly `num_layers` layers of `num_q_heads` q heads and that there is a sample."""
-    num_samples = 0
-    for sample_index, sample in enumerate(layer_samples):
-        layer = -1
-        for layer, (q, k, v) in enumerate(sample):
-            if layer >= num_layers:
-                raise ValueError(f"sample {sample_index} has more than num_layers={num_layers} layers")
-            if q.shape[2] != num_q_heads:
-                raise ValueError(f"sample {sample_index}, layer {layer}: q has {q.shape[2]} heads, "
-                                 f"expected num_q_heads={num_q_heads}")
-            yield sample_index, layer, (q, k, v)
-        if layer != num_layers - 1:
-            raise ValueError(f"sample {sample_index} has {layer + 1} layers, expected num_layers={num_layers}")
-        num_samples += 1
-    if num_samples == 0:
-        raise ValueError("layer_samples yielded no sample")
 
 
 def calibrate(layer_samples: Iterable[Iterable[Sequence[jax.Array]]], num_layers: int, num_q_heads: int,
