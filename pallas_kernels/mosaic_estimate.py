@@ -8,23 +8,26 @@ For batch b, q head h (kv head h // G), q block i and key block j, with 4-bit co
     hits[b, h, i, j] = max over the block's rows r and keys c of excess > 0,
 
 for middle_start // block_k <= j < middle_end[h, i] // block_k, and 0 for every other key block (a head whose ends
-are 0, a streaming head, is not estimated at all). It is the hot loop of
-the selection pass (`middle_tile` in `selection.py`); `sale_jax`'s `mosaic_gpu` backend runs it between the
-Triton kernels `row_thresholds` and `compact_hits`.
+are 0, a streaming head, is not estimated at all). It is the hot loop of the selection pass (`middle_tile` in
+`selection.py`); `sale_jax`'s `mosaic_gpu` backend runs it between the Triton kernels `row_thresholds` and
+`compact_hits`. This module holds the kernels and their launch; beside it, `mosaic_estimate_reference` (the inputs'
+checks and the plain-jnp reference), `mosaic_estimate_operands` (the operands' layouts and the offset terms) and
+`mosaic_estimate_inline` (the code below Pallas's array level).
 
 How (the alternatives each choice was timed against are in docs/tuning.md#mosaic-estimate):
 - The codes go to the tensor cores as float8_e4m3fn, which holds 4-bit codes exactly: Hopper's fp8 `wgmma` runs
   at the int8 rate into an f32 accumulator, whose code sums (|x| < 2**13) are exact.
 - The offsets go to the tensor cores too. Since k_scale > 0, `excess > 0` is `dots + offset > 0` with
   `offset[r, c] = row_factor[r] * (column_bias[c] / k_scale[c]) - row_threshold[r] / k_scale[c]`, a rank-2
-  product: a tf32 `wgmma` of per-row and per-key terms (`offset_terms`, each factor split into tf32 halves so
+  product: a tf32 `wgmma` of per-row and per-key terms (`operands.offset_terms`, each factor split into tf32 halves so
   the sum keeps about 2**-20 of its size) starts every tile's accumulator, and the epilogue is a test of sign
   bits alone.
-- The epilogue works below Pallas's array level, on the accumulator's registers (`_warp_or_hit_flags`): per
-  thread the AND of each block's registers as bits (its sign bit is 1 only if every one is negative), one bit
-  per block, one `redux.sync.or` per warp, and lane j of every warp stores block j's flag; no shuffles and no warpgroup barrier per tile. Interpret mode cannot run
-  inline Mosaic GPU code, so there the array-level epilogue stands in: each block's keys reduced per row, then its
-  rows across the warps, four blocks per cross-warp sum (`_packed_row_counts`).
+- The epilogue works below Pallas's array level, on the accumulator's registers (`inline.warp_or_hit_flags`):
+  per thread the AND of each block's registers as bits (its sign bit is 1 only if every one is negative), one bit
+  per block, one `redux.sync.or` per warp, and lane j of every warp stores block j's flag; no shuffles and no
+  warpgroup barrier per tile. Interpret mode cannot run inline Mosaic GPU code, so there the array-level epilogue
+  stands in: each block's keys reduced per row, then its rows across the warps, four blocks per cross-warp sum
+  (`_packed_row_counts`).
 - Keys arrive by TMA `max_concurrent_steps` tiles ahead (`plgpu.emit_pipeline`); each CTA is one warpgroup with a
   modest shared-memory footprint, so several CTAs share an SM and one's epilogue runs while another's wgmma
   occupies the tensor cores.
@@ -34,17 +37,17 @@ How (the alternatives each choice was timed against are in docs/tuning.md#mosaic
 - With `q_positions` the q codes come 2:4-compressed (`SaleConfig.estimate="sparse_q"`) and the dots run as
   Hopper's sparse fp8 wgmma (`sparse_wgmma`, inline PTX: Pallas has no sparse wgmma) after the offsets' tf32 one;
   each thread reads its metadata register from shared memory per instruction. The wgmmas are issued and committed
-  in one inline body (`_issue_sparse`) and waited for at the start of the warp-level epilogue.
+  in one inline body (`inline.issue_sparse`) and waited for at the start of the warp-level epilogue.
 
 Structure: grid (q block, group of `heads_per_cta` q heads, batch); a CTA loads its q rows and row terms once,
 walks the key tiles of `tile_k` keys that hold middle blocks (a dynamic trip count read from `middle_end`, none
-for a streaming head), reduces each tile to one flag per `block_k` keys and keeps a row of flags per q head in shared memory, written out
-by one TMA copy per head at the end (so every output element is written, zeros included). The q heads of a CTA
-share each key tile's codes, loaded once: the key tiles stream from L2, the estimate's bound where its dots are
+for a streaming head), reduces each tile to one flag per `block_k` keys and keeps a row of flags per q head in
+shared memory, written out by one TMA copy per head at the end (so every output element is written, zeros
+included). The q heads of a CTA share each key tile's codes, loaded once: the key tiles stream from L2, the estimate's bound where its dots are
 2:4-sparse (docs/tuning.md#estimate-floor).
 
-tests/test_mosaic_estimate.py checks it against `estimate_hits_reference` in Mosaic GPU interpret mode and runs
-Mosaic GPU's lowering for sm_90 on a CPU (everything short of ptxas), and natively on a GPU. The kernel's float
+tests/test_mosaic_estimate.py checks it against `reference.estimate_hits_reference` in Mosaic GPU interpret mode
+and runs Mosaic GPU's lowering for sm_90 on a CPU (everything short of ptxas), and natively on a GPU. The kernel's float
 operations differ from the reference's (tf32 halves, the excess divided by k_scale), so a block whose best excess
 is within f32 rounding of 0 can flip relative to the reference.
 """
@@ -55,107 +58,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax._src.lib.mlir import ir  # inline_mgpu bodies are MLIR builders; jax has no public path to these modules
-from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
 from jax.experimental import pallas as pl
-import jax.experimental.mosaic.gpu as mgpu
-from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import mosaic_estimate_inline as inline
+from pallas_kernels import mosaic_estimate_operands as operands
+from pallas_kernels import mosaic_estimate_reference as reference
 from pallas_kernels import sparse_wgmma
 
 MAX_ACC_ELEMENTS = 64 * 256  # f32 accumulator of one warpgroup: 128 registers a thread, room left for the epilogue
 _MAX_HITS_SMEM_BYTES = 64 * 1024  # the CTA's rows of flags stay in shared memory until the end
-FLAG_DTYPE = jnp.dtype(jnp.int8)  # one hit flag per key block: a byte keeps the rows of flags small
 _TMA_BYTES = 16  # a TMA copy moves whole multiples of 16 bytes: the output's rows of flags are padded to them
-CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))  # accepted; the kernel runs on fp8
-
-
-def _check_inputs(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *, block_q,
-                  block_k, middle_start):
-    """Shapes and dtypes shared by the kernel and the reference; returns (B, T, Hq, D, S, Hkv)."""
-    if q_codes.ndim != 4 or k_codes.ndim != 4:
-        raise ValueError(f"q_codes and k_codes must be [B, T, Hq, D] and [B, S, Hkv, D], got {q_codes.shape} and "
-                         f"{k_codes.shape}")
-    if q_codes.dtype != k_codes.dtype or q_codes.dtype not in CODE_DTYPES:
-        raise ValueError(f"q_codes and k_codes must both be int8 or both float8_e4m3fn (4-bit codes are exact in "
-                         f"either), got {q_codes.dtype} and {k_codes.dtype}")
-    batch, q_len, q_heads, head_dim = q_codes.shape
-    kv_batch, kv_len, kv_heads, kv_dim = k_codes.shape
-    if kv_batch != batch or kv_dim != head_dim:
-        raise ValueError(f"k_codes {k_codes.shape} does not match q_codes {q_codes.shape} in batch or head_dim")
-    if kv_heads == 0 or q_heads % kv_heads:
-        raise ValueError(f"q heads {q_heads} must be a multiple of kv heads {kv_heads}")
-    expected = {
-        "row_factor": (row_factor, (batch, q_heads, q_len), jnp.float32),
-        "row_threshold": (row_threshold, (batch, q_heads, q_len), jnp.float32),
-        "k_scale": (k_scale, (batch, kv_heads, kv_len), jnp.float32),
-        "column_bias": (column_bias, (batch, q_heads, kv_len), jnp.float32),
-    }
-    for name, (array, shape, dtype) in expected.items():
-        if array.shape != shape or array.dtype != dtype:
-            raise ValueError(f"{name} must be {jnp.dtype(dtype).name} {shape}, got {array.dtype} {array.shape}")
-    if block_q <= 0 or q_len % block_q:
-        raise ValueError(f"q length {q_len} must be a positive multiple of block_q {block_q} (pad it)")
-    if block_k <= 0 or kv_len % block_k:
-        raise ValueError(f"key length {kv_len} must be a positive multiple of block_k {block_k} (pad it)")
-    if middle_end.shape != (q_heads, q_len // block_q) or middle_end.dtype != jnp.int32:
-        raise ValueError(f"middle_end must be int32 [{q_heads}, {q_len // block_q}] (one end per q head and q "
-                         f"block), got {middle_end.dtype} {middle_end.shape}")
-    if not 0 <= middle_start <= kv_len:
-        raise ValueError(f"middle_start {middle_start} must lie in [0, key length {kv_len}]")
-    return batch, q_len, q_heads, head_dim, kv_len, kv_heads
-
-
-def _block_range(middle_end, *, block_k, middle_start, num_k_blocks):
-    """[first, end) key blocks that are estimated, per q head and q block (end may be below first: nothing
-    estimated)."""
-    end = jnp.clip(middle_end // block_k, 0, num_k_blocks)
-    return middle_start // block_k, end
-
-
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "middle_start"))
-def estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *,
-                               block_q: int, block_k: int, middle_start: int):
-    """Best excess of each block, f32 [B, Hq, nQ, nK] (-inf where not estimated): the hit test is `margin > 0`.
-
-    In f32 as the formula is written (the kernel's order differs, see the module docstring). One q block at a
-    time, so long sequences fit.
-    """
-    batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
-        q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
-        block_k=block_k, middle_start=middle_start)
-    group = q_heads // kv_heads
-    num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
-    # Heads grouped as [Hkv, G] so each kv head is read in place, never repeated.
-    q_blocks = q_codes.reshape(batch, num_q_blocks, block_q, kv_heads, group, head_dim).swapaxes(0, 1)
-    row_factor = row_factor.reshape(batch, kv_heads, group, num_q_blocks, block_q)
-    row_threshold = row_threshold.reshape(batch, kv_heads, group, num_q_blocks, block_q)
-    column_bias = column_bias.reshape(batch, kv_heads, group, kv_len)
-
-    def one_q_block(args):
-        q, factor, threshold = args  # [B, rows, Hkv, G, D], [B, Hkv, G, rows] twice
-        dots = jnp.einsum("brkgd,bskd->bkgrs", q.astype(jnp.int8), k_codes.astype(jnp.int8),
-                          preferred_element_type=jnp.int32)
-        excess = k_scale[:, :, None, None, :] * dots.astype(jnp.float32) + (
-            column_bias[:, :, :, None, :] * factor[..., None] - threshold[..., None])
-        return jnp.max(excess.reshape(*excess.shape[:4], num_k_blocks, block_k), axis=(3, 5))
-
-    best = jax.lax.map(one_q_block, (q_blocks, jnp.moveaxis(row_factor, 3, 0), jnp.moveaxis(row_threshold, 3, 0)))
-    best = jnp.moveaxis(best, 0, 3).reshape(batch, q_heads, num_q_blocks, num_k_blocks)
-    first, end = _block_range(middle_end, block_k=block_k, middle_start=middle_start, num_k_blocks=num_k_blocks)
-    block_ids = jnp.arange(num_k_blocks)
-    estimated = (block_ids >= first) & (block_ids < end[..., None])  # [Hq, nQ, nK]
-    return jnp.where(estimated[None], best, -jnp.inf)
-
-
-def estimate_hits_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, *,
-                            block_q: int, block_k: int, middle_start: int):
-    """Plain-jnp `hits` int8 [B, Hq, nQ, nK]: what `estimate_hits` computes."""
-    margins = estimate_margins_reference(q_codes, k_codes, row_factor, row_threshold, k_scale, column_bias,
-                                         middle_end, block_q=block_q, block_k=block_k, middle_start=middle_start)
-    return (margins > 0).astype(FLAG_DTYPE)
 
 
 _COUNT_BITS = 8  # a field holds how many of a block's rows hit: at most 128 < 2**8
@@ -176,151 +89,11 @@ def _packed_row_counts(row_best):
     return hits
 
 
-def _balanced(op, values):
-    """op folded over `values` as a balanced tree (independent steps in flight, not one chain)."""
-    while len(values) > 1:
-        values = [op(a, b) for a, b in zip(values[::2], values[1::2])] + values[len(values) & ~1:]
-    return values[0]
-
-
-def _and_tree(values):
-    """Bitwise AND of `values` (MLIR integer values) in groups of three, `(a & b) & c` each: ptxas fuses each group
-    into one three-input LOP3, and the groups are independent steps in flight."""
-    while len(values) > 1:
-        groups = [values[i:i + 3] for i in range(0, len(values), 3)]
-        values = [functools.reduce(arith.andi, group) for group in groups]
-    return values[0]
-
-
-_WGMMA_COLUMN_GROUP = 8  # the wgmma accumulator layout's registers come in 8-column groups (its registers' axis 1)
-_WARP_SIZE = 32
-
-
-def _wgmma_group(instruction: str):
-    """`wgmma.commit_group` or `wgmma.wait_group 0`, for wgmmas issued in inline Mosaic GPU code."""
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], instruction, "", has_side_effects=True)
-
-
-def _warp_or_hit_flags(*, block_k: int, tile_k: int, in_flight: bool = False):
-    """The epilogue below Pallas's array level: stores 1 into `flags[j]` for each of the tile's blocks j that has
-    an accumulator element >= 0, leaving the others as they are (the accumulator is `_ZERO_NUDGE` below the
-    excess over k_scale, so `>= 0` is `excess > 0`).
-
-    Per thread, the AND of the block's registers as bits: its sign bit is 1 only if every element is negative, and
-    three-input ANDs (one LOP3 per two registers) are half the instructions of a maximum's chain. Then one bit per
-    block, one `redux.sync.or` per warp, and lane j of each warp stores block j's flag. The warps never wait for
-    each other (they store the same 1), where the array-level epilogue needs cross-lane shuffles per row and a
-    warpgroup barrier per tile. `in_flight`: the accumulator comes straight from `_issue_sparse` (its registers as
-    wgmma holds them, the instructions not yet waited for), so the epilogue waits for them first."""
-    num_blocks = tile_k // block_k  # at most 256 // 8 = 32, one per lane
-    layout = plgpu.Layout._WGMMA_ACC_32BIT if in_flight else plgpu.Layout.WGMMA
-
-    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
-    def store_flags(_, excess, flags):
-        i32 = ir.IntegerType.get_signless(32)
-        if in_flight:
-            _wgmma_group("wgmma.wait_group.sync.aligned 0;")
-            excess = mgpu.optimization_barrier(excess)
-        registers = excess.registers
-        if registers.shape[1] != tile_k // _WGMMA_COLUMN_GROUP:
-            raise NotImplementedError(f"unexpected wgmma register layout {registers.shape} for {tile_k} columns")
-        per_block = [[] for _ in range(num_blocks)]
-        for index in np.ndindex(registers.shape):
-            per_block[index[1] * _WGMMA_COLUMN_GROUP // block_k].append(registers[index])
-        [width] = ir.VectorType(registers.flat[0].type).shape
-        as_bits = ir.VectorType.get([width], i32)
-        negative = arith.constant(i32, 0)  # bit j: every element of block j is negative
-        for block, block_registers in enumerate(per_block):
-            words = _and_tree([arith.bitcast(as_bits, register) for register in block_registers])
-            word = _and_tree([vector.extract(words, dynamic_position=[],
-                                             static_position=ir.DenseI64ArrayAttr.get([i])) for i in range(width)])
-            sign = arith.shrui(word, arith.constant(i32, 31))
-            negative = arith.ori(negative, arith.shli(sign, arith.constant(i32, block)))
-        bits = arith.xori(negative, arith.constant(i32, (1 << num_blocks) - 1 if num_blocks < 32 else -1))
-        bits = mgpu_utils.redux(bits, arith.constant(i32, 0xFFFFFFFF), mgpu_utils.ReductionKind.OR)
-        lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, _WARP_SIZE))
-        lane_bit = arith.andi(arith.shrui(bits, lane), arith.constant(i32, 1))
-        stores = arith.andi(arith.cmpi(arith.CmpIPredicate.ult, lane, arith.constant(i32, num_blocks)),
-                            arith.cmpi(arith.CmpIPredicate.ne, lane_bit, arith.constant(i32, 0)))
-        with mgpu_utils.when(stores):
-            one = arith.constant(ir.MemRefType(flags.type).element_type, 1)
-            memref.store(one, flags, [arith.index_cast(ir.IndexType.get(), lane)])
-
-    return store_flags
-
-
-def _mma_transforms(head_dim: int):
-    """Shared-memory layout wgmma reads 8-bit rows of `head_dim` bytes from: 8-row tiles, swizzled."""
-    swizzle = plgpu.find_swizzle(head_dim * 8)
-    return plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle)
-
-
-OFFSET_TERMS = 8  # K of the tf32 wgmma that adds the per-row and per-key offsets (its smallest)
-_TF32_DROPPED_BITS = 13  # tf32 keeps the top 10 of f32's 23 mantissa bits
-_FINITE_THRESHOLD = 1e30  # +-inf thresholds (select nothing / everything) clipped, so hi/lo splits stay finite
-# Taken off every offset, so an excess of exactly 0 (a padded key's: no codes, no terms) reads as negative in the
-# epilogue's sign-bit test; next to any nonzero term it rounds away.
-_ZERO_NUDGE = 2.0 ** -64
-
-
-def _tf32_split(x):
-    """x = hi + lo with hi exact in tf32; the tensor cores keep lo to 10 bits, so x is carried to about 2**-20."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(~((1 << _TF32_DROPPED_BITS) - 1) & 0xFFFFFFFF)
-    hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
-    return hi, x - hi
-
-
-def offset_terms(row_factor, row_threshold, k_scale, column_bias):
-    """The kernel's f32 [B, Hq, T, 8] row terms and [B, Hq, S, 8] key terms: their product over the last
-    axis is `excess / k_scale - dots - _ZERO_NUDGE = column_bias / k_scale * row_factor - row_threshold / k_scale
-    - _ZERO_NUDGE`, each factor split into tf32 halves (hi*hi + hi*lo + lo*hi), so one tf32 wgmma adds it to the
-    accumulator."""
-    group = column_bias.shape[1] // k_scale.shape[1]
-    scale = jnp.repeat(k_scale, group, axis=1)
-    inverse = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)  # padded keys have no scale
-    factor_hi, factor_lo = _tf32_split(row_factor)
-    neg_hi, neg_lo = _tf32_split(-jnp.clip(row_threshold, -_FINITE_THRESHOLD, _FINITE_THRESHOLD))
-    bias_hi, bias_lo = _tf32_split(column_bias * inverse)
-    inverse_hi, inverse_lo = _tf32_split(inverse)
-    row_zero, nudge = jnp.zeros_like(factor_hi), jnp.full_like(factor_hi, -_ZERO_NUDGE)
-    key_zero, key_one = jnp.zeros_like(bias_hi), jnp.ones_like(bias_hi)
-    rows = jnp.stack([factor_hi, factor_hi, factor_lo, neg_hi, neg_hi, neg_lo, nudge, row_zero], axis=-1)
-    keys = jnp.stack([bias_hi, bias_lo, bias_hi, inverse_hi, inverse_lo, inverse_hi, key_one, key_zero], axis=-1)
-    return rows, keys
-
-
-def _terms_transforms():
-    """wgmma's tf32 operand layout for rows of 8 f32 (32 bytes): 8 x 8 tiles, 32-byte swizzle."""
-    return plgpu.TilingTransform((8, OFFSET_TERMS)), plgpu.SwizzleTransform(4 * OFFSET_TERMS)
-
-
-def _issue_sparse(*, rows: int, tile_k: int, head_dim: int):
-    """The offsets' tf32 wgmma and the dots as 2:4-sparse fp8 wgmmas (`sparse_wgmma`), issued and committed, not
-    waited for: returns the accumulator as wgmma holds it, for `_warp_or_hit_flags(in_flight=True)`.
-
-    The accumulator stays in the layout wgmma writes (`_WGMMA_ACC_32BIT`, Pallas's name for Mosaic GPU's
-    `WGMMA_LAYOUT_ACC_32BIT`): converting it to `WGMMA` here would read registers the instructions still write.
-    Mosaic GPU's accumulator exposes its registers only as `_value`, which its own wgmma lowering reads too."""
-    @plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(_terms_transforms()), plgpu.RefType(_terms_transforms()),
-                   plgpu.RefType(_mma_transforms(head_dim // 2)), plgpu.RefType(),
-                   plgpu.RefType(_mma_transforms(head_dim))),
-        return_type=plgpu.ShapeDtypeStruct((rows, tile_k), jnp.float32, layout=plgpu.Layout._WGMMA_ACC_32BIT))
-    def issue(_, row_terms, key_terms, q_values, q_metadata, k):
-        acc = mgpu.WGMMAAccumulator.zero(rows, tile_k)
-        acc = mgpu.wgmma(acc, row_terms, mgpu.memref_transpose(key_terms, (1, 0, 3, 2)), swizzle=4 * OFFSET_TERMS)
-        registers = sparse_wgmma.issue(acc._value.registers, q_values, q_metadata, k, n=tile_k)
-        _wgmma_group("wgmma.commit_group.sync.aligned;")
-        return mgpu.FragmentedArray(_registers=registers, _layout=acc._value.layout, _is_signed=None)
-
-    return issue
-
-
 def _tile_range(middle_end_gmem, head, q_block, *, num_q_blocks, block_k, tile_k, middle_start, num_k_blocks):
     """(first_block, end_block, first_tile, num_tiles) of a q block's estimated keys, from the ends flattened to
     `[Hq * nQ]`. Tiles are aligned to tile_k, so the first and last may hold sink or local blocks, which the
     kernels mask or clear."""
-    first_block, end_block = _block_range(middle_end_gmem[head * num_q_blocks + q_block], block_k=block_k,
+    first_block, end_block = reference.block_range(middle_end_gmem[head * num_q_blocks + q_block], block_k=block_k,
                                           middle_start=middle_start, num_k_blocks=num_k_blocks)
     first_tile = first_block * block_k // tile_k
     return first_block, end_block, first_tile, jnp.maximum(pl.cdiv(end_block * block_k, tile_k) - first_tile, 0)
@@ -345,7 +118,7 @@ def _clear_outside(hits_smem, first_block, end_block, first_tile, num_tiles, blo
 def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, first_tile, step, *, rows, block_k,
                 tile_k, warp_level, after_issue=None, block_range=None, q_metadata_smem=None):
     """The per-tile body of both kernels: `rows` q rows against key tile `first_tile + step`, its flags into
-    `flags_smem` (one FLAG_DTYPE per key block).
+    `flags_smem` (one reference.FLAG_DTYPE per key block).
 
     The offsets (tf32) and the dots (fp8) go into one f32 accumulator whose sign is the excess's; `after_issue`
     runs while the wgmmas are in flight. Natively the warp-level epilogue ORs the tile's hits into the flags (the
@@ -357,11 +130,11 @@ def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, firs
     tile = first_tile + step
     blocks_per_tile = tile_k // block_k
     if q_metadata_smem is not None:
-        excess_over_scale = _issue_sparse(rows=rows, tile_k=tile_k, head_dim=k_smem.shape[1])(
+        excess_over_scale = inline.issue_sparse(rows=rows, tile_k=tile_k, head_dim=k_smem.shape[1])(
             row_terms_smem, key_terms_smem, q_smem, q_metadata_smem, k_smem)
         if after_issue is not None:
             after_issue()
-        _warp_or_hit_flags(block_k=block_k, tile_k=tile_k, in_flight=True)(
+        inline.warp_or_hit_flags(block_k=block_k, tile_k=tile_k, in_flight=True)(
             excess_over_scale, flags_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
         return
 
@@ -374,7 +147,7 @@ def _tile_flags(q_smem, row_terms_smem, k_smem, key_terms_smem, flags_smem, firs
 
     excess_over_scale = pl.run_scoped(mma, plgpu.ACC((rows, tile_k), jnp.float32))  # excess's sign
     if warp_level:
-        _warp_or_hit_flags(block_k=block_k, tile_k=tile_k)(
+        inline.warp_or_hit_flags(block_k=block_k, tile_k=tile_k)(
             excess_over_scale, flags_smem.at[pl.ds(tile * blocks_per_tile, blocks_per_tile)])
         return
     offsets = range(0, tile_k, block_k)
@@ -428,12 +201,14 @@ def _estimate_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_end_
                             warp_level=warp_level, block_range=(first_block, end_block),
                             q_metadata_smem=None if q_metadata_smem is None else q_metadata_smem.at[i])
 
-    terms_spec = plgpu.BlockSpec((tile_k, OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms())
+    terms_spec = plgpu.BlockSpec((tile_k, operands.OFFSET_TERMS), lambda t: (first_tile + t, 0),
+                                 transforms=operands.terms_transforms())
     plgpu.emit_pipeline(
         tile_body,
-        grid=(_balanced(jnp.maximum, [num_tiles for *_, num_tiles in ranges]),),
+        grid=(inline.balanced(jnp.maximum, [num_tiles for *_, num_tiles in ranges]),),
         in_specs=[
-            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim)),
+            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0),
+                            transforms=operands.mma_transforms(head_dim)),
             *[terms_spec] * heads_per_cta,
         ],
         max_concurrent_steps=max_concurrent_steps,
@@ -477,7 +252,7 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
                                    block_k=block_k, tile_k=tile_k, middle_start=middle_start,
                                    num_k_blocks=num_k_blocks)
     first_block, end_block, first_tile, _ = tile_range(head)
-    num_tiles = _balanced(jnp.maximum, [tile_range(first_head + i)[3] for i in range(cluster_heads)])
+    num_tiles = inline.balanced(jnp.maximum, [tile_range(first_head + i)[3] for i in range(cluster_heads)])
     def take_turn():
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
@@ -516,9 +291,11 @@ def _split_rows_kernel(q_gmem, k_gmem, row_terms_gmem, key_terms_gmem, middle_en
         grid=(num_tiles,),
         memory_registers=40,
         in_specs=[
-            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0), transforms=_mma_transforms(head_dim),
+            plgpu.BlockSpec((tile_k, head_dim), lambda t: (first_tile + t, 0),
+                            transforms=operands.mma_transforms(head_dim),
                             collective_axes=("cluster",) if cluster_heads > 1 else None),
-            plgpu.BlockSpec((tile_k, OFFSET_TERMS), lambda t: (first_tile + t, 0), transforms=_terms_transforms()),
+            plgpu.BlockSpec((tile_k, operands.OFFSET_TERMS), lambda t: (first_tile + t, 0),
+                            transforms=operands.terms_transforms()),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -610,7 +387,7 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     dense_q = q_codes if q_positions is None else _check_compressed(q_codes, q_positions, k_codes)
     if q_positions is not None and interpret:
         q_codes, q_positions = sparse_wgmma.decompress(q_codes, q_positions), None
-    batch, q_len, q_heads, head_dim, kv_len, kv_heads = _check_inputs(
+    batch, q_len, q_heads, head_dim, kv_len, kv_heads = reference.check_inputs(
         dense_q, k_codes, row_factor, row_threshold, k_scale, column_bias, middle_end, block_q=block_q,
         block_k=block_k, middle_start=middle_start)
     for name, heads in (("cluster_heads", cluster_heads), ("heads_per_cta", heads_per_cta)):
@@ -626,20 +403,20 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
     padded_flags = pl.cdiv(num_k_blocks, 256) * 256
     output_flags = pl.cdiv(num_k_blocks, _TMA_BYTES) * _TMA_BYTES
     flag_rows = compute_warpgroups * heads_per_cta
-    if flag_rows * padded_flags * FLAG_DTYPE.itemsize > _MAX_HITS_SMEM_BYTES:
+    if flag_rows * padded_flags * reference.FLAG_DTYPE.itemsize > _MAX_HITS_SMEM_BYTES:
         raise ValueError(f"{num_k_blocks} key blocks: the flags (a row per compute warpgroup and q head, "
                          f"{flag_rows} rows) must fit in {_MAX_HITS_SMEM_BYTES} bytes of shared memory (split the "
                          f"keys into launches)")
 
-    launch = dict(out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, output_flags), FLAG_DTYPE),
+    launch = dict(out_type=jax.ShapeDtypeStruct((batch, q_heads, num_q_blocks, output_flags), reference.FLAG_DTYPE),
                   interpret=interpret or None)
     fp8_codes = (q_codes.astype(jnp.float8_e4m3fn), k_codes.astype(jnp.float8_e4m3fn))
-    row_terms, key_terms = offset_terms(row_factor, row_threshold, k_scale, column_bias)
+    row_terms, key_terms = operands.offset_terms(row_factor, row_threshold, k_scale, column_bias)
     knobs = dict(block_k=block_k, tile_k=tile_k, middle_start=middle_start, group=q_heads // kv_heads,
                  max_concurrent_steps=max_concurrent_steps, warp_level=not interpret)
     sparse = q_positions is not None
     q_width = head_dim // 2 if sparse else head_dim
-    q_operands = dict(dtype=jnp.float8_e4m3fn, transforms=_mma_transforms(q_width))
+    q_operands = dict(dtype=jnp.float8_e4m3fn, transforms=operands.mma_transforms(q_width))
     # One barrier per q operand: the codes, the row terms and, when sparse, the metadata.
     num_q_operands = 3 if sparse else 2
     metadata_words = (head_dim // sparse_wgmma.DENSE_K, sparse_wgmma.THREADS)
@@ -647,8 +424,8 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         kernel = functools.partial(_estimate_kernel, block_q=block_q, **knobs, heads_per_cta=heads_per_cta)
         heads = (heads_per_cta, block_q)
         scratch = [plgpu.SMEM((*heads, q_width), **q_operands),
-                   plgpu.SMEM((*heads, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
-                   plgpu.SMEM((heads_per_cta, padded_flags), FLAG_DTYPE),
+                   plgpu.SMEM((*heads, operands.OFFSET_TERMS), jnp.float32, transforms=operands.terms_transforms()),
+                   plgpu.SMEM((heads_per_cta, padded_flags), reference.FLAG_DTYPE),
                    plgpu.Barrier(num_barriers=heads_per_cta * num_q_operands)]
         metadata_scratch = plgpu.SMEM((heads_per_cta, block_q // sparse_wgmma.ROWS, *metadata_words), jnp.int32)
         launch |= dict(grid=(num_q_blocks, q_heads // heads_per_cta, batch),
@@ -657,8 +434,8 @@ def estimate_hits(q_codes, k_codes, row_factor, row_threshold, k_scale, column_b
         kernel = functools.partial(_split_rows_kernel, **knobs, cluster_heads=cluster_heads)
         halves = (2, SPLIT_ROWS)
         scratch = [plgpu.SMEM((*halves, q_width), **q_operands),
-                   plgpu.SMEM((*halves, OFFSET_TERMS), jnp.float32, transforms=_terms_transforms()),
-                   plgpu.SMEM((2, padded_flags), FLAG_DTYPE),
+                   plgpu.SMEM((*halves, operands.OFFSET_TERMS), jnp.float32, transforms=operands.terms_transforms()),
+                   plgpu.SMEM((2, padded_flags), reference.FLAG_DTYPE),
                    plgpu.Barrier(num_barriers=2 * num_q_operands),  # each half's q operands
                    plgpu.Barrier(num_arrivals=2),  # the turns on the tensor cores
                    plgpu.Barrier(num_arrivals=2)]  # both halves' flags stored

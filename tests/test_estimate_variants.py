@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments.lib import estimate_variants
-from pallas_kernels import mosaic_estimate
+from pallas_kernels import mosaic_estimate, mosaic_estimate_inline
 
 LENGTH, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_Q = 2048, 4, 2, 128, 128
 
@@ -46,13 +46,14 @@ def test_each_variant_leaves_out_what_it_names(sparse, compute_warpgroups):
     assert wgmmas["pipeline_only"] == 0 and reductions["pipeline_only"] == 0
 
 
-def test_the_kernel_module_is_restored_after_a_variant():
-    functions = {name: getattr(mosaic_estimate, name) for name in ("plgpu", "mgpu", "sparse_wgmma", "_tile_flags",
-                                                                   "_warp_or_hit_flags")}
+def test_the_kernel_modules_are_restored_after_a_variant():
+    targets = [(mosaic_estimate, "plgpu"), (mosaic_estimate, "_tile_flags"), (mosaic_estimate_inline, "mgpu"),
+               (mosaic_estimate_inline, "sparse_wgmma"), (mosaic_estimate_inline, "warp_or_hit_flags")]
+    functions = {target: getattr(*target) for target in targets}
     for variant in estimate_variants.VARIANTS:
         with estimate_variants.patched(variant):
             pass
-    assert functions == {name: getattr(mosaic_estimate, name) for name in functions}
+    assert functions == {target: getattr(*target) for target in targets}
 
 
 def test_unknown_variant_is_refused():

@@ -14,8 +14,9 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import sparse_wgmma
-from pallas_kernels.mosaic_estimate import (estimate_hits, estimate_hits_reference, estimate_margins_reference,
-                                            offset_terms)
+from pallas_kernels.mosaic_estimate import estimate_hits
+from pallas_kernels.mosaic_estimate_operands import offset_terms
+from pallas_kernels.mosaic_estimate_reference import estimate_hits_reference, estimate_margins_reference
 
 INTERPRET = False if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams(uninitialized_memory="nan")
 Q_CODES, K_CODES, ROW_FACTOR, ROW_THRESHOLD, K_SCALE, COLUMN_BIAS, MIDDLE_END = range(7)  # estimate_hits' inputs

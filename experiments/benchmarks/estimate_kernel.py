@@ -39,7 +39,8 @@ from experiments.lib.attention_targets import dense_attention, dense_baseline
 from experiments.lib.timing import interleaved_median_seconds, median_seconds
 from experiments.lib import estimate_variants
 from pallas_kernels import mosaic_estimate, sparse_wgmma
-from pallas_kernels.mosaic_estimate import estimate_margins_reference
+from pallas_kernels.mosaic_estimate_operands import OFFSET_TERMS
+from pallas_kernels.mosaic_estimate_reference import estimate_margins_reference
 from sale_jax import mosaic_gpu_backend, tuning
 
 _LENGTHS = common.define_lengths([32768, 131072])
@@ -192,7 +193,7 @@ def work(inputs) -> dict:
     _, _, d = _HEADS.values()
     sharing = knobs.get("heads_per_cta", 1) * knobs.get("cluster_heads", 1)
     return {"middle_fp8_ops": 2.0 * block_q * d * middle_keys, "issued_fp8_ops": 2.0 * block_q * d * tile_k * tiles,
-            "key_tile_bytes": tiles * tile_k * (d / sharing + 4 * mosaic_estimate.OFFSET_TERMS)}
+            "key_tile_bytes": tiles * tile_k * (d / sharing + 4 * OFFSET_TERMS)}
 
 
 def dense_inputs(length: int):

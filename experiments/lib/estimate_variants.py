@@ -1,6 +1,7 @@
 """The estimate kernel with one of its parts left out, for measuring where its time goes (the roofline record of
-`experiments/benchmarks/estimate_kernel.py --variants`). These variants exist only here: each patches
-`pallas_kernels.mosaic_estimate` while a fresh jit of `estimate_hits` traces, so the library keeps one kernel.
+`experiments/benchmarks/estimate_kernel.py --variants`). These variants exist only here: each patches the kernel's
+modules (`pallas_kernels.mosaic_estimate` and `mosaic_estimate_inline`) while a fresh jit of `estimate_hits`
+traces, so the library keeps one kernel.
 
 - `kernel`: the kernel as it ships.
 - `no_epilogue`: each tile's epilogue reads one accumulator register instead of reducing every block (the wgmmas
@@ -24,13 +25,13 @@ from jax._src.lib.mlir.dialects import arith, memref, vector
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_estimate
+from pallas_kernels import mosaic_estimate, mosaic_estimate_inline
 
 VARIANTS = ("kernel", "no_epilogue", "no_dots", "no_offsets", "pipeline_only")
 
 
 def _one_register_flag(*, block_k: int, tile_k: int, in_flight: bool = False):
-    """Stands in for `mosaic_estimate._warp_or_hit_flags`: lane 0 of each warp stores a flag from the sign of its
+    """Stands in for `mosaic_estimate_inline.warp_or_hit_flags`: lane 0 of each warp stores a flag from the sign of its
     first accumulator register, so the wgmmas stay live while the per-block reduction is gone."""
     del block_k, tile_k
     layout = plgpu.Layout._WGMMA_ACC_32BIT if in_flight else plgpu.Layout.WGMMA
@@ -39,7 +40,7 @@ def _one_register_flag(*, block_k: int, tile_k: int, in_flight: bool = False):
     def store_flag(_, excess, flags):
         i32 = ir.IntegerType.get_signless(32)
         if in_flight:
-            mosaic_estimate._wgmma_group("wgmma.wait_group.sync.aligned 0;")
+            mosaic_estimate_inline.wgmma_group("wgmma.wait_group.sync.aligned 0;")
         first = excess.registers.flat[0]
         value = vector.extract(first, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
         hit = arith.cmpf(arith.CmpFPredicate.OGT, value, arith.constant(value.type, 0.0))
@@ -71,39 +72,40 @@ def _skip_wgmma_of(dtype):
 
 
 def _patches(variant: str) -> dict:
-    """The `mosaic_estimate` attributes a variant replaces."""
+    """The attributes a variant replaces: (module, name) -> value."""
     if variant == "kernel":
         return {}
     if variant == "no_epilogue":
-        return {"_warp_or_hit_flags": _one_register_flag}
+        return {(mosaic_estimate_inline, "warp_or_hit_flags"): _one_register_flag}
     if variant == "no_dots":
-        return {"plgpu": _Forwarding(plgpu, {"wgmma": _skip_wgmma_of(jnp.float8_e4m3fn)}),
-                "sparse_wgmma": _Forwarding(mosaic_estimate.sparse_wgmma,
-                                            {"issue": lambda registers, *operands, n: registers})}
+        return {(mosaic_estimate, "plgpu"): _Forwarding(plgpu, {"wgmma": _skip_wgmma_of(jnp.float8_e4m3fn)}),
+                (mosaic_estimate_inline, "sparse_wgmma"): _Forwarding(
+                    mosaic_estimate_inline.sparse_wgmma, {"issue": lambda registers, *operands, n: registers})}
     if variant == "no_offsets":
-        return {"plgpu": _Forwarding(plgpu, {"wgmma": _skip_wgmma_of(jnp.float32)}),
-                "mgpu": _Forwarding(mosaic_estimate.mgpu, {"wgmma": lambda acc, *operands, **kwargs: acc})}
+        return {(mosaic_estimate, "plgpu"): _Forwarding(plgpu, {"wgmma": _skip_wgmma_of(jnp.float32)}),
+                (mosaic_estimate_inline, "mgpu"): _Forwarding(
+                    mosaic_estimate_inline.mgpu, {"wgmma": lambda acc, *operands, **kwargs: acc})}
     if variant == "pipeline_only":
         def no_tile_work(*args, after_issue=None, **kwargs):
             if after_issue is not None:  # the split-rows kernel's turns: its warpgroups still alternate
                 after_issue()
-        return {"_tile_flags": no_tile_work}
+        return {(mosaic_estimate, "_tile_flags"): no_tile_work}
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
 
 @contextlib.contextmanager
 def patched(variant: str):
-    """`pallas_kernels.mosaic_estimate` as `variant` for the duration: the estimate traced and lowered inside is
-    the variant (its inline Mosaic GPU bodies run at lowering, so both must happen here)."""
+    """The kernel's modules as `variant` for the duration: the estimate traced and lowered inside is the variant
+    (its inline Mosaic GPU bodies run at lowering, so both must happen here)."""
     patches = _patches(variant)
-    saved = {name: getattr(mosaic_estimate, name) for name in patches}
-    for name, value in patches.items():
-        setattr(mosaic_estimate, name, value)
+    saved = {target: getattr(*target) for target in patches}
+    for (module, name), value in patches.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(mosaic_estimate, name, value)
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
 
 
 @functools.cache
