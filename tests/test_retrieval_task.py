@@ -1,6 +1,7 @@
 """The key-value retrieval data (seeded, exact in length, well formed, answers and loss mask right, depth honoured),
-its training task, and its training script's recipe: the defaults are the committed model's, and they draw the
-committed run's lengths step by step. The training library itself is tests/test_training.py's."""
+and its training script's recipe: its steps' rows are the generator's batches of the step's seed, the defaults are
+the committed model's, and they draw the committed run's lengths step by step. The training library itself is
+tests/test_training.py's, the single-needle task's interface tests/test_tasks.py's."""
 
 import json
 import pathlib
@@ -12,11 +13,11 @@ import pytest
 from absl import flags
 
 from experiments.lib import retrieval_task
+from experiments.lib.tasks import common
+from experiments.lib.tasks.single_needle import SingleNeedle
 from experiments.lib.training import curriculum, loop, step
 from experiments.lib.training.optimizer import OptimizerConfig
-from experiments.lib.training.tasks import TaskMixture
 from experiments.retrieval import train as train_retrieval
-from experiments.retrieval.task import RetrievalTask
 
 COMMITTED_RUN = pathlib.Path(__file__).resolve().parent.parent / "experiments/results/retrieval_training/h200"
 TINY_RUN = ("--curriculum=128:3,160:2", "--tokens_per_step=512", "--num_records=4", "--num_queries=2",
@@ -146,17 +147,23 @@ def test_bad_arguments_are_refused(length, num_records, num_queries, depth, fill
         retrieval_task.sequence(0, length, num_records, num_queries, depth, filler)
 
 
-def test_the_training_task_draws_the_generators_batches(rng):
-    """A step's rows are `retrieval_task.batch` of the step's seed: the training script's data order for a seed."""
+@pytest.mark.parametrize("placed_fraction", [0.0, 1.0])
+def test_a_training_steps_rows_are_the_generators_batch_of_its_seed(rng, placed_fraction):
+    """Step s's rows are `retrieval_task.batch((seed, 0, s), ...)` at the step's length and depth: the training
+    script's data order for a seed, that of the committed runs."""
     seed, length, num_records, num_queries = _random_task(rng)
-    task = RetrievalTask(num_records, num_queries, str(rng.choice(retrieval_task.FILLERS)))
-    step_index, batch_size = int(rng.integers(10_000)), int(rng.integers(1, 4))
-    for depth in (None, float(rng.uniform())):
-        got = TaskMixture.of(task).batch(seed, step_index, batch_size, length, depth)
-        want = retrieval_task.batch((seed, 0, step_index), batch_size, length, num_records, num_queries, depth,
-                                    task.filler)
-        for field in ("tokens", "loss_mask", "filler_mask"):
-            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    task = SingleNeedle(num_records, num_queries, str(rng.choice(retrieval_task.FILLERS)))
+    plans = curriculum.Curriculum(((length, 10_000),), tokens_per_step=length * int(rng.integers(1, 4)),
+                                  placed_fraction=placed_fraction)
+    recipe = loop.Recipe(task, plans, OptimizerConfig(warmup_steps=1), seed=seed)
+    step_index = int(rng.integers(10_000))
+    plan = plans.plan(step_index, seed)
+    assert (plan.depth is None) == (placed_fraction == 0)
+    got = common.batch(*recipe.batch_arguments(step_index))
+    want = retrieval_task.batch((seed, 0, step_index), plan.batch_size, length, num_records, num_queries,
+                                plan.depth, task.filler)
+    for field in ("tokens", "loss_mask", "filler_mask"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
     assert task.min_length() == retrieval_task.min_length(num_records, num_queries)
 
 
@@ -173,7 +180,7 @@ def test_default_flags_are_the_committed_models_recipe(parse_flags):
     assert {name: flags.FLAGS[name].value for name in saved} == saved
     recipe = train_retrieval.recipe_from_flags()
     assert recipe == loop.Recipe(
-        TaskMixture.of(RetrievalTask(num_records=8, num_queries=4, filler="random")),
+        SingleNeedle(num_records=8, num_queries=4, filler="random"),
         curriculum.Curriculum(((256, 400), (1024, 300), (4096, 300), (16384, 300), (65536, 1100)),
                               tokens_per_step=131_072, replay_fraction=0.1, placed_fraction=0.25),
         OptimizerConfig(learning_rate=1e-3, warmup_steps=200, weight_decay=0.01, betas=(0.9, 0.95), clip_norm=1.0,
@@ -188,7 +195,7 @@ def test_default_flags_are_the_committed_models_recipe(parse_flags):
 
 
 @pytest.mark.parametrize("extra_flags,message", [
-    (("--curriculum=64:5",), r"length 64 is too short for RetrievalTask\(num_records=4, num_queries=2"),
+    (("--curriculum=64:5",), r"curriculum: length 64 is too short for SingleNeedle\(num_records=4, num_queries=2"),
     (("--curriculum=128",), "LENGTH:STEPS"),
     (("--eval_lengths=80",), "--eval_lengths: length 80 is too short"),
     (("--warmup_steps=10",), r"warmup_steps \(10\) must be below the run's 5 steps"),

@@ -1,9 +1,11 @@
 """The task suite (experiments/lib/tasks): every task seeded and exact in length; each answer recomputed from its
 prompt's bytes by a brute-force solver written here (records looked up, chains followed, words counted); depth
 placing the needles; multi-key's distractors one letter off; aggregation's counts without ties; the single-needle
-task equal to the retrieval task; the mixture; masks, scoring and batches; bad arguments refused."""
+task equal to the retrieval task; the mixture; masks, scoring and batches; examples of the wrong shape, what is not a
+task and bad arguments refused."""
 
 import collections
+import dataclasses
 import re
 
 import numpy as np
@@ -303,6 +305,7 @@ def test_mixture_draws_tasks_by_weight_and_depth_where_it_applies(rng):
     (lambda: registry.Mixture.of({"needle": 1}), "unknown tasks"),
     (lambda: registry.Mixture((SingleNeedle(),), (-1.0,)), "weights"),
     (lambda: registry.Mixture((SingleNeedle(),), (1.0, 2.0)), "one weight per task"),
+    (lambda: registry.Mixture((SingleNeedle(), MultiKey()), (1.0, float("inf"))), "finite"),
 ])
 def test_bad_settings_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
@@ -320,3 +323,47 @@ def test_bad_draws_are_refused(name):
         task.draw(np.random.default_rng(0), task.min_length(), 1.5 if task.has_depth else 0.5)
     with pytest.raises(ValueError, match="batch_size"):
         common.batch(task, 0, 0, task.min_length())
+
+
+def _made_example(**changes) -> common.Example:
+    fields = dict(tokens=np.arange(8, dtype=np.int32), answer_spans=np.array([[2, 4], [5, 8]], np.int32),
+                  filler_mask=np.zeros(8, np.float32), task="made", depth=None, metadata={})
+    return common.Example(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"tokens": np.zeros(8, np.float32)}, r"tokens of dtype float32 and shape \(8,\)"),
+    ({"tokens": np.zeros((2, 4), np.int32)}, r"tokens of dtype int32 and shape \(2, 4\)"),
+    ({"filler_mask": np.zeros(7, np.float32)}, r"a filler_mask of shape \(7,\)"),
+    ({"answer_spans": np.zeros((0, 2), np.int32)}, r"answer_spans of shape \(0, 2\).*A >= 1"),
+    ({"answer_spans": np.array([[0, 2]])}, r"answer_spans \[\[0, 2\]\]"),
+    ({"answer_spans": np.array([[3, 3]])}, r"answer_spans \[\[3, 3\]\]"),
+    ({"answer_spans": np.array([[5, 9]])}, r"answer_spans \[\[5, 9\]\].*within the 8 tokens"),
+    ({"answer_spans": np.array([[5, 8], [2, 4]])}, r"answer_spans \[\[5, 8\], \[2, 4\]\].*in order"),
+])
+def test_examples_of_the_wrong_shape_are_refused(changes, message):
+    np.testing.assert_array_equal(_made_example().loss_mask, [0, 1, 1, 0, 1, 1, 1, 0])
+    with pytest.raises(ValueError, match="made drew " + message):
+        _made_example(**changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneTokenShort:
+    """A task that draws one token fewer than asked: the mistake a batch refuses."""
+    name = "one_token_short"
+    has_depth = False
+
+    def min_length(self) -> int:
+        return SingleNeedle().min_length() + 1
+
+    def draw(self, rng, length, depth=None):
+        return SingleNeedle().draw(rng, length - 1)
+
+
+def test_what_is_not_a_task_or_draws_another_length_is_refused():
+    assert all(isinstance(task, common.Task) for task in (*registry.TASKS.values(), registry.Mixture.of(
+        {"multi_key": 1}), OneTokenShort()))
+    with pytest.raises(TypeError, match="'multi_key' is not a task: a task has name, has_depth, min_length"):
+        registry.Mixture(("multi_key",), (1.0,))
+    with pytest.raises(ValueError, match=r"OneTokenShort\(\) drew 29 tokens for length 30"):
+        common.batch(OneTokenShort(), 0, 2, 30)

@@ -1,6 +1,7 @@
 """The training library (experiments/lib/training): a tiny Llama learns a mixture of two toy tasks, a run stopped and
-resumed trains bit for bit what an uninterrupted one does, the curriculum's replay and placement draws, task
-mixtures, the look-back probe's loss against numpy, and the errors for bad configurations.
+resumed trains bit for bit what an uninterrupted one does, a step's rows drawn from its seed alone in any process,
+the curriculum's replay and placement draws, the look-back probe's loss against numpy, and the errors for bad
+configurations. The tasks' interface and mixtures are tests/test_tasks.py's.
 
 Every run here has one model shape, length, batch and recipe, so the train step compiles once for the module.
 """
@@ -17,10 +18,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from experiments.lib import batch_prefetch
-from experiments.lib.training import curriculum, loop, run_directory, step, tasks
+from experiments.lib.tasks import common, registry
+from experiments.lib.tasks.aggregation import Aggregation
+from experiments.lib.tasks.single_needle import SingleNeedle
+from experiments.lib.training import curriculum, loop, run_directory, step
 from experiments.lib.training.lookback_probe import LookbackProbe
 from experiments.lib.training.optimizer import OptimizerConfig, make_optimizer
-from experiments.retrieval.task import RetrievalTask
 from models import checkpoint, llama
 from models.config import LlamaConfig
 
@@ -36,23 +39,24 @@ class MarkedAnswer:
     and the rest from the tokens before them, so a tiny model learns it in a few steps."""
     marker: bytes
     answer: bytes
+    name = "marked_answer"
+    has_depth = False
 
     def min_length(self) -> int:
         return 1 + len(self.marker) + len(self.answer)
 
-    def draw(self, rng, length, depth):
-        del depth  # nothing to place
+    def draw(self, rng, length, depth=None):
+        common.check_draw(self, rng, length, depth)
         tail = np.frombuffer(self.marker + self.answer, np.uint8)
-        tokens = rng.integers(ord("a"), ord("z") + 1, length)
+        tokens = rng.integers(ord("a"), ord("z") + 1, length, dtype=np.int32)
         tokens[length - len(tail):] = tail
-        loss_mask = np.zeros(length, np.float32)
-        loss_mask[length - len(self.answer) - 1:length - 1] = 1
         filler_mask = np.zeros(length, np.float32)
         filler_mask[:length - len(tail) - 1] = 1
-        return tasks.Example(tokens, loss_mask, filler_mask)
+        return common.Example(tokens, np.array([[length - len(self.answer), length]], np.int32), filler_mask,
+                              self.name, None, {})
 
 
-TOY_MIXTURE = tasks.TaskMixture((MarkedAnswer(b"=", b"ok"), MarkedAnswer(b"?", b"yes")), (1.0, 3.0))
+TOY_MIXTURE = registry.Mixture((MarkedAnswer(b"=", b"ok"), MarkedAnswer(b"?", b"yes")), (1.0, 3.0))
 
 
 def _recipe(seed: int, **changes) -> loop.Recipe:
@@ -139,41 +143,25 @@ def test_restoring_state_refuses_another_objects_file(tmp_path):
         checkpoint.restore_state(nnx.Optimizer(probe, optax.sgd(0.1), wrt=nnx.Param), path)
 
 
-def test_a_mixture_draws_each_row_from_a_task_by_weight_the_same_on_every_call(rng):
-    mixture = tasks.TaskMixture((MarkedAnswer(b"=", b"ok"), RetrievalTask(num_records=2, num_queries=1)), (1.0, 3.0))
-    seed, depth = int(rng.integers(1000)), float(rng.uniform())
-    batches = [mixture.batch(seed, step_index, 8, 64, depth) for step_index in range(200)]
-    again = mixture.batch(seed, 7, 8, 64, depth)
-    for field in tasks.Batch._fields:
-        np.testing.assert_array_equal(getattr(again, field), getattr(batches[7], field))
-    assert not np.array_equal(batches[0].tokens, batches[1].tokens)
-    task_index = np.concatenate([batch.task_index for batch in batches])
-    assert abs(np.mean(task_index == 0) - 0.25) < 0.06  # weights 1 : 3 over 1,600 rows
-    # Row i is what its task draws from the i-th child of (seed, 0, step), whichever tasks the other rows drew.
-    for step_index, batch in enumerate(batches[:10]):
-        assert batch.tokens.dtype == np.int32 and batch.loss_mask.dtype == batch.filler_mask.dtype == np.float32
-        rows = np.random.SeedSequence((seed, 0, step_index)).spawn(8)
-        for row, index, tokens, loss_mask in zip(rows, batch.task_index, batch.tokens, batch.loss_mask):
-            want = mixture.tasks[index].draw(np.random.default_rng(row), 64, depth)
-            np.testing.assert_array_equal(tokens, want.tokens)
-            np.testing.assert_array_equal(loss_mask, want.loss_mask)
-
-
-def test_batches_built_in_worker_processes_are_the_same(rng):
-    mixture = tasks.TaskMixture.of(RetrievalTask(num_records=2, num_queries=1))
-    plans = curriculum.Curriculum(((64, 2), (96, 2)), 256, replay_fraction=0.5, placed_fraction=0.5)
+def test_a_steps_rows_come_from_its_seed_alone_in_any_process(rng):
+    """Row i of step s is what the task draws from the i-th child of (seed, 0, s) at the step's planned length and
+    depth, whichever process builds it: a resumed run, and the processes that build batches ahead, draw the same."""
     seed = int(rng.integers(1000))
-
-    def arguments(step_index):
-        plan = plans.plan(step_index, seed)
-        return mixture, seed, step_index, plan.batch_size, plan.length, plan.depth
-
-    with batch_prefetch.BatchPrefetcher(tasks.draw_batch, arguments, 4, workers=1) as prefetched:
+    mixture = registry.Mixture((SingleNeedle(2, 1), Aggregation(num_answers=1, num_words=4)), (1.0, 1.0))
+    plans = curriculum.Curriculum(((64, 2), (96, 2)), 256, replay_fraction=0.5, placed_fraction=0.5)
+    recipe = _recipe(seed, task=mixture, curriculum=plans)
+    with batch_prefetch.BatchPrefetcher(common.batch, recipe.batch_arguments, 4, workers=1) as prefetched:
         built = [prefetched.get(step_index) for step_index in range(4)]
     for step_index, batch in enumerate(built):
-        want = tasks.draw_batch(*arguments(step_index))
-        for field in tasks.Batch._fields:
-            np.testing.assert_array_equal(getattr(batch, field), getattr(want, field))
+        plan = plans.plan(step_index, seed)
+        assert batch.tokens.shape == (plan.batch_size, plan.length) and batch.tokens.dtype == np.int32
+        rows = np.random.SeedSequence((seed, 0, step_index)).spawn(plan.batch_size)
+        for row, tokens, loss_mask, filler_mask in zip(rows, batch.tokens, batch.loss_mask, batch.filler_mask):
+            want = mixture.draw(np.random.default_rng(row), plan.length, plan.depth)
+            np.testing.assert_array_equal(tokens, want.tokens)
+            np.testing.assert_array_equal(loss_mask, want.loss_mask)
+            np.testing.assert_array_equal(filler_mask, want.filler_mask)
+    assert not np.array_equal(built[0].tokens, built[1].tokens)
 
 
 def test_replay_trains_some_steps_at_earlier_lengths_the_same_on_every_call(rng):
@@ -236,44 +224,23 @@ def test_lookback_probe_loss_matches_numpy(rng):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@dataclasses.dataclass(frozen=True)
-class BrokenTask:
-    """Draws what a task must not: `fault` "length" (one token short) or "no_answer" (an empty loss mask)."""
-    fault: str
-
-    def min_length(self) -> int:
-        return 4
-
-    def draw(self, rng, length, depth):
-        example = MarkedAnswer(b"=", b"ok").draw(rng, length, depth)
-        if self.fault == "length":
-            return tasks.Example(*(field[1:] for field in example))
-        return example._replace(loss_mask=np.zeros(length, np.float32))
-
-
 @pytest.mark.parametrize("make,error,message", [
     (lambda: curriculum.Curriculum((), 256), ValueError, "no stages"),
     (lambda: curriculum.Curriculum(((256, 0),), 256), ValueError, "steps >= 1"),
     (lambda: curriculum.Curriculum(((256, 5),), 0), ValueError, "tokens_per_step"),
     (lambda: curriculum.Curriculum(((256, 5),), 256, replay_fraction=1.5), ValueError, "replay_fraction"),
     (lambda: curriculum.parse_stages(["256"]), ValueError, "LENGTH:STEPS"),
-    (lambda: tasks.TaskMixture((), ()), ValueError, "at least one task"),
-    (lambda: tasks.TaskMixture(TOY_MIXTURE.tasks, (1.0,)), ValueError, "one weight per task"),
-    (lambda: tasks.TaskMixture(TOY_MIXTURE.tasks, (1.0, 0.0)), ValueError, "weights must be finite and > 0"),
     (lambda: OptimizerConfig(learning_rate=0.0), ValueError, "learning_rate"),
     (lambda: OptimizerConfig(betas=(0.9, 1.0)), ValueError, "betas"),
     (lambda: step.LossConfig(lookback_tokens=-1), ValueError, "lookback_tokens"),
-    (lambda: _recipe(0, tasks="single needle"), TypeError, "'single needle' is not a task"),
+    (lambda: _recipe(0, task="single needle"), TypeError, "'single needle' is not a task: a task has name"),
     (lambda: _recipe(0, curriculum=curriculum.Curriculum(((3, 16),), 256)), ValueError,
-     r"curriculum: length 3 is too short for MarkedAnswer\(marker=b'\?', answer=b'yes'\) \(it needs >= 5\)"),
+     r"curriculum: length 3 is too short for Mixture\(tasks=\(MarkedAnswer\(marker=b'=', .*\): need >= 5"),
+    (lambda: _recipe(0, curriculum=curriculum.Curriculum(((32, 16),), 256, placed_fraction=0.5)), ValueError,
+     "placed_fraction 0.5 puts answers at a depth, but mixture has none"),
     (lambda: _recipe(0, optimizer=OptimizerConfig(warmup_steps=16)), ValueError,
      r"warmup_steps \(16\) must be below the run's 16 steps"),
     (lambda: _recipe(0, compute_dtype="float16"), ValueError, "compute_dtype"),
-    (lambda: tasks.TaskMixture.of(BrokenTask("length")).batch(0, 0, 2, 16, None), ValueError,
-     r"drew tokens of shape \(15,\) for length 16"),
-    (lambda: tasks.TaskMixture.of(BrokenTask("no_answer")).batch(0, 0, 2, 16, None), ValueError,
-     "marks no answer token"),
-    (lambda: RetrievalTask(num_records=2, num_queries=3), ValueError, "num_queries"),
 ])
 def test_bad_configurations_are_refused(make, error, message):
     with pytest.raises(error, match=message):

@@ -1,8 +1,8 @@
-r"""Trains a small byte-level Llama on long-context key-value retrieval (experiments/retrieval/task.py) with the
-training library (experiments/lib/training/): lengths grow along a curriculum at a constant number of tokens per
-step, with replay of earlier lengths and placement of the queried records; the loss is cross-entropy on the answer
-digits, plus the loss of a training-only look-back probe without which the key match never forms
-(docs/retrieval_model.md says why).
+r"""Trains a small byte-level Llama on long-context key-value retrieval (the task suite's single needle,
+experiments/lib/tasks/single_needle.py) with the training library (experiments/lib/training/): lengths grow along
+a curriculum at a constant number of tokens per step, with replay of earlier lengths and placement of the queried
+records; the loss is cross-entropy on the answer digits, plus the loss of a training-only look-back probe without
+which the key match never forms (docs/retrieval_model.md says why).
 
 The committed checkpoint (experiments/results/retrieval_training/h200/checkpoint, 4.85M parameters, 2,400 steps
 in 7 minutes on one H200; bfloat16 compute, dense attention on cuDNN; its log is beside it) is the default flags'
@@ -39,10 +39,10 @@ from absl import app, flags
 from flax import nnx
 
 from experiments.lib import flags as common, results, retrieval_scoring, retrieval_task
+from experiments.lib.tasks.common import check_length
+from experiments.lib.tasks.single_needle import SingleNeedle
 from experiments.lib.training import curriculum, loop, run_directory, seeds, step as step_lib
 from experiments.lib.training.optimizer import OptimizerConfig
-from experiments.lib.training.tasks import TaskMixture
-from experiments.retrieval.task import RetrievalTask
 from models import checkpoint, llama
 from models.config import LlamaConfig
 
@@ -116,7 +116,7 @@ _RUN_FLAGS = (_INIT_CHECKPOINT, _HIDDEN_SIZE, _INTERMEDIATE_SIZE, _NUM_LAYERS, _
 _EVAL_FILE = "eval.json"
 
 
-def evaluate(model: llama.Llama, task: RetrievalTask, lengths: list[int], num_sequences: int, tokens_per_step: int,
+def evaluate(model: llama.Llama, task: SingleNeedle, lengths: list[int], num_sequences: int, tokens_per_step: int,
              seed: int, compute_dtype: str) -> dict[int, dict]:
     """Exact-match query accuracy and answer-digit accuracies at each length, on sequences no training step saw."""
     computed = step_lib.as_computed(model, compute_dtype)
@@ -139,7 +139,7 @@ def recipe_from_flags() -> loop.Recipe:
     if compute_dtype == "auto":
         compute_dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     return loop.Recipe(
-        tasks=TaskMixture.of(RetrievalTask(_TASK.num_records.value, _TASK.num_queries.value, _TASK.filler.value)),
+        task=SingleNeedle(_TASK.num_records.value, _TASK.num_queries.value, _TASK.filler.value),
         curriculum=curriculum.Curriculum(curriculum.parse_stages(_CURRICULUM.value), _TOKENS_PER_STEP.value,
                                          _REPLAY_FRACTION.value, _PLACED_FRACTION.value),
         optimizer=OptimizerConfig(_LEARNING_RATE.value, _WARMUP_STEPS.value, _WEIGHT_DECAY.value),
@@ -162,7 +162,7 @@ def main(argv):
     del argv
     recipe = recipe_from_flags()
     for length in _EVAL_LENGTHS.value:
-        recipe.tasks.check_length(length, "--eval_lengths")
+        check_length(recipe.task, length, "--eval_lengths")
 
     output_dir = _OUTPUT_DIR.value
     trained = loop.train(recipe, output_dir, _initial_model, {holder.name: holder.value for holder in _RUN_FLAGS},
@@ -173,8 +173,7 @@ def main(argv):
               f"--time_limit_s={_TIME_LIMIT_S.value}; saved in {output_dir}: continue with --resume")
         return
     if _EVAL_LENGTHS.value:
-        (task,) = recipe.tasks.tasks
-        scores = evaluate(trained.trainee.model, task, _EVAL_LENGTHS.value, _EVAL_SEQUENCES.value,
+        scores = evaluate(trained.trainee.model, recipe.task, _EVAL_LENGTHS.value, _EVAL_SEQUENCES.value,
                           _TOKENS_PER_STEP.value, _SEED.value, recipe.compute_dtype)
         results.write(os.path.join(output_dir, _EVAL_FILE), {"step": trained.steps_done, "results": scores}, None)
         print("length   exact match   first digit   all digits   queries")

@@ -1,5 +1,6 @@
-"""What the tasks share: the haystack filler, records and queries, placement by depth, and the `Example` a draw
-returns.
+"""What the tasks share: the haystack filler, records and queries, placement by depth, and the interface that
+training (experiments/lib/training) and scoring take every task by: the `Task` protocol, the `Example` a draw
+returns, and `batch`, which stacks a seed's examples.
 
 Bytes are the vocabulary. Filler is lowercase letters and spaces; everything a task asks about is written with
 uppercase letters, digits and `# : > ? , \\n`, so those bytes never occur in filler and a model can learn to skip
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Any, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -124,13 +125,32 @@ class Example:
     `start, end = answer_spans[a]`, and everything before `start` is its prompt (earlier answers included).
     Greedy decoding from that prompt reproduces the answer exactly when the model's argmax, given the true tokens
     before each answer token, is that token (`answer_hits`): one teacher-forced forward pass scores every answer.
+    An example checks its own shape when made, naming the task that drew it: a task's mistake would otherwise
+    train silently.
     """
     tokens: np.ndarray  # int32 [length], byte values
-    answer_spans: np.ndarray  # int32 [A, 2]: start and end (exclusive) of each answer, in order
-    filler_mask: np.ndarray  # float32 [length]: 1 at t iff token t + 1 is haystack filler
+    answer_spans: np.ndarray  # int32 [A, 2], A >= 1: start and end (exclusive) of each answer, in order
+    filler_mask: np.ndarray  # float32 [length]: 1 at t iff token t + 1 is haystack filler (zeros: no filler)
     task: str
     depth: float | None  # the depth the needles were placed at; None: at random places, or a task without one
     metadata: Mapping[str, Any]  # the task's own facts: where its needles sit, or aggregation's top counts
+
+    def __post_init__(self):
+        tokens, spans = np.asarray(self.tokens), np.asarray(self.answer_spans)
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"{self.task} drew tokens of dtype {tokens.dtype} and shape {tokens.shape}: tokens are "
+                             f"integers of shape [length]")
+        if np.shape(self.filler_mask) != tokens.shape:
+            raise ValueError(f"{self.task} drew a filler_mask of shape {np.shape(self.filler_mask)}: it must have "
+                             f"the tokens' shape {tokens.shape}")
+        if spans.ndim != 2 or spans.shape[1:] != (2,) or not len(spans):
+            raise ValueError(f"{self.task} drew answer_spans of shape {spans.shape}: they are [A, 2] with A >= 1 "
+                             f"(the loss needs an answer to score)")
+        starts, ends = spans[:, 0], spans[:, 1]
+        if not (np.all(starts >= 1) and np.all(starts < ends) and np.all(ends <= len(tokens))
+                and np.all(starts[1:] >= ends[:-1])):
+            raise ValueError(f"{self.task} drew answer_spans {spans.tolist()}: they are non-empty [start, end) "
+                             f"spans in order, each after a prompt (start >= 1) and within the {len(tokens)} tokens")
 
     @property
     def loss_mask(self) -> np.ndarray:
@@ -154,9 +174,11 @@ class Example:
         return np.array([right[start - 1:end - 1].all() for start, end in self.answer_spans])
 
 
+@runtime_checkable
 class Task(Protocol):
     """A seeded generator of `Example`s: one interface for every task, so that training and evaluation treat them
-    alike."""
+    alike. Tasks are frozen dataclasses of their settings: they compare by value, print what they are, and pickle
+    to the processes that build batches."""
     name: str
     has_depth: bool  # whether `draw` takes a depth (where the needles sit)
 
@@ -167,12 +189,24 @@ class Task(Protocol):
         """One example of exactly `length` tokens, drawn from `rng` alone."""
 
 
+def check_task(task: Task):
+    if not isinstance(task, Task):
+        raise TypeError(f"{task!r} is not a task: a task has name, has_depth, min_length() and "
+                        f"draw(rng, length, depth) (experiments/lib/tasks/common.py)")
+
+
+def check_length(task: Task, length: int, where: str | None = None):
+    """The error for a length `task` cannot draw; `where` (a flag, a setting) prefixes the message."""
+    if length < task.min_length():
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}length {length} is too short for {task}: need >= {task.min_length()}")
+
+
 def check_draw(task: Task, rng: np.random.Generator, length: int, depth: float | None):
     """The errors every task's `draw` raises for arguments it cannot honour."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
-    if length < task.min_length():
-        raise ValueError(f"length {length} is too short for {task}: need >= {task.min_length()}")
+    check_length(task, length)
     if depth is not None:
         if not task.has_depth:
             raise ValueError(f"{task.name} has no depth (its answer depends on the whole context): pass None")
@@ -220,17 +254,28 @@ def stack(examples: Sequence[Example]) -> Batch:
     """Examples of one length as `[B, length]` arrays (the loss mask marks every answer's targets)."""
     if len({len(example.tokens) for example in examples}) != 1:
         raise ValueError(f"examples must share one length, got {sorted({len(e.tokens) for e in examples})}")
-    return Batch(tokens=np.stack([example.tokens for example in examples]),
+    return Batch(tokens=np.stack([example.tokens for example in examples]).astype(np.int32, copy=False),
                  loss_mask=np.stack([example.loss_mask for example in examples]),
-                 filler_mask=np.stack([example.filler_mask for example in examples]),
+                 filler_mask=np.stack([example.filler_mask for example in examples]).astype(np.float32, copy=False),
                  tasks=tuple(example.task for example in examples),
                  answer_spans=tuple(example.answer_spans for example in examples))
 
 
 def batch(task: Task, seed: int | Sequence[int], batch_size: int, length: int,
           depth: float | None = None) -> Batch:
-    """`batch_size` examples of `task`, each drawn from its own child of `seed`, stacked."""
+    """`batch_size` examples of `task`, row i drawn from the i-th child of `seed` alone, stacked.
+
+    A row depends on the seed and its index only (not on what the other rows drew, nor on who builds it), so that
+    training steps, seeded by the run's seed and the step (experiments/lib/training/seeds.py), draw the same rows
+    on resumption and in worker processes, which receive this module-level function by reference.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    seeds = np.random.SeedSequence(seed).spawn(batch_size)
-    return stack([task.draw(np.random.default_rng(s), length, depth) for s in seeds])
+    examples = []
+    for child in np.random.SeedSequence(seed).spawn(batch_size):
+        example = task.draw(np.random.default_rng(child), length, depth)
+        if len(example.tokens) != length:
+            raise ValueError(f"{task} drew {len(example.tokens)} tokens for length {length}: a draw is exactly "
+                             f"`length` tokens")
+        examples.append(example)
+    return stack(examples)

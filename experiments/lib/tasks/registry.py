@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping
 
 import numpy as np
@@ -21,20 +22,25 @@ TASKS: dict[str, common.Task] = {task.name: task for task in (
 
 @dataclasses.dataclass(frozen=True)
 class Mixture:
-    """Each draw picks one of `tasks` with probability proportional to its weight, then draws from it: a task
-    like the others, for training on several at once. A depth applies to the tasks that place needles; the
-    others (aggregation) draw without one. Every task of positive weight draws at any length from the longest of their
+    """Each draw picks one of `tasks` with probability proportional to its weight, then draws from it with the same
+    generator: a task like the others, for training on several at once (a batch's rows pick their tasks
+    independently, each from its own seed). A depth applies to the tasks that place needles; the others
+    (aggregation) draw without one. Every task of positive weight draws at any length from the longest of their
     minimums."""
     tasks: tuple[common.Task, ...]
     weights: tuple[float, ...]
     name = "mixture"
 
     def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "weights", tuple(float(weight) for weight in self.weights))
         if not self.tasks or len(self.tasks) != len(self.weights):
             raise ValueError(f"need one weight per task and at least one task, got {len(self.tasks)} tasks and "
                              f"{len(self.weights)} weights")
-        if any(not weight >= 0 for weight in self.weights) or not sum(self.weights) > 0:
-            raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
+        if not all(math.isfinite(weight) and weight >= 0 for weight in self.weights) or not sum(self.weights) > 0:
+            raise ValueError(f"weights must be finite and >= 0 with a positive sum, got {self.weights}")
+        for task in self.tasks:
+            common.check_task(task)
 
     @classmethod
     def of(cls, weights: Mapping[str, float]) -> "Mixture":

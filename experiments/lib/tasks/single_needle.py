@@ -1,10 +1,10 @@
-"""Single needle: the key-value retrieval task the retrieval model was trained on (experiments/lib/retrieval_task.py),
-through the suite's interface.
+"""Single needle: the key-value retrieval sequences of experiments/lib/retrieval_task.py, through the suite's
+interface.
 
     qzkf wyj#QX:4821#ab xnw oe ... lmr ?QX:4821\n
 
 `num_records` records with distinct random keys hide in filler; `num_queries` of them are asked, one query each.
-`SingleNeedle(num_records=8, num_queries=4)` is the retrieval model's training task, token for token.
+The retrieval model trains on `SingleNeedle(num_records=8, num_queries=4)` (experiments/retrieval/train.py).
 """
 
 from __future__ import annotations

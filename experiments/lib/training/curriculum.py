@@ -3,8 +3,9 @@ step, and two draws per step seeded by the run's seed and the step alone (`seeds
 
 - replay: after the first stage, a `replay_fraction` of the steps train at the length of an earlier stage (drawn
   uniformly), so that the long stages do not unlearn the short contexts;
-- placement: a `placed_fraction` of the steps put what the answers depend on at one depth (`tasks`): half of them
-  at an end of the context (depth 0 or 1), half at a uniformly drawn depth; the other steps leave it to the task.
+- placement: a `placed_fraction` of the steps put what the answers depend on at one depth (a task's `depth`,
+  experiments/lib/tasks/common.py): half of them at an end of the context (depth 0 or 1), half at a uniformly drawn
+  depth; the other steps leave it to the task.
 
 docs/retrieval_model.md says why each is there.
 """

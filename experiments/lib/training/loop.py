@@ -17,7 +17,8 @@ import tqdm
 from flax import nnx
 
 from experiments.lib import batch_prefetch
-from experiments.lib.training import run_directory, tasks as tasks_lib
+from experiments.lib.tasks import common
+from experiments.lib.training import run_directory, seeds
 from experiments.lib.training.curriculum import Curriculum
 from experiments.lib.training.optimizer import OptimizerConfig, make_optimizer
 from experiments.lib.training.step import COMPUTE_DTYPES, LossConfig, Trainee, train_step
@@ -26,9 +27,10 @@ from models import llama
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What a run trains on and how: the same recipe on the same initial model trains the same steps. `tasks` is
-    a `TaskMixture` or a single task (kept as its mixture of one)."""
-    tasks: tasks_lib.TaskMixture
+    """What a run trains on and how: the same recipe on the same initial model trains the same steps. `task` is
+    any task of the suite's interface (experiments/lib/tasks/common.py), or a weighted mixture of several
+    (`experiments.lib.tasks.registry.Mixture`)."""
+    task: common.Task
     curriculum: Curriculum
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
@@ -36,12 +38,21 @@ class Recipe:
     seed: int = 0  # of every batch and draw (`seeds`), and of the probe's initialization
 
     def __post_init__(self):
-        object.__setattr__(self, "tasks", tasks_lib.TaskMixture.of(self.tasks))
+        common.check_task(self.task)
         for length in self.curriculum.lengths:
-            self.tasks.check_length(length, "curriculum")
+            common.check_length(self.task, length, "curriculum")
+        if self.curriculum.placed_fraction and not self.task.has_depth:
+            raise ValueError(f"curriculum: placed_fraction {self.curriculum.placed_fraction} puts answers at a "
+                             f"depth, but {self.task.name} has none: use placed_fraction=0")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         self.optimizer.check_run(self.curriculum.total_steps)
+
+    def batch_arguments(self, step: int) -> tuple:
+        """`common.batch`'s arguments for training step `step`: its rows are the children of the run's seed and
+        the step (`seeds.BATCHES`), at the curriculum's length, batch size and depth for the step."""
+        plan = self.curriculum.plan(step, self.seed)
+        return self.task, (self.seed, seeds.BATCHES, step), plan.batch_size, plan.length, plan.depth
 
 
 class Trained(NamedTuple):
@@ -81,13 +92,9 @@ def train(recipe: Recipe, output_dir: str, initial_model: Callable[[], llama.Lla
           f"curriculum {list(curriculum.stages)}, {curriculum.tokens_per_step} tokens per step; from step {step} of "
           f"{total_steps}")
 
-    def batch_arguments(step_index):
-        plan = curriculum.plan(step_index, seed)
-        return recipe.tasks, seed, step_index, plan.batch_size, plan.length, plan.depth
-
     started = last = time.perf_counter()
     progress = tqdm.tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    batches = batch_prefetch.BatchPrefetcher(tasks_lib.draw_batch, batch_arguments, total_steps, data_workers)
+    batches = batch_prefetch.BatchPrefetcher(common.batch, recipe.batch_arguments, total_steps, data_workers)
     upcoming = batches.get(step) if step < total_steps else None
     with open(os.path.join(output_dir, run_directory.LOG_FILE), "a") as log, batches:
         while step < total_steps:
